@@ -1,0 +1,3 @@
+from mtnlg_cli.cli import main
+
+main()

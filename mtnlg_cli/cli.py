@@ -1,0 +1,65 @@
+"""The `mtnlg` command line: a Typer app whose subcommands are the plain functions in `mtnlg_cli.commands`.
+
+Importing this module must not import torch, accelerate or sentencepiece: `mtnlg --help` stays fast, and each
+command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from mtnlg_cli import __version__
+from mtnlg_cli.commands import chat, convert, eval, generate, info, init, plan, preprocess, train
+from mtnlg_cli.errors import MtnlgError
+
+app = typer.Typer(
+    name="mtnlg",
+    help="Take a GPT-style (Megatron-Turing NLG) language model through its life: init, preprocess, train, "
+         "eval, generate, chat, convert.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=True,
+    rich_markup_mode="rich",
+)
+
+# Commands that pass unknown options on (to a launcher, or to a command still to be built) accept extra args.
+_PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+app.command("init")(init.init_command)
+app.command("preprocess", context_settings=_PASS_THROUGH)(preprocess.preprocess_command)
+app.command("train", context_settings=_PASS_THROUGH)(train.train_command)
+app.command("eval", context_settings=_PASS_THROUGH)(eval.eval_command)
+app.command("generate", context_settings=_PASS_THROUGH)(generate.generate_command)
+app.command("chat", context_settings=_PASS_THROUGH)(chat.chat_command)
+app.command("convert", context_settings=_PASS_THROUGH)(convert.convert_command)
+app.command("plan", context_settings=_PASS_THROUGH)(plan.plan_command)
+app.command("info")(info.info_command)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mtnlg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    """mtnlg: scaffold, preprocess, train, evaluate, generate with and convert GPT-style language models."""
+
+
+def main() -> None:
+    """The console script: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app()
+    except MtnlgError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)

@@ -1,0 +1,1 @@
+"""Data: corpus readers, the SentencePiece tokenizer, Megatron-format indexed datasets and training samples."""

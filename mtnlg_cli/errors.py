@@ -1,0 +1,22 @@
+"""The one exception type that the CLI turns into a one-line message and exit code 2."""
+
+
+class MtnlgError(Exception):
+    """A problem the user can fix: bad input, a missing file, a config that does not fit.
+
+    The CLI prints ``error: <message>`` and exits with code 2; it never shows a traceback for these.
+    """
+
+    exit_code = 2
+
+
+class ConfigError(MtnlgError):
+    """An invalid config file, key or value."""
+
+
+class WorkspaceError(MtnlgError):
+    """No workspace, or a workspace that is not in the state a command needs."""
+
+
+class NotImplementedYet(MtnlgError):
+    """A subcommand whose issue has not landed yet."""

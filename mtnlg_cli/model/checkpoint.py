@@ -1,0 +1,190 @@
+"""Checkpoints: `checkpoints/step_NNNNNNN/` folders of safetensors files plus `state.json`, and `latest`.
+
+A checkpoint is written into a hidden temporary folder, every file flushed to disk, and then renamed into place;
+`latest` (a symbolic link) is replaced atomically after that. A crash at any moment therefore leaves either the
+previous checkpoint as `latest` or the new one, never a folder that looks complete and is not. `state.json` is
+written last inside the folder, and a folder without it is not a checkpoint.
+
+Nothing here unpickles: tensors are safetensors, everything else JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from mtnlg_cli.errors import MtnlgError
+
+STATE_FILE = "state.json"
+LATEST = "latest"
+FORMAT = "mtnlg-checkpoint/1"
+_STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]  # JSON: step, consumed samples, config, model config, tokenizer hash, ...
+
+    @property
+    def step(self) -> int:
+        return int(self.state["step"])
+
+    def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """The tensors of `name.safetensors` in this checkpoint (e.g. "model", "optimizer", "rng")."""
+        path = self.path / f"{name}.safetensors"
+        if not path.is_file():
+            raise MtnlgError(f"checkpoint {self.path} has no {path.name}")
+        try:
+            return load_file(path, device=str(device))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise MtnlgError(f"{path} is truncated or not a safetensors file ({exc})") from None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_bytes_durably(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
+                    keep_last: Optional[int] = None) -> Path:
+    """Writes `root/step_NNNNNNN/` with one `NAME.safetensors` per entry of `tensors` and `state.json`.
+
+    Returns the final path. Points `latest` at it, then prunes all but the newest `keep_last` checkpoints.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    staging = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        for name, group in tensors.items():
+            path = staging / f"{name}.safetensors"
+            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        full_state = {"format": FORMAT, "step": step, **state}
+        _write_bytes_durably(staging / STATE_FILE, json.dumps(full_state, indent=2, sort_keys=True).encode())
+        _fsync_dir(staging)
+        if final.exists():  # an earlier save of the same step (a resumed run that saved it again)
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    point_latest(root, final.name)
+    if keep_last:
+        prune(root, keep_last)
+    return final
+
+
+def point_latest(root: Path, name: str) -> None:
+    link = root / LATEST
+    tmp = root / f".tmp-{LATEST}-{os.getpid()}"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(name, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(root)
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        match = _STEP_DIR.match(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def prune(root: Path, keep_last: int) -> None:
+    latest = latest_checkpoint(root)
+    for path in list_checkpoints(root)[:-keep_last]:
+        if latest is None or path.resolve() != latest.resolve():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The folder `latest` points at, else the newest complete checkpoint, else None."""
+    link = root / LATEST
+    if link.is_symlink() or link.exists():
+        target = link.resolve()
+        if (target / STATE_FILE).is_file():
+            return target
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Reads a checkpoint folder's state; tensors are read on demand with `Checkpoint.tensors`."""
+    path = Path(path)
+    if path.is_file() and path.name == STATE_FILE:
+        path = path.parent
+    state_path = path / STATE_FILE
+    if not path.is_dir():
+        raise MtnlgError(f"no checkpoint at {path}")
+    if not state_path.is_file():
+        raise MtnlgError(f"{path} is not a complete mtnlg checkpoint (no {STATE_FILE})")
+    try:
+        state = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MtnlgError(f"{state_path} is truncated or not JSON ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):
+        raise MtnlgError(f"{state_path} is not an mtnlg checkpoint state (expected format {FORMAT!r})")
+    return Checkpoint(path, state)
+
+
+def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
+    """The GPT stored in a checkpoint (its `model_config` and `model.safetensors`), in eval mode."""
+    from mtnlg_cli.model.gpt import GPT, GPTConfig
+
+    try:
+        config = GPTConfig(**checkpoint.state["model_config"])
+    except (KeyError, TypeError) as exc:
+        raise MtnlgError(f"{checkpoint.path / STATE_FILE} has no valid model_config ({exc})") from None
+    with torch.device("meta"):
+        model = GPT(config)
+    model = model.to_empty(device=device)
+    load_weights(model, checkpoint.tensors("model", device), str(checkpoint.path))
+    return model.eval()
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Copies `weights` into `model`, naming any tensor that is missing, unexpected or of another shape."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise MtnlgError(f"{source} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise MtnlgError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(weights, strict=True)

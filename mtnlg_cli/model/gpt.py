@@ -1,0 +1,190 @@
+"""The GPT model in the Megatron-Turing NLG architecture, readable top to bottom.
+
+Token embeddings plus learned absolute position embeddings, `num_layers` pre-LayerNorm blocks (causal multi-head
+self-attention, softmax(QK^T/sqrt(d))V through `scaled_dot_product_attention`, then a 4x GeLU MLP), a final
+LayerNorm, and an output head tied to the token embedding.
+
+Two layout choices serve the rest of the core:
+- The fused QKV projection keeps each head's q, k and v rows together (Megatron-LM's checkpoint version 3 order:
+  rows = [head, (q|k|v), head_dim]). Splitting its output features across tensor-parallel ranks therefore hands
+  each rank whole heads, and the attention code reads the number of heads from the tensor it gets rather than
+  from the config, so parallel plans can shard the unchanged model.
+- Generation passes a `KVCache` and the positions of the new tokens; training passes neither.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtnlg_cli.config import ModelConfig
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int  # padded: the size of the embedding table
+    max_position_embeddings: int
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    ffn_hidden_size: int
+    dropout: float = 0.0
+    init_method_std: float = 0.02
+    layernorm_epsilon: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_model_config(cls, model: ModelConfig) -> "GPTConfig":
+        return cls(
+            vocab_size=model.padded_vocab_size,
+            max_position_embeddings=model.max_position_embeddings,
+            num_layers=model.num_layers,
+            hidden_size=model.hidden_size,
+            num_heads=model.num_heads,
+            ffn_hidden_size=model.ffn_size,
+            dropout=model.dropout,
+            init_method_std=model.init_method_std,
+            layernorm_epsilon=model.layernorm_epsilon,
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class KVCache:
+    """Keys and values of every layer for `max_length` positions, allocated once for a whole generation."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_length: int, device=None, dtype=torch.float32):
+        shape = (config.num_layers, batch_size, config.num_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # positions filled so far; the model advances it after the last layer
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores the new keys and values of `layer` and returns all of them so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
+        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        # (batch, length, heads, q|k|v, head_dim): heads come from the tensor, so a sharded qkv works unchanged
+        q, k, v = self.qkv(x).view(batch, length, -1, 3, self.head_dim).unbind(dim=3)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        past = 0
+        if cache is not None:
+            past = cache.length
+            k, v = cache.update(self.layer_index, k, v)
+        if attn_mask is None and past and length > 1:
+            # a chunk after cached positions: each new token sees the cache and the new tokens up to itself
+            attn_mask = torch.ones(length, past + length, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q, k, v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=attn_mask is None and past == 0 and length > 1,
+        )
+        y = y.transpose(1, 2).reshape(batch, length, -1)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.hidden_size, config.ffn_hidden_size)
+        self.proj = nn.Linear(config.ffn_hidden_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_index: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_index)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, attn_mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.drop = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Megatron's initialisation: N(0, std) everywhere, output projections scaled by 1/sqrt(2 * layers)."""
+        std = self.config.init_method_std
+        output_std = std / math.sqrt(2.0 * self.config.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                is_output = name.endswith("attn.proj") or name.endswith("mlp.proj")
+                nn.init.normal_(module.weight, mean=0.0, std=output_std if is_output else std)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                positions: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits (batch, length, vocab), or with `targets` the mean next-token cross-entropy.
+
+        `positions` defaults to the positions after what `cache` already holds. `attn_mask`, where given, is a
+        boolean mask broadcastable to (batch, heads, length, cached + length): True where a query may attend.
+        """
+        length = tokens.shape[1]
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + length, device=tokens.device)
+        x = self.drop(self.wte(tokens) + self.wpe(positions))
+        for layer in self.layers:
+            x = layer(x, cache, attn_mask)
+        if cache is not None:
+            cache.length = past + length
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,193 @@
+"""The project workspace: a folder with `mtnlg.yaml`, data, tokenizer, checkpoints and runs.
+
+Commands find it as git finds a repository: `--workspace DIR`, else `$MTNLG_WORKSPACE`, else the nearest
+folder at or above the current directory that holds `mtnlg.yaml`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from mtnlg_cli.config import Config, load_config, parse_yaml, read_yaml
+from mtnlg_cli.errors import ConfigError, WorkspaceError
+
+CONFIG_NAME = "mtnlg.yaml"
+ENV_VAR = "MTNLG_WORKSPACE"
+DEFAULT_TEMPLATE = "tiny"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / CONFIG_NAME
+
+    @property
+    def raw_dir(self) -> Path:
+        return self.root / "data" / "raw"
+
+    @property
+    def tokenized_dir(self) -> Path:
+        return self.root / "data" / "tokenized"
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    def resolve(self, path: str | Path) -> Path:
+        """A path from the config: relative paths are relative to the workspace root."""
+        path = Path(path).expanduser()
+        return path if path.is_absolute() else self.root / path
+
+    def load_config(self, overrides: list[str] = ()) -> Config:
+        return load_config(read_yaml(self.config_path), overrides, str(self.config_path))
+
+
+def find_workspace(explicit: Optional[Path] = None, start: Optional[Path] = None) -> Workspace:
+    """The workspace named by `explicit`, else by $MTNLG_WORKSPACE, else the nearest one above `start`."""
+    named = explicit or (Path(os.environ[ENV_VAR]) if os.environ.get(ENV_VAR) else None)
+    if named is not None:
+        root = named.expanduser().resolve()
+        if not (root / CONFIG_NAME).is_file():
+            raise WorkspaceError(f"{root} is not an mtnlg workspace (no {CONFIG_NAME}); create one with: mtnlg init {named}")
+        return Workspace(root)
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / CONFIG_NAME).is_file():
+            return Workspace(folder)
+    raise WorkspaceError(f"not inside an mtnlg workspace (no {CONFIG_NAME} here or above {here}); "
+                         "create one with: mtnlg init DIR, or name one with --workspace DIR")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Templates shipped with the package.
+
+
+def _templates() -> Any:
+    return resources.files("mtnlg_cli") / "templates"
+
+
+def template_names() -> list[str]:
+    return sorted(_raw_template_names(), key=_template_order)
+
+
+def _template_order(name: str) -> tuple[int, str]:
+    from mtnlg_cli.model.sizing import parameter_count
+
+    return parameter_count(template_config(name).model), name
+
+
+def read_template(name: str) -> dict[str, Any]:
+    """A preset as plain data: its `description` and the config sections it sets."""
+    path = _templates() / "presets" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown template {name!r}; choose one of: {', '.join(sorted(_raw_template_names()))}")
+    return parse_yaml(path.read_text(encoding="utf-8"), f"template {name}")
+
+
+def _raw_template_names() -> list[str]:
+    return [p.name[: -len(".yaml")] for p in (_templates() / "presets").iterdir() if p.name.endswith(".yaml")]
+
+
+def template_config(name: str, overrides: list[str] = ()) -> Config:
+    data = dict(read_template(name))
+    data.pop("description", None)
+    return load_config(data, overrides, f"template {name}")
+
+
+def template_description(name: str) -> str:
+    return str(read_template(name).get("description", ""))
+
+
+WORKSPACE_README = """\
+# {name}: an mtnlg workspace
+
+Made with `mtnlg init --template {template}`. Everything mtnlg does here is driven by `mtnlg.yaml`.
+
+| path | what it holds |
+|---|---|
+| `mtnlg.yaml` | the config: model, tokenizer, data, train, parallel, generate |
+| `data/raw/` | the corpus (a sample of English and Chinese text to start; see its NOTICE.md) |
+| `data/tokenized/` | token datasets in Megatron-LM's `.bin`/`.idx` format |
+| `tokenizer/` | the SentencePiece tokenizer |
+| `checkpoints/` | `step_NNNNNNN/` checkpoints and `latest` |
+| `runs/` | one folder per training run: metrics.jsonl and logs |
+
+Next, from inside this folder:
+
+    mtnlg preprocess          # train the tokenizer and tokenize data/raw
+    mtnlg train               # train the model (resumes from checkpoints/latest)
+    mtnlg generate "Once upon a time"
+    mtnlg chat
+
+Any config key can be changed for one command with `--set section.key=value`, e.g. `--set train.lr=3e-4`.
+"""
+
+
+def init_workspace(target: Path, template: str = DEFAULT_TEMPLATE, force: bool = False,
+                   overrides: list[str] = ()) -> Workspace:
+    """Creates a workspace in `target` from a template. Writes nothing outside `target`.
+
+    The workspace is assembled in a temporary folder beside `target` and moved into place at the end, so a
+    failure leaves nothing half-made. With `force`, an existing workspace's config and README are replaced,
+    and its data, checkpoints and runs are kept.
+    """
+    config = template_config(template, overrides)
+    target = target.expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise WorkspaceError(f"{target} exists and is not a directory")
+    if (target / CONFIG_NAME).exists() and not force:
+        raise WorkspaceError(f"{target} is already an mtnlg workspace; use --force to rewrite its config")
+    if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).exists() and not force:
+        raise WorkspaceError(f"{target} exists and is not empty; choose a new directory or use --force")
+
+    header = (f"# mtnlg workspace config, from template {template!r}: {template_description(template)}\n"
+              "# Every key is documented in the mtnlg README; override one for a command with --set key=value.\n")
+    files = {
+        CONFIG_NAME: header + config.to_yaml(),
+        "README.md": WORKSPACE_README.format(name=target.name, template=template),
+    }
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
+    try:
+        for sub in ("data/raw", "data/tokenized", "tokenizer", "checkpoints", "runs"):
+            (staging / sub).mkdir(parents=True)
+        for name, text in files.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        sample = _templates() / "sample"
+        for item in sample.iterdir():
+            if item.is_file():
+                (staging / "data" / "raw" / item.name).write_bytes(item.read_bytes())
+        if not target.exists():
+            staging.rename(target)
+            return Workspace(target)
+        _merge_into(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return Workspace(target)
+
+
+def _merge_into(staging: Path, target: Path) -> None:
+    """Adds what `staging` holds to an existing `target`: new files in, config and README replaced."""
+    for path in sorted(staging.rglob("*")):
+        dest = target / path.relative_to(staging)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+        elif path.parent == staging or not dest.exists():
+            os.replace(path, dest)

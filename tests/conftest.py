@@ -1,0 +1,37 @@
+"""Shared fixtures: the shared real-text corpora and fresh workspaces."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real English and Chinese text beside the checkout (../shared/data)."""
+    assert (SHARED_DATA / "en_austen_pride_sense.txt").is_file(), f"missing {SHARED_DATA}"
+    return SHARED_DATA
+
+
+@pytest.fixture
+def workspace(tmp_path: Path):
+    """A fresh workspace made by `mtnlg init` from the tiny template."""
+    from mtnlg_cli.workspace import init_workspace
+
+    return init_workspace(tmp_path / "ws")
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m mtnlg_cli ARGS` in a subprocess, as a user would run `mtnlg`."""
+    full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
+    full_env.pop("MTNLG_WORKSPACE", None) if env is None or "MTNLG_WORKSPACE" not in env else None
+    return subprocess.run([sys.executable, "-m", "mtnlg_cli", *args], cwd=cwd, env=full_env, input=input,
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,124 @@
+"""The CLI's shape, start-up cost, workspace discovery, `init`, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from mtnlg_cli.workspace import template_names
+
+COMMANDS = ("init", "preprocess", "train", "eval", "generate", "chat", "convert", "plan", "info")
+
+
+def test_help_lists_every_command_and_imports_no_heavy_module():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from mtnlg_cli.cli import app\n"
+        "result = CliRunner().invoke(app, ['--help'], env={'COLUMNS': '200'})\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(result.output)\n"
+        "print('HEAVY', sorted(m for m in ('torch', 'accelerate', 'sentencepiece', 'safetensors') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for command in COMMANDS:
+        assert f" {command} " in out
+    assert "HEAVY []" in out
+
+
+def test_version():
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.strip().startswith("mtnlg ")
+
+
+def test_init_creates_workspace_and_refuses_to_overwrite(tmp_path):
+    result = run_cli("init", "proj", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    root = tmp_path / "proj"
+    for sub in ("mtnlg.yaml", "README.md", "data/raw", "data/tokenized", "tokenizer", "checkpoints", "runs"):
+        assert (root / sub).exists(), sub
+    raw = sorted(p.name for p in (root / "data/raw").iterdir())
+    assert "NOTICE.md" in raw and any(name.endswith(".txt") for name in raw)
+    assert "mtnlg preprocess" in (root / "README.md").read_text()
+    before = (root / "mtnlg.yaml").read_text()
+
+    again = run_cli("init", "proj", cwd=tmp_path)
+    assert again.returncode == 2 and "already an mtnlg workspace" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert (root / "mtnlg.yaml").read_text() == before
+
+    (root / "checkpoints" / "keep.txt").write_text("mine")
+    forced = run_cli("init", "proj", "--force", "--template", "gpt-125m", cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+    assert "hidden_size: 768" in (root / "mtnlg.yaml").read_text()
+    assert (root / "checkpoints" / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proj"]  # nothing written beside it
+
+
+def test_init_refuses_non_empty_folder_and_unknown_template(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("x")
+    result = run_cli("init", "full", cwd=tmp_path)
+    assert result.returncode == 2 and "not empty" in result.stderr
+    result = run_cli("init", "new", "--template", "gpt-9000", cwd=tmp_path)
+    assert result.returncode == 2 and "unknown template 'gpt-9000'" in result.stderr and "tiny" in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_templates_list_shows_every_preset_with_parameter_counts():
+    result = run_cli("init", "--list")
+    assert result.returncode == 0
+    for name in template_names():
+        assert name in result.stdout
+    assert "529.6B" in result.stdout and "354.9M" in result.stdout
+
+
+def test_workspace_found_from_subfolder_env_and_option(workspace, tmp_path):
+    sub = workspace.root / "data" / "raw"
+    assert run_cli("info", "--config", cwd=sub).returncode == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    outside = run_cli("info", cwd=elsewhere)
+    assert outside.returncode == 2 and "mtnlg init" in outside.stderr and "Traceback" not in outside.stderr
+    assert run_cli("info", "--config", "-w", str(workspace.root), cwd=elsewhere).returncode == 0
+    env = run_cli("info", "--config", cwd=elsewhere, env={"MTNLG_WORKSPACE": str(workspace.root)})
+    assert env.returncode == 0 and "num_layers: 4" in env.stdout
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.hidden_size=1000", "model.num_heads=16"],
+     "model.hidden_size=1000 must be divisible by model.num_heads=16"),
+    (["train.lrr=3e-4"], "unknown config key train.lrr; did you mean train.lr?"),
+    (["train.lr_decay_style=exp"], "train.lr_decay_style='exp' is not allowed; choose one of: cosine, linear, constant"),
+    (["train.micro_batch_size=two"], "train.micro_batch_size='two' must be an integer"),
+    (["model.seq_length=4096"], "model.seq_length=4096 must be at most model.max_position_embeddings=256"),
+    (["nonsense"], "must look like section.key=value"),
+])
+def test_bad_overrides_are_one_line_errors(workspace, overrides, message):
+    args = ["info", "-w", str(workspace.root)]
+    for item in overrides:
+        args += ["--set", item]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {result.stderr.strip()[7:]}" and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_overrides_apply(workspace):
+    result = run_cli("info", "--config", "-w", str(workspace.root), "--set", "train.lr=3e-4",
+                     "--set", "data.sources.0.weight=2", "--set", "generate.stop=['\\n\\n']")
+    assert result.returncode == 0, result.stderr
+    assert "lr: 0.0003" in result.stdout and "weight: 2.0" in result.stdout
+
+
+def test_invalid_yaml_names_the_line(workspace):
+    (workspace.root / "mtnlg.yaml").write_text("model:\n  num_layers: 4\n  hidden_size: [1, 2\n")
+    result = run_cli("info", "-w", str(workspace.root))
+    assert result.returncode == 2 and "not valid YAML at line" in result.stderr
+    (workspace.root / "mtnlg.yaml").write_text("model:\n  num_layrs: 4\n")
+    result = run_cli("info", "-w", str(workspace.root))
+    assert result.returncode == 2 and "did you mean model.num_layers" in result.stderr
