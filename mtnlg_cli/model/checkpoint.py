@@ -188,3 +188,21 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
             raise MtnlgError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(expected[name].shape)}")
     model.load_state_dict(weights, strict=True)
+
+
+def resolve_checkpoint(checkpoints_dir: Path, explicit: Optional[Path] = None) -> Checkpoint:
+    """The checkpoint a command should use: `explicit` if given, else the workspace's latest."""
+    if explicit is not None:
+        return load_checkpoint(Path(explicit))
+    path = latest_checkpoint(checkpoints_dir)
+    if path is None:
+        raise MtnlgError(f"no checkpoint in {checkpoints_dir}; train one first with: mtnlg train")
+    return load_checkpoint(path)
+
+
+def check_tokenizer(checkpoint: Checkpoint, tokenizer_hash: str) -> None:
+    """Refuses a checkpoint trained with another tokenizer than the one at hand."""
+    trained_with = checkpoint.state.get("tokenizer_hash")
+    if trained_with and trained_with != tokenizer_hash:
+        raise MtnlgError(f"checkpoint {checkpoint.path.name} was trained with tokenizer {trained_with[:19]}, "
+                         f"but the workspace's tokenizer is {tokenizer_hash[:19]}")
