@@ -206,3 +206,16 @@ def check_tokenizer(checkpoint: Checkpoint, tokenizer_hash: str) -> None:
     if trained_with and trained_with != tokenizer_hash:
         raise MtnlgError(f"checkpoint {checkpoint.path.name} was trained with tokenizer {trained_with[:19]}, "
                          f"but the workspace's tokenizer is {tokenizer_hash[:19]}")
+
+
+def load_for_inference(workspace, explicit: Optional[Path] = None, device: str | torch.device = "cpu"):
+    """(model, tokenizer, checkpoint) for generate, chat, eval and the Python API.
+
+    Uses the workspace's tokenizer, and refuses a checkpoint that was trained with another one.
+    """
+    from mtnlg_cli.data.tokenizer import Tokenizer
+
+    checkpoint = resolve_checkpoint(workspace.checkpoints_dir, explicit)
+    tokenizer = Tokenizer.load(workspace.tokenizer_dir)
+    check_tokenizer(checkpoint, tokenizer.hash)
+    return load_model(checkpoint, device), tokenizer, checkpoint
