@@ -9,6 +9,10 @@ class MtnlgError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: object = "") -> None:
+        # messages quote user input (keys, file names, lines): escape what would break the one-line contract
+        super().__init__("".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(message)))
+
 
 class ConfigError(MtnlgError):
     """An invalid config file, key or value."""
