@@ -1,0 +1,384 @@
+"""Will a model and parallel layout fit, and how long will training take? Pure arithmetic, no torch.
+
+The formulas are the ones Megatron's authors use to plan their own runs:
+- FLOPs: Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU Clusters", eq. 3: an
+  iteration of batch B, sequence s, l layers, hidden h and vocabulary V costs
+  96·B·s·l·h²·(1 + s/6h + V/16lh) FLOPs with full activation recomputation (forward, backward at twice the
+  forward, and the transformer layers' forward once more), and 72·B·s·l·h²·(1 + s/6h + V/12lh) without.
+  We count the same matmuls from their parts, so a non-default FFN width is counted too.
+- Activations: Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models":
+  one layer stores s·b·h·(34 + 5as/h) bytes for a micro-batch of b (16-bit activations, a heads); tensor
+  parallelism t divides the parts inside the attention and MLP blocks, s·b·h·(10 + 24/t + 5as/ht), and sequence
+  parallelism divides the rest, s·b·h/t·(34 + 5as/h). Full recomputation stores only each layer's 2·s·b·h-byte
+  input. Under 1F1B the first pipeline stage holds min(p, m) micro-batches in flight, GPipe holds all m.
+- Weights, gradients and Adam state: 16 bytes a parameter (ZeRO's accounting: 16-bit weights and gradients,
+  fp32 master weights, momentum and variance; fp32 training keeps 4 + 4 + 8), all three sharded across data-
+  parallel ranks under FSDP.
+- Pipeline bubble: (p - 1)/m of the ideal compute time for p stages and m micro-batches per pipeline.
+
+Time: the assumed utilization `mfu` is the fraction of peak the GPUs sustain on the FLOPs they execute while
+they compute (recomputation included, the bubble added on top). A measured end-to-end rate (`achieved_tflops`,
+as papers report it: recomputation and bubble included) gives the step time of that layout directly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
+
+from mtnlg_cli.config import Config, ModelConfig
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.sizing import embedding_parameter_count, layer_parameter_count, parameter_count
+
+GIB = 2**30
+USABLE_MEMORY = 0.9  # of a GPU's memory: the rest goes to the CUDA context, allocator fragmentation, buffers
+DEFAULT_MFU = 0.45
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    peak_tflops: float  # dense bf16 (fp16 where the GPU has no bf16), per GPU
+    memory_gib: float
+    gpus_per_node: int = 8
+
+
+GPUS = {gpu.name: gpu for gpu in (
+    GPU("v100-32g", 125.0, 32),  # fp16 tensor cores
+    GPU("a100-40g", 312.0, 40),
+    GPU("a100-80g", 312.0, 80),
+    GPU("l40s", 362.0, 48),
+    GPU("h100-pcie", 756.0, 80),
+    GPU("h100-80g", 989.0, 80),
+    GPU("h200", 989.0, 141),
+    GPU("b200", 2250.0, 180),
+    GPU("mi300x", 1307.0, 192),
+)}
+DEFAULT_GPU = "a100-80g"
+
+
+def find_gpu(name: str) -> GPU:
+    if name not in GPUS:
+        raise MtnlgError(f"unknown GPU {name!r}; choose one of: {', '.join(GPUS)} "
+                         "(or give --peak-tflops and --gpu-memory)")
+    return GPUS[name]
+
+
+@dataclass(frozen=True)
+class Layout:
+    tensor: int
+    pipeline: int
+    data: int
+    micro_batch: int
+    recompute: bool
+    sequence_parallel: bool = False
+    fsdp: bool = False
+    schedule: str = "1f1b"
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor * self.pipeline * self.data
+
+    def describe(self) -> str:
+        extras = [name for name, on in (("recompute", self.recompute), ("SP", self.sequence_parallel),
+                                        ("FSDP", self.fsdp)) if on]
+        return (f"TP={self.tensor} x PP={self.pipeline} x DP={self.data}, micro-batch {self.micro_batch}"
+                + (f" ({', '.join(extras)})" if extras else ""))
+
+
+def layout_from_config(config: Config, gpus: Optional[int] = None) -> Layout:
+    """The layout the config asks for on `gpus` GPUs (default: TP x PP x the config's data_parallel or 1)."""
+    p = config.parallel
+    model_parallel = p.tensor_parallel * p.pipeline_parallel
+    if gpus is None:
+        gpus = model_parallel * max(p.data_parallel, 1)
+    data = p.data_parallel or max(gpus // model_parallel, 1)
+    return Layout(p.tensor_parallel, p.pipeline_parallel, data, config.train.micro_batch_size,
+                  config.train.activation_checkpointing, p.sequence_parallel, p.fsdp, p.pipeline_schedule)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+
+
+def layer_forward_flops(model: ModelConfig, tokens: int) -> float:
+    """Matmul FLOPs of one layer's forward pass over `tokens` tokens in sequences of model.seq_length."""
+    h, f, s = model.hidden_size, model.ffn_size, model.seq_length
+    projections = 2 * tokens * h * (3 * h + h + 2 * f)  # qkv, attention output, mlp up and down
+    attention = 2 * 2 * tokens * s * h  # QK^T and attention-weighted V
+    return projections + attention
+
+
+def training_flops(model: ModelConfig, tokens: int, recompute: bool) -> float:
+    """FLOPs of forward and backward over `tokens` tokens; `recompute` adds the layers' forward once more."""
+    passes = 4 if recompute else 3  # backward costs two forwards
+    logits = 2 * tokens * model.hidden_size * model.padded_vocab_size  # never recomputed
+    return passes * model.num_layers * layer_forward_flops(model, tokens) + 3 * logits
+
+
+def megatron_flops_formula(model: ModelConfig, batch: int, recompute: bool) -> float:
+    """Narayanan et al. 2021's closed form (which assumes an FFN of 4h); the tests check ours against it."""
+    b, s, l, h, v = batch, model.seq_length, model.num_layers, model.hidden_size, model.padded_vocab_size
+    if recompute:
+        return 96 * b * s * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
+    return 72 * b * s * l * h * h * (1 + s / (6 * h) + v / (12 * l * h))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def bytes_per_parameter(mixed_precision: str) -> tuple[int, int, int]:
+    """(weights, gradients, optimizer state) bytes per parameter."""
+    return (4, 4, 8) if mixed_precision == "no" else (2, 2, 12)
+
+
+def parameters_per_gpu(model: ModelConfig, layout: Layout) -> int:
+    """Parameters on the GPU of the largest pipeline stage (before any FSDP sharding).
+
+    The first stage holds the embeddings, the last the final LayerNorm and (for p > 1) its own copy of the tied
+    output head, as in Megatron.
+    """
+    t, p = layout.tensor, layout.pipeline
+    layers = math.ceil(model.num_layers / p) * layer_parameter_count(model, t)
+    embeddings = embedding_parameter_count(model, t)
+    head = 2 * model.hidden_size + (model.padded_vocab_size * model.hidden_size // t if p > 1 else 0)
+    if p == 1:
+        return layers + embeddings + head
+    return layers + max(embeddings, head)
+
+
+def activation_bytes_per_layer(model: ModelConfig, micro_batch: int, tensor: int, sequence_parallel: bool,
+                               recompute: bool) -> float:
+    """Bytes one layer keeps for the backward pass of one micro-batch (Korthikanti et al. 2022, 16-bit)."""
+    s, b, h, a, t = model.seq_length, micro_batch, model.hidden_size, model.num_heads, tensor
+    sbh = s * b * h
+    if recompute:
+        return 2 * sbh / (t if sequence_parallel else 1)
+    if sequence_parallel:
+        return sbh / t * (34 + 5 * a * s / h)
+    return sbh * (10 + 24 / t + 5 * a * s / (h * t))
+
+
+def microbatches_per_pipeline(global_batch: int, layout: Layout) -> float:
+    return global_batch / (layout.micro_batch * layout.data)
+
+
+@dataclass
+class Memory:
+    """Bytes per GPU on the busiest pipeline stage."""
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float  # the last stage's fp32 logits for the cross-entropy
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+
+
+def memory_per_gpu(config: Config, layout: Layout) -> Memory:
+    model = config.model
+    params = parameters_per_gpu(model, layout)
+    shards = layout.data if layout.fsdp else 1
+    weight, grad, optimizer = (n * params / shards for n in bytes_per_parameter(config.train.mixed_precision))
+    precision_scale = 2 if config.train.mixed_precision == "no" else 1  # Korthikanti counts 16-bit activations
+    stored = activation_bytes_per_layer(model, layout.micro_batch, layout.tensor, layout.sequence_parallel,
+                                        layout.recompute)
+    # recomputing a layer materialises its full activations for one micro-batch at a time
+    working = activation_bytes_per_layer(model, layout.micro_batch, layout.tensor, layout.sequence_parallel,
+                                         False) if layout.recompute else 0.0
+    micro_batches = max(1, math.floor(microbatches_per_pipeline(config.train.global_batch_size, layout)))
+    in_flight = 1 if layout.pipeline == 1 else (micro_batches if layout.schedule == "gpipe"
+                                                 else min(layout.pipeline, micro_batches))
+    layers = math.ceil(model.num_layers / layout.pipeline)
+    first_stage = (layers * in_flight * stored + working) * precision_scale
+    last_stage = (layers * stored + working) * precision_scale  # one micro-batch in flight, plus the logits
+    logits = 4 * model.seq_length * layout.micro_batch * model.padded_vocab_size / layout.tensor
+    if layout.pipeline > 1 and first_stage > last_stage + logits:
+        activations, logits = first_stage, 0.0
+    else:
+        activations = last_stage
+    return Memory(weight, grad, optimizer, activations, logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan
+
+
+@dataclass
+class Cluster:
+    gpus: int
+    gpu: str  # a name from GPUS, or "custom"
+    peak_tflops: float
+    memory_gib: float
+    gpus_per_node: int = 8
+
+    @classmethod
+    def build(cls, gpus: int, gpu: Optional[str] = None, peak_tflops: Optional[float] = None,
+              memory_gib: Optional[float] = None) -> "Cluster":
+        if gpus <= 0:
+            raise MtnlgError(f"--gpus={gpus} must be positive")
+        for name, value in (("--peak-tflops", peak_tflops), ("--gpu-memory", memory_gib)):
+            if value is not None and value <= 0:
+                raise MtnlgError(f"{name}={value} must be positive")
+        base = find_gpu(gpu or DEFAULT_GPU)
+        custom = gpu is None and (peak_tflops is not None or memory_gib is not None)
+        return cls(gpus, "custom" if custom else base.name, peak_tflops or base.peak_tflops,
+                   memory_gib or base.memory_gib, base.gpus_per_node)
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    cluster: Cluster
+    parameters: int
+    parameters_per_gpu: int
+    flops_per_token: float  # what the layout executes (with recomputation if it recomputes)
+    model_flops_per_token: float  # without recomputation
+    flops_per_token_recompute: float
+    flops_per_iteration: float
+    microbatches: float
+    bubble: float
+    memory: Memory
+    activations_by_mode: dict[str, float]  # per GPU, for each recompute / sequence-parallel combination
+    step_seconds: float
+    tokens_per_iteration: int
+    tokens_per_second: float
+    hardware_utilization: float  # end to end, on executed FLOPs (what Megatron reports as TFLOP/s per GPU)
+    model_utilization: float  # end to end, on model FLOPs (MFU, PaLM's definition)
+    token_budget: int
+    iterations: int
+    days: float
+    problems: list[str] = field(default_factory=list)  # each one makes the layout infeasible
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["memory"] = {**asdict(self.memory), "total": self.memory.total,
+                          "capacity": self.cluster.memory_gib * GIB, "usable_fraction": USABLE_MEMORY}
+        data["feasible"] = self.feasible
+        data["achieved_tflops_per_gpu"] = self.hardware_utilization * self.cluster.peak_tflops
+        return data
+
+
+def layout_problems(config: Config, layout: Layout, cluster: Cluster) -> list[str]:
+    """Why a layout cannot run at all (it does not divide); memory is checked separately."""
+    m, t = config.model, config.train
+    problems = []
+    if m.num_heads % layout.tensor or m.ffn_size % layout.tensor:
+        problems.append(f"TP={layout.tensor} does not divide num_heads={m.num_heads} and ffn size={m.ffn_size}")
+    if m.num_layers % layout.pipeline:
+        problems.append(f"PP={layout.pipeline} does not divide num_layers={m.num_layers} into equal stages")
+    if layout.gpus != cluster.gpus:
+        problems.append(f"TP x PP x DP = {layout.gpus} GPUs, but the cluster has {cluster.gpus}"
+                        + (f" (not a multiple of TP x PP = {layout.tensor * layout.pipeline})"
+                           if cluster.gpus % (layout.tensor * layout.pipeline) else ""))
+    if t.global_batch_size % (layout.micro_batch * layout.data):
+        problems.append(f"global batch {t.global_batch_size} is not a multiple of micro-batch x DP = "
+                        f"{layout.micro_batch * layout.data}")
+    elif layout.pipeline > 1 and layout.schedule == "1f1b" and \
+            microbatches_per_pipeline(t.global_batch_size, layout) < layout.pipeline:
+        problems.append(f"1F1B needs at least PP={layout.pipeline} micro-batches per pipeline, the batch gives "
+                        f"{microbatches_per_pipeline(t.global_batch_size, layout):g}")
+    if layout.sequence_parallel and layout.tensor == 1:
+        problems.append("sequence parallelism needs TP > 1")
+    return problems
+
+
+def make_plan(config: Config, layout: Layout, cluster: Cluster, mfu: float = DEFAULT_MFU,
+              achieved_tflops: Optional[float] = None, token_budget: Optional[int] = None) -> Plan:
+    """Every figure for one model, layout and cluster. `achieved_tflops` (measured end to end) overrides `mfu`."""
+    if not 0 < mfu <= 1:
+        raise MtnlgError(f"--mfu={mfu} must be in (0, 1]")
+    if achieved_tflops is not None and achieved_tflops <= 0:
+        raise MtnlgError(f"--tflops={achieved_tflops} must be positive")
+    m, t = config.model, config.train
+    tokens_per_iteration = t.global_batch_size * m.seq_length
+    flops_iteration = training_flops(m, tokens_per_iteration, layout.recompute)
+    model_flops_iteration = training_flops(m, tokens_per_iteration, False)
+    microbatches = microbatches_per_pipeline(t.global_batch_size, layout)
+    bubble = (layout.pipeline - 1) / microbatches
+    if achieved_tflops is not None:
+        step = flops_iteration / (cluster.gpus * achieved_tflops * 1e12)
+    else:
+        step = flops_iteration * (1 + bubble) / (cluster.gpus * cluster.peak_tflops * 1e12 * mfu)
+    cluster_peak = cluster.gpus * cluster.peak_tflops * 1e12
+    budget = token_budget or t.train_tokens or t.train_iters * tokens_per_iteration
+    memory = memory_per_gpu(config, layout)
+    modes = {}
+    for recompute in (False, True):
+        for sp in ((False, True) if layout.tensor > 1 else (False,)):
+            mode = replace(layout, recompute=recompute, sequence_parallel=sp)
+            modes[("recompute" if recompute else "no recompute") + (", SP" if sp else "")] = \
+                memory_per_gpu(config, mode).activations
+    problems = layout_problems(config, layout, cluster)
+    usable = cluster.memory_gib * GIB * USABLE_MEMORY
+    if memory.total > usable:
+        problem = (f"needs {memory.total / GIB:.1f} GiB per GPU, more than the {usable / GIB:.1f} GiB usable of "
+                   f"{cluster.memory_gib:g} GiB")
+        if not layout.recompute and memory_per_gpu(config, replace(layout, recompute=True)).total <= usable:
+            problem += "; it fits with activation recomputation (--set train.activation_checkpointing=true)"
+        problems.append(problem)
+    notes = []
+    if layout.tensor > cluster.gpus_per_node:
+        notes.append(f"TP={layout.tensor} spans more than one {cluster.gpus_per_node}-GPU node: its all-reduces "
+                     "cross the slower inter-node network")
+    if bubble > 0.25:
+        notes.append(f"the pipeline bubble is {bubble:.0%} of compute: more micro-batches per pipeline "
+                     "(a larger global batch or a smaller micro-batch) shrink it")
+    return Plan(
+        layout=layout, cluster=cluster,
+        parameters=parameter_count(m), parameters_per_gpu=parameters_per_gpu(m, layout),
+        flops_per_token=flops_iteration / tokens_per_iteration,
+        model_flops_per_token=model_flops_iteration / tokens_per_iteration,
+        flops_per_token_recompute=training_flops(m, tokens_per_iteration, True) / tokens_per_iteration,
+        flops_per_iteration=flops_iteration, microbatches=microbatches, bubble=bubble,
+        memory=memory, activations_by_mode=modes,
+        step_seconds=step, tokens_per_iteration=tokens_per_iteration,
+        tokens_per_second=tokens_per_iteration / step,
+        hardware_utilization=flops_iteration / (step * cluster_peak),
+        model_utilization=model_flops_iteration / (step * cluster_peak),
+        token_budget=budget, iterations=math.ceil(budget / tokens_per_iteration),
+        days=budget / (tokens_per_iteration / step) / 86400,
+        problems=problems, notes=notes,
+    )
+
+
+def search_layouts(config: Config, cluster: Cluster, mfu: float = DEFAULT_MFU,
+                   token_budget: Optional[int] = None) -> list[Plan]:
+    """Every feasible (TP, PP, DP, micro-batch, recompute) layout of `cluster`, fastest first.
+
+    TP stays within a node and divides the heads, PP divides the layers, and the micro-batch divides each data-
+    parallel rank's share of the global batch. Sequence parallelism, FSDP and the schedule come from the config.
+    """
+    m, t, p = config.model, config.train, config.parallel
+    plans = []
+    for tensor in _divisors(m.num_heads):
+        if tensor > cluster.gpus_per_node or cluster.gpus % tensor:
+            continue
+        for pipeline in _divisors(m.num_layers):
+            if cluster.gpus % (tensor * pipeline):
+                continue
+            data = cluster.gpus // (tensor * pipeline)
+            if t.global_batch_size % data:
+                continue
+            for micro_batch in _divisors(t.global_batch_size // data):
+                for recompute in (False, True):
+                    layout = Layout(tensor, pipeline, data, micro_batch, recompute,
+                                    p.sequence_parallel and tensor > 1, p.fsdp, p.pipeline_schedule)
+                    plan = make_plan(config, layout, cluster, mfu, token_budget=token_budget)
+                    if plan.feasible:
+                        plans.append(plan)
+    plans.sort(key=lambda plan: (plan.step_seconds, plan.memory.total, plan.layout.tensor))
+    return plans
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

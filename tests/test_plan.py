@@ -1,0 +1,139 @@
+"""`mtnlg plan`: exact sizes, Megatron's FLOPs and memory formulas, and the MT-NLG 530B paper's figures."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from mtnlg_cli.config import Config, ModelConfig
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model import planner
+from mtnlg_cli.model.sizing import parameter_count
+from mtnlg_cli.workspace import template_config
+from conftest import run_cli
+
+
+def mtnlg(recompute: bool = True) -> Config:
+    return template_config("mt-nlg-530b", [f"train.activation_checkpointing={str(recompute).lower()}"])
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("tiny", []),
+    ("gpt-125m", []),
+    ("gpt-350m", []),
+    ("tiny", ["model.ffn_hidden_size=200", "model.vocab_size=1000", "model.make_vocab_size_divisible_by=64"]),
+])
+def test_parameter_count_equals_the_model(name, overrides):
+    import torch
+
+    from mtnlg_cli.model.gpt import GPT, GPTConfig
+
+    model_config = template_config(name, overrides).model
+    with torch.device("meta"):
+        model = GPT(GPTConfig.from_model_config(model_config))
+    assert parameter_count(model_config) == model.num_parameters()
+    layout = planner.Layout(1, 1, 1, 1, False)
+    assert planner.parameters_per_gpu(model_config, layout) == model.num_parameters()
+
+
+def test_parameters_per_gpu_shrink_with_tensor_and_pipeline_parallelism():
+    model = mtnlg().model
+    whole = parameter_count(model)
+    split = planner.parameters_per_gpu(model, planner.Layout(8, 35, 1, 1, True))
+    assert whole / 280 < split < whole / 280 * 1.1  # the first stage also holds the embedding shard
+
+
+@pytest.mark.parametrize("name", ["tiny", "gpt-1.3b", "mt-nlg-530b"])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_flops_match_megatron_closed_form(name, recompute):
+    config = template_config(name)
+    batch = config.train.global_batch_size
+    ours = planner.training_flops(config.model, batch * config.model.seq_length, recompute)
+    assert ours == pytest.approx(planner.megatron_flops_formula(config.model, batch, recompute), rel=1e-12)
+
+
+def test_recomputation_costs_a_third_more_layer_flops():
+    model = ModelConfig(num_layers=8, hidden_size=256, num_heads=8, seq_length=128)
+    ratio = planner.training_flops(model, 1024, True) / planner.training_flops(model, 1024, False)
+    assert 1.25 < ratio < 4 / 3
+
+
+def test_activation_memory_follows_korthikanti():
+    model = ModelConfig(num_layers=2, hidden_size=1024, num_heads=16, max_position_embeddings=2048, seq_length=2048)
+    s, b, h, a = 2048, 2, 1024, 16
+    full = s * b * h * (34 + 5 * a * s / h)
+    assert planner.activation_bytes_per_layer(model, b, 1, False, False) == pytest.approx(full)
+    assert planner.activation_bytes_per_layer(model, b, 4, True, False) == pytest.approx(full / 4)
+    assert planner.activation_bytes_per_layer(model, b, 4, False, False) == \
+        pytest.approx(s * b * h * (10 + 24 / 4 + 5 * a * s / (h * 4)))
+    assert planner.activation_bytes_per_layer(model, b, 4, False, True) == pytest.approx(2 * s * b * h)
+
+
+def test_fsdp_shards_weights_gradients_and_optimizer_state():
+    config = template_config("gpt-1.3b")
+    plain = planner.memory_per_gpu(config, planner.Layout(1, 1, 8, 1, True))
+    sharded = planner.memory_per_gpu(config, planner.Layout(1, 1, 8, 1, True, fsdp=True))
+    for part in ("weights", "gradients", "optimizer"):
+        assert getattr(sharded, part) == pytest.approx(getattr(plain, part) / 8)
+    assert sharded.activations == plain.activations
+    assert plain.weights + plain.gradients + plain.optimizer == pytest.approx(16 * parameter_count(config.model))
+
+
+def test_mt_nlg_530b_matches_the_paper():
+    cluster = planner.Cluster.build(2240, "a100-80g")
+    config = mtnlg(recompute=True)
+    layout = planner.layout_from_config(config, 2240)
+    assert (layout.tensor, layout.pipeline, layout.data) == (8, 35, 8)
+    plan = planner.make_plan(config, layout, cluster, achieved_tflops=126)
+    assert plan.parameters == pytest.approx(530e9, rel=0.01)
+    assert plan.feasible, plan.problems
+    assert plan.bubble == pytest.approx(34 / 240)
+    assert plan.step_seconds == pytest.approx(60.1, rel=0.05)
+
+    without = planner.make_plan(mtnlg(recompute=False), replace(layout, recompute=False), cluster)
+    assert not without.feasible
+    assert "recomputation" in without.problems[0]
+    small = planner.make_plan(config, layout, planner.Cluster.build(2240, "a100-40g"))
+    assert not small.feasible and "GiB" in small.problems[0]
+
+
+def test_search_finds_the_papers_layout_first():
+    plans = planner.search_layouts(mtnlg(), planner.Cluster.build(2240, "a100-80g"))
+    assert plans and all(plan.feasible and plan.layout.gpus == 2240 for plan in plans)
+    assert [p.step_seconds for p in plans] == sorted(p.step_seconds for p in plans)
+    best = plans[0].layout
+    assert (best.tensor, best.pipeline, best.data, best.micro_batch) == (8, 35, 8, 1)
+
+
+def test_layouts_that_do_not_divide_are_flagged():
+    config = template_config("tiny")  # 4 layers, 4 heads, global batch 16
+    cluster = planner.Cluster.build(6)
+    plan = planner.make_plan(config, planner.Layout(3, 1, 2, 8, False), cluster)
+    text = " ".join(plan.problems)
+    assert "TP=3 does not divide num_heads=4" in text
+    assert "global batch 16 is not a multiple of micro-batch x DP = 16" not in text
+    plan = planner.make_plan(config, planner.Layout(1, 3, 2, 3, False), cluster)
+    text = " ".join(plan.problems)
+    assert "PP=3 does not divide num_layers=4" in text and "global batch 16" in text
+    with pytest.raises(MtnlgError, match="unknown GPU"):
+        planner.Cluster.build(8, "a100-999g")
+
+
+def test_plan_cli_json_and_errors(workspace):
+    result = run_cli("plan", "--template", "mt-nlg-530b", "--gpus", "2240", "--tflops", "126", "--tokens", "270B",
+                     "--set", "train.activation_checkpointing=true", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["feasible"] and data["step_seconds"] == pytest.approx(60.1, rel=0.05)
+    assert data["token_budget"] == 270_000_000_000
+    assert data["days"] == pytest.approx(270e9 / data["tokens_per_second"] / 86400)
+
+    result = run_cli("plan", "--gpu", "h200", "--gpus", "2", "--search", cwd=workspace.root)
+    assert result.returncode == 0, result.stderr
+    assert "feasible, fastest first" in result.stdout and "h200" in result.stdout
+
+    result = run_cli("plan", "--tokens", "lots", cwd=workspace.root)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: --tokens='lots'")
+    assert "Traceback" not in result.stderr
