@@ -1,26 +1,247 @@
-"""`mtnlg info`: what a workspace holds, and its resolved config."""
+"""`mtnlg info`: what a workspace holds, and its resolved config.
+
+Reads only small files (state.json, tokenizer.json, .idx headers, the last line of each metrics log) and never
+imports torch, so it answers at once even beside large checkpoints. Every part tolerates what is missing or
+unreadable: it says so in that part and goes on.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.syntax import Syntax
+from rich.table import Table
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.config import Config
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.workspace import Workspace
 
 
 def info_command(
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
     config_only: Annotated[bool, typer.Option("--config", help="Print only the resolved config as YAML.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print everything as JSON.")] = False,
 ) -> None:
-    """Show the workspace: its resolved config (with --set overrides applied) and what it holds."""
+    """Show the workspace: its resolved config (with --set overrides applied), the model's size and FLOPs, the
+    tokenizer, the tokenized datasets, the checkpoints and the training runs."""
     found, config = open_workspace(workspace, overrides)
     if config_only:
         typer.echo(config.to_yaml(), nl=False)
         return
-    console = Console()
-    console.print(f"[bold]workspace[/] {found.root}")
+    summary = workspace_summary(found, config)
+    if as_json:
+        typer.echo(json.dumps({**summary, "config": config.to_dict()}, indent=2, ensure_ascii=False))
+        return
+    print_summary(Console(), summary, config)
+
+
+def workspace_summary(workspace: Workspace, config: Config) -> dict[str, Any]:
+    return {
+        "workspace": str(workspace.root),
+        "model": model_summary(config),
+        "tokenizer": tokenizer_summary(workspace),
+        "datasets": dataset_summaries(workspace, config),
+        "checkpoints": checkpoint_summaries(workspace),
+        "runs": run_summaries(workspace),
+    }
+
+
+def model_summary(config: Config) -> dict[str, Any]:
+    from mtnlg_cli.model.planner import training_flops
+    from mtnlg_cli.model.sizing import parameter_count
+
+    m = config.model
+    tokens = m.seq_length
+    return {
+        "parameters": parameter_count(m),
+        "training_flops_per_token": training_flops(m, tokens, False) / tokens,
+        "training_flops_per_token_recompute": training_flops(m, tokens, True) / tokens,
+        "layers": m.num_layers, "hidden_size": m.hidden_size, "heads": m.num_heads, "seq_length": m.seq_length,
+        "vocab_size": m.vocab_size, "padded_vocab_size": m.padded_vocab_size,
+    }
+
+
+def tokenizer_summary(workspace: Workspace) -> dict[str, Any]:
+    """The tokenizer's vocabulary and special tokens, from tokenizer.json, else from the model itself."""
+    from mtnlg_cli.data.tokenizer import INFO_FILE, MODEL_FILE, Tokenizer
+
+    model_path = workspace.tokenizer_dir / MODEL_FILE
+    if not model_path.is_file():
+        return {"present": False}
+    info_path = workspace.tokenizer_dir / INFO_FILE
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or "vocab_size" not in info:
+            raise ValueError(f"{info_path.name} lacks vocab_size")
+    except (OSError, ValueError):  # no or an unreadable tokenizer.json: ask the model (a few milliseconds)
+        try:
+            info = Tokenizer.load(model_path).info()
+        except MtnlgError as exc:
+            return {"present": True, "error": str(exc)}
+    return {"present": True, "path": str(model_path), "size_bytes": model_path.stat().st_size, **info}
+
+
+def dataset_summaries(workspace: Workspace, config: Config) -> list[dict[str, Any]]:
+    """Each tokenized dataset (a Megatron .bin/.idx pair) with its documents and tokens."""
+    from mtnlg_cli.data.indexed_dataset import IndexedDataset, dataset_paths
+
+    if not workspace.tokenized_dir.is_dir():
+        return []
+    found = []
+    for idx_path in sorted(workspace.tokenized_dir.rglob("*.idx")):
+        prefix = idx_path.with_name(idx_path.name[: -len(".idx")])
+        entry: dict[str, Any] = {"name": str(prefix.relative_to(workspace.tokenized_dir)),
+                                 "bytes": sum(p.stat().st_size for p in dataset_paths(prefix) if p.is_file())}
+        try:
+            dataset = IndexedDataset(prefix)
+            entry.update(documents=len(dataset), tokens=dataset.token_count, dtype=str(dataset.dtype))
+            entry["splits"] = split_documents(len(dataset), config.data.split)
+        except (MtnlgError, OSError, ValueError) as exc:
+            entry["error"] = str(exc)
+        found.append(entry)
+    return found
+
+
+def split_documents(documents: int, ratios: list[float]) -> dict[str, int]:
+    """Documents per split when the config's ratios are applied (training splits by document)."""
+    total = sum(ratios)
+    bounds = [round(documents * sum(ratios[:i + 1]) / total) for i in range(3)]
+    return {"train": bounds[0], "valid": bounds[1] - bounds[0], "test": bounds[2] - bounds[1]}
+
+
+def checkpoint_summaries(workspace: Workspace) -> list[dict[str, Any]]:
+    """Complete checkpoints (step_*/ with state.json), oldest first, with step, loss and size on disk."""
+    root = workspace.checkpoints_dir
+    if not root.is_dir():
+        return []
+    latest = (root / "latest").resolve() if (root / "latest").is_symlink() else None
+    found = []
+    for path in sorted(root.glob("step_*")):
+        state_path = path / "state.json"
+        if not state_path.is_file():
+            continue  # not a complete checkpoint
+        entry: dict[str, Any] = {"name": path.name, "bytes": sum(f.stat().st_size for f in path.iterdir()
+                                                                  if f.is_file()),
+                                 "latest": latest == path.resolve()}
+        try:
+            state = json.loads(state_path.read_text(encoding="utf-8"))
+            entry.update(step=state.get("step"), loss=state.get("loss"),
+                         consumed_samples=state.get("consumed_samples"))
+        except (OSError, ValueError) as exc:
+            entry["error"] = f"unreadable state.json ({exc})"
+        found.append(entry)
+    return found
+
+
+def run_summaries(workspace: Workspace) -> list[dict[str, Any]]:
+    """Training runs (runs/NAME/) with the last record of their metrics.jsonl."""
+    root = workspace.runs_dir
+    if not root.is_dir():
+        return []
+    found = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir()):
+        entry: dict[str, Any] = {"name": path.name}
+        metrics = path / "metrics.jsonl"
+        if metrics.is_file():
+            entry["last"] = last_json_line(metrics)
+        found.append(entry)
+    return found
+
+
+def last_json_line(path: Path, tail_bytes: int = 65536) -> dict[str, Any] | None:
+    """The last complete JSON object in a JSON-lines file, reading only its end."""
+    with open(path, "rb") as f:
+        f.seek(0, 2)
+        f.seek(max(0, f.tell() - tail_bytes))
+        lines = f.read().decode("utf-8", errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line still being written, or cut by the tail
+        if isinstance(record, dict):
+            return record
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Printing
+
+
+def _size(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def print_summary(console: Console, summary: dict[str, Any], config: Config) -> None:
+    from mtnlg_cli.commands.plan import flops
+    from mtnlg_cli.model.sizing import human_count
+
+    console.print(f"[bold]workspace[/] {summary['workspace']}")
     console.print(Syntax(config.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))
+
+    model = summary["model"]
+    console.print(f"[bold]model[/] {model['parameters']:,} parameters ({human_count(model['parameters'])}); "
+                  f"{model['layers']} layers, hidden {model['hidden_size']}, {model['heads']} heads, "
+                  f"seq {model['seq_length']}, vocab {model['vocab_size']} (padded {model['padded_vocab_size']})")
+    console.print(f"      training FLOPs per token: {flops(model['training_flops_per_token'])}, "
+                  f"{flops(model['training_flops_per_token_recompute'])} with activation recomputation")
+
+    tokenizer = summary["tokenizer"]
+    if not tokenizer["present"]:
+        console.print("[bold]tokenizer[/] none yet (mtnlg preprocess trains one)")
+    elif "error" in tokenizer:
+        console.print(f"[bold]tokenizer[/] [red]{tokenizer['error']}[/]")
+    else:
+        special = ", ".join(f"{name}={token_id}" for name, token_id in tokenizer.get("special_tokens", {}).items())
+        console.print(f"[bold]tokenizer[/] {tokenizer['path']}: vocabulary {tokenizer['vocab_size']:,}; "
+                      f"special tokens {special}", highlight=False)
+
+    if summary["datasets"]:
+        table = Table(title="datasets (data/tokenized)", title_justify="left")
+        for column in ("name", "documents", "tokens", "train/valid/test docs", "size"):
+            table.add_column(column, justify="left" if column == "name" else "right")
+        for entry in summary["datasets"]:
+            if "error" in entry:
+                table.add_row(entry["name"], "[red]unreadable[/]", entry["error"], "", _size(entry["bytes"]))
+                continue
+            splits = entry["splits"]
+            table.add_row(entry["name"], f"{entry['documents']:,}", f"{entry['tokens']:,}",
+                          f"{splits['train']:,}/{splits['valid']:,}/{splits['test']:,}", _size(entry["bytes"]))
+        console.print(table)
+    else:
+        console.print("[bold]datasets[/] none yet (mtnlg preprocess tokenizes data/raw)")
+
+    if summary["checkpoints"]:
+        table = Table(title="checkpoints", title_justify="left")
+        for column in ("name", "step", "loss", "size", "latest"):
+            table.add_column(column, justify="left" if column == "name" else "right")
+        for entry in summary["checkpoints"]:
+            loss = entry.get("loss")
+            table.add_row(entry["name"], str(entry.get("step", "?")),
+                          f"{loss:.4f}" if isinstance(loss, (int, float)) else entry.get("error", "-"),
+                          _size(entry["bytes"]), "*" if entry["latest"] else "")
+        console.print(table)
+    else:
+        console.print("[bold]checkpoints[/] none yet (mtnlg train writes them)")
+
+    if summary["runs"]:
+        table = Table(title="runs", title_justify="left")
+        for column in ("name", "last step", "last loss"):
+            table.add_column(column, justify="left" if column == "name" else "right")
+        for entry in summary["runs"]:
+            last = entry.get("last") or {}
+            loss = last.get("loss")
+            table.add_row(entry["name"], str(last.get("step", "-")),
+                          f"{loss:.4f}" if isinstance(loss, (int, float)) else "-")
+        console.print(table)
+    else:
+        console.print("[bold]runs[/] none yet")
