@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from mtnlg_cli.data.atomic import write_bytes_atomically
 from mtnlg_cli.errors import MtnlgError
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -102,16 +104,18 @@ class Tokenizer:
         }
 
     def save_info(self, directory: Path) -> None:
-        (Path(directory) / INFO_FILE).write_text(json.dumps(self.info(), indent=2, ensure_ascii=False) + "\n",
-                                                 encoding="utf-8")
+        write_bytes_atomically(Path(directory) / INFO_FILE,
+                               (json.dumps(self.info(), indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def train_tokenizer(sentences: Iterable[str], out_dir: Path, vocab_size: int, model_type: str = "bpe",
-                    character_coverage: float = 0.9995, seed: int = 1234) -> Tokenizer:
-    """Trains a SentencePiece model on `sentences` and saves it as `out_dir/tokenizer.model` (atomically)."""
+                    character_coverage: float = 0.9995) -> Tokenizer:
+    """Trains a SentencePiece model on `sentences` and saves it as `out_dir/tokenizer.model` (atomically).
+
+    SentencePiece's training is deterministic for a given list of sentences; callers that sample a large
+    corpus do so with their own seed (see `corpus.training_sentences`).
+    """
     import io
-    import os
-    import tempfile
 
     import sentencepiece as spm
 
@@ -133,21 +137,24 @@ def train_tokenizer(sentences: Iterable[str], out_dir: Path, vocab_size: int, mo
             pad_id=0, unk_id=1, bos_id=2, eos_id=3,
             pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
             user_defined_symbols=[NEWLINE, *ROLE_TOKENS],
-            random_seed=seed,
             minloglevel=2,
         )
     except RuntimeError as exc:
-        message = str(exc).splitlines()[0]
-        if "Vocabulary size" in message or "vocab_size" in message:
-            raise MtnlgError(f"model.vocab_size={vocab_size} is too large for this corpus ({message}); "
-                             "lower it or add text") from None
-        raise MtnlgError(f"SentencePiece could not train a tokenizer: {message}") from None
-    fd, tmp = tempfile.mkstemp(prefix=".tokenizer-", dir=out_dir)
-    with os.fdopen(fd, "wb") as f:
-        f.write(buffer.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out_dir / MODEL_FILE)
+        raise MtnlgError(_training_error(str(exc), vocab_size)) from None
+    write_bytes_atomically(out_dir / MODEL_FILE, buffer.getvalue())
     tokenizer = Tokenizer.load(out_dir / MODEL_FILE)
     tokenizer.save_info(out_dir)
     return tokenizer
+
+
+def _training_error(message: str, vocab_size: int) -> str:
+    """SentencePiece's training failures, in terms of the config key the user can change."""
+    too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if too_high:
+        return (f"model.vocab_size={vocab_size} is larger than this corpus supports (at most {too_high[2]}); "
+                "lower model.vocab_size or add text")
+    too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if too_low:
+        return (f"model.vocab_size={vocab_size} is smaller than the {too_low[2]} characters and special tokens "
+                "this corpus needs; raise model.vocab_size or lower tokenizer.character_coverage")
+    return f"SentencePiece could not train a tokenizer: {message.splitlines()[0] if message else 'unknown error'}"

@@ -1,0 +1,229 @@
+"""Reading a corpus: files, directories and globs expanded in a stable order, cut into chunks, split into documents.
+
+The main process only reads bytes and cuts them into chunks at document boundaries (cheap, C-speed searches);
+worker processes decode the chunks and split them into documents. Chunks are bounded in size, so memory stays
+flat however large the corpus is (except for `document: file`, where one file is one document).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import gzip
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Iterator, Literal
+
+from mtnlg_cli.errors import MtnlgError
+
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
+CHUNK_BYTES = 1 << 20
+_PARAGRAPH_BREAK = re.compile(rb"\n[ \t\r]*\n")
+_PARAGRAPH_SPLIT = re.compile(r"\n(?:[ \t\r]*\n)+")
+
+
+@dataclass(frozen=True)
+class DocumentSpec:
+    """How the files of one source become documents."""
+
+    format: Literal["txt", "jsonl"]
+    document: Literal["file", "paragraph", "line"] = "paragraph"  # for txt
+    text_key: str = "text"  # for jsonl
+    errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8
+    skip_bad_lines: bool = False  # malformed JSONL
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Whole documents' worth of (decompressed) bytes of one file, and where they start in it."""
+
+    path: str
+    offset: int  # byte offset in the (decompressed) file
+    line: int  # 1-based line number of the first byte
+    data: bytes
+    raw_bytes: int  # bytes of the file on disk this chunk accounts for (compressed size for .gz)
+
+
+def file_format(path: Path) -> Literal["txt", "jsonl"]:
+    name = path.name.lower().removesuffix(".gz")
+    return "jsonl" if name.endswith((".jsonl", ".json")) else "txt"
+
+
+def expand_paths(pattern: str, root: Path, key: str) -> list[Path]:
+    """The corpus files a config path names: a file, a directory (searched recursively) or a glob.
+
+    `key` names the config entry in error messages. Directories contribute their .txt/.jsonl files (optionally
+    gzip-compressed), hidden files excluded; the result is sorted, so the order is the same on every run.
+    """
+    path = Path(pattern).expanduser()
+    path = path if path.is_absolute() else root / path
+    if glob.has_magic(str(path)):
+        matches = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
+        if not matches:
+            raise MtnlgError(f"{key}: no files match {pattern}")
+    elif path.exists():
+        matches = [path]
+    else:
+        raise MtnlgError(f"{key}: no such file or directory: {path}")
+    files: list[Path] = []
+    for match in matches:
+        if match.is_dir():
+            found = sorted(p for p in match.rglob("*") if p.is_file() and p.name.lower().endswith(CORPUS_SUFFIXES)
+                           and not any(part.startswith(".") for part in p.relative_to(match).parts))
+            if not found:
+                raise MtnlgError(f"{key}: directory {match} holds no {', '.join(CORPUS_SUFFIXES)} files")
+            files.extend(found)
+        elif match.is_file():
+            files.append(match)
+    for file in files:
+        if file.stat().st_size == 0:
+            raise MtnlgError(f"{key}: {file} is empty; remove it or add text")
+    if not files:
+        raise MtnlgError(f"{key}: {pattern} names no files")
+    return files
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main process: bytes to chunks.
+
+
+def _open(path: Path) -> tuple[BinaryIO, BinaryIO]:
+    """(raw file, stream of its text bytes); gzip is recognised by its magic number, not its name."""
+    raw = open(path, "rb")
+    if raw.read(2) == b"\x1f\x8b":
+        raw.seek(0)
+        return raw, gzip.GzipFile(fileobj=raw, mode="rb")
+    raw.seek(0)
+    return raw, raw
+
+
+def _last_boundary(data: bytes, spec: DocumentSpec) -> int:
+    """The end of the last whole document in `data`, or -1 when it holds none."""
+    if spec.format == "txt" and spec.document == "paragraph":
+        tail = max(0, len(data) - (1 << 16))
+        for start in (tail, 0) if tail else (0,):
+            last = None
+            for last in _PARAGRAPH_BREAK.finditer(data, start):
+                pass
+            if last is not None:
+                return last.end()
+        return -1
+    end = data.rfind(b"\n")
+    return end + 1 if end >= 0 else -1
+
+
+def read_chunks(path: Path, spec: DocumentSpec, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
+    """The file's bytes in chunks of about `chunk_bytes`, each ending at a document boundary."""
+    raw, stream = _open(path)
+    with raw, stream:
+        offset, line, carry, accounted = 0, 1, b"", 0
+        try:
+            while True:
+                block = stream.read(chunk_bytes)
+                data = carry + block
+                if not block:
+                    if data:
+                        yield Chunk(str(path), offset, line, data, raw.tell() - accounted)
+                    return
+                end = -1 if spec.format == "txt" and spec.document == "file" else _last_boundary(data, spec)
+                if end <= 0:
+                    carry = data
+                    continue
+                chunk, carry = data[:end], data[end:]
+                position = raw.tell()
+                yield Chunk(str(path), offset, line, chunk, position - accounted)
+                accounted = position
+                offset += len(chunk)
+                line += chunk.count(b"\n")
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise MtnlgError(f"cannot read {path}: {exc}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers (and tokenizer training): chunks to documents.
+
+
+def decode(chunk: Chunk, errors: str) -> str:
+    data = chunk.data
+    if chunk.offset == 0 and data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode("utf-8", errors=errors)
+    except UnicodeDecodeError as exc:
+        position = chunk.offset + exc.start + (len(chunk.data) - len(data))
+        line = chunk.line + chunk.data[:position - chunk.offset].count(b"\n")
+        raise MtnlgError(f"{chunk.path}: invalid UTF-8 at byte {position} (line {line}); "
+                         "use --errors replace to replace bad bytes and continue") from None
+    return text.replace("\r\n", "\n") if "\r" in text else text
+
+
+def chunk_documents(chunk: Chunk, spec: DocumentSpec) -> tuple[list[str], int]:
+    """The non-blank documents of a chunk, and how many malformed JSONL lines were skipped."""
+    text = decode(chunk, spec.errors)
+    if spec.format == "jsonl":
+        return _jsonl_documents(text, chunk, spec)
+    if spec.document == "file":
+        parts = [text.strip("\n")]
+    elif spec.document == "paragraph":
+        parts = [p.strip("\n") for p in _PARAGRAPH_SPLIT.split(text)]
+    else:
+        parts = text.split("\n")
+    return [p for p in parts if p and not p.isspace()], 0
+
+
+def _jsonl_documents(text: str, chunk: Chunk, spec: DocumentSpec) -> tuple[list[str], int]:
+    docs, bad = [], 0
+    for number, line in enumerate(text.split("\n"), start=chunk.line):
+        if not line or line.isspace():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            problem = f"malformed JSON ({exc.msg} at column {exc.colno})"
+        else:
+            value = record.get(spec.text_key) if isinstance(record, dict) else None
+            if isinstance(value, str):
+                if value and not value.isspace():
+                    docs.append(value)
+                continue
+            if not isinstance(record, dict):
+                problem = "not a JSON object"
+            elif spec.text_key not in record:
+                keys = ", ".join(list(record)[:8])
+                problem = f"no {spec.text_key!r} key (keys: {keys}); set the source's text_key"
+            else:
+                problem = f"{spec.text_key!r} is not a string"
+        if not spec.skip_bad_lines:
+            raise MtnlgError(f"{chunk.path}:{number}: {problem}; use --skip-bad-lines to skip such lines")
+        bad += 1
+    return docs, bad
+
+
+def training_sentences(files: list[tuple[Path, DocumentSpec]], max_sentences: int, seed: int) -> list[str]:
+    """A uniform random sample (reservoir) of at most `max_sentences` lines of the corpus, for the tokenizer.
+
+    Lines are cut into pieces of at most 1,000 characters: SentencePiece silently drops sentences longer than
+    its `max_sentence_length` (4,192 bytes).
+    """
+    rng = random.Random(seed)
+    sample: list[str] = []
+    seen = 0
+    for path, spec in files:
+        for chunk in read_chunks(path, spec):
+            for doc in chunk_documents(chunk, spec)[0]:
+                for line in doc.split("\n"):
+                    for start in range(0, len(line), 1000):
+                        piece = line[start:start + 1000]
+                        if piece.isspace():
+                            continue
+                        seen += 1
+                        if len(sample) < max_sentences:
+                            sample.append(piece)
+                        else:
+                            slot = rng.randrange(seen)
+                            if slot < max_sentences:
+                                sample[slot] = piece
+    return sample

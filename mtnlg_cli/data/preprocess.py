@@ -1,0 +1,343 @@
+"""The preprocess pipeline: tokenizer (trained or given), then each source tokenized into a Megatron dataset.
+
+Each `data.sources` entry becomes `data/tokenized/NAME.{bin,idx,json}`. The JSON manifest records the tokenizer
+hash, the input files (size, mtime, sha256) and the settings that shaped the output; a source whose manifest
+matches is up to date and is not touched. The manifest is written last and removed before a rebuild, so a
+dataset without one is incomplete.
+
+Encoding runs in a pool of worker processes fed through a bounded window of chunks: the main process reads and
+writes bytes, the workers decode, split and encode, and memory stays flat as the corpus grows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import signal
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+
+from mtnlg_cli.config import Config, DataSource
+from mtnlg_cli.data.atomic import write_bytes_atomically
+from mtnlg_cli.data.corpus import DocumentSpec, chunk_documents, expand_paths, file_format, read_chunks, training_sentences
+from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter, token_dtype
+from mtnlg_cli.data.tokenizer import MODEL_FILE, Tokenizer, file_hash, train_tokenizer
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.workspace import Workspace
+
+MANIFEST_VERSION = 1
+PREBUILT_SUFFIXES = (".bin", ".idx")
+
+
+@dataclass
+class SourcePlan:
+    """One data source, resolved: its dataset name, its files and how they become documents."""
+
+    index: int
+    name: str
+    source: DataSource
+    files: list[Path] = field(default_factory=list)
+    specs: list[DocumentSpec] = field(default_factory=list)
+    prebuilt: Optional[Path] = None  # the prefix of a .bin/.idx pair used as it is (e.g. written by Megatron-LM)
+
+    @property
+    def key(self) -> str:
+        return f"data.sources.{self.index}"
+
+
+def dataset_name(source: DataSource) -> str:
+    """`source.name`, else a name derived from its path: data/raw -> raw, corpus/*.jsonl.gz -> corpus."""
+    if source.name:
+        return source.name
+    parts = [p for p in Path(source.path).parts if not any(c in p for c in "*?[")]
+    stem = parts[-1] if parts else "corpus"
+    while Path(stem).suffix.lower() in (".gz", ".txt", ".jsonl", ".json", ".bin", ".idx"):
+        stem = Path(stem).stem
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("._") or "corpus"
+
+
+def dataset_prefix(workspace: Workspace, plan: SourcePlan) -> Path:
+    return plan.prebuilt or workspace.tokenized_dir / plan.name
+
+
+def manifest_path(workspace: Workspace, name: str) -> Path:
+    return workspace.tokenized_dir / f"{name}.json"
+
+
+def plan_sources(workspace: Workspace, config: Config, sources: Optional[list[DataSource]] = None,
+                 expand: bool = True) -> list[SourcePlan]:
+    """The sources of the config (or `sources`), named, and with `expand` their files listed (checked)."""
+    plans: list[SourcePlan] = []
+    seen: dict[str, int] = {}
+    for index, source in enumerate(sources if sources is not None else config.data.sources):
+        plan = SourcePlan(index, dataset_name(source), source)
+        if plan.name in seen:
+            raise MtnlgError(f"{plan.key} and data.sources.{seen[plan.name]} are both named {plan.name!r}; "
+                             f"set a distinct name: for one of them")
+        seen[plan.name] = index
+        path = workspace.resolve(source.path)
+        if path.suffix in PREBUILT_SUFFIXES:
+            plan.prebuilt = path.with_suffix("")
+        elif expand:
+            plan.files = expand_paths(source.path, workspace.root, f"{plan.key}.path")
+            plan.specs = [DocumentSpec(format=file_format(f) if source.format == "auto" else source.format,
+                                       document=source.document, text_key=source.text_key,
+                                       errors=config.data.errors, skip_bad_lines=config.data.skip_bad_lines)
+                          for f in plan.files]
+        plans.append(plan)
+    return plans
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tokenizer.
+
+
+def check_vocab_size(tokenizer: Tokenizer, config: Config) -> None:
+    if tokenizer.vocab_size != config.model.vocab_size:
+        raise MtnlgError(f"the workspace tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
+                         f"{config.model.vocab_size}; set model.vocab_size: {tokenizer.vocab_size} in mtnlg.yaml, "
+                         "or retrain the tokenizer with mtnlg preprocess --force")
+
+
+def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePlan], model_file: Optional[str],
+                      force: bool, say: Callable[[str], None]) -> Tokenizer:
+    """The workspace tokenizer: the existing one, a copy of `model_file`, or one trained on the corpus."""
+    target = workspace.tokenizer_dir / MODEL_FILE
+    if model_file:
+        given = Tokenizer.load(workspace.resolve(model_file))
+        if target.is_file() and file_hash(target) != given.hash and not force:
+            raise MtnlgError(f"the workspace already has a different tokenizer ({target}); use --force to replace "
+                             "it (checkpoints trained with the old one will no longer load)")
+        if not target.is_file() or file_hash(target) != given.hash:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_bytes_atomically(target, given.path.read_bytes())
+            say(f"Tokenizer: using {given.path} ({given.vocab_size} pieces)")
+        tokenizer = Tokenizer.load(target)
+        tokenizer.save_info(workspace.tokenizer_dir)
+    elif target.is_file() and not force:
+        tokenizer = Tokenizer.load(target)
+    else:
+        files = [(f, spec) for plan in plans for f, spec in zip(plan.files, plan.specs)]
+        if not files:
+            raise MtnlgError("no text to train a tokenizer on (every source is a prebuilt .bin/.idx); "
+                             "name a model with --tokenizer-model FILE or tokenizer.model_file")
+        started = time.perf_counter()
+        sentences = training_sentences(files, config.tokenizer.max_sentences, config.train.seed)
+        if not sentences:
+            raise MtnlgError("the corpus holds no text to train a tokenizer on")
+        tokenizer = train_tokenizer(sentences, workspace.tokenizer_dir, config.model.vocab_size,
+                                    config.tokenizer.model_type, config.tokenizer.character_coverage)
+        say(f"Tokenizer: trained a {config.tokenizer.model_type} model of {tokenizer.vocab_size} pieces on "
+            f"{len(sentences):,} sentences in {time.perf_counter() - started:.1f}s -> {target}")
+    check_vocab_size(tokenizer, config)
+    return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Manifests: what a dataset was built from, to tell whether it is up to date.
+
+
+def read_manifest(workspace: Workspace, name: str) -> Optional[dict]:
+    path = manifest_path(workspace, name)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MtnlgError(f"cannot read the dataset manifest {path} ({exc}); rebuild with mtnlg preprocess --force")
+
+
+def _settings(plan: SourcePlan) -> dict:
+    return {"files": [{"path": str(f), "spec": vars(spec)} for f, spec in zip(plan.files, plan.specs)]}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def _input_files(plan: SourcePlan, previous: Optional[dict]) -> list[dict]:
+    """Size, mtime and hash of each input; the hash is reused from `previous` when size and mtime match."""
+    known = {f["path"]: f for f in (previous or {}).get("inputs", [])}
+    entries = []
+    for path in plan.files:
+        stat = path.stat()
+        entry = {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        old = known.get(str(path))
+        same = old and old["bytes"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns
+        entry["sha256"] = old["sha256"] if same else _sha256(path)
+        entries.append(entry)
+    return entries
+
+
+def _is_up_to_date(previous: Optional[dict], inputs: list[dict], settings: dict, tokenizer: Tokenizer) -> bool:
+    if not previous or previous.get("version") != MANIFEST_VERSION:
+        return False
+    strip = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in inputs]
+    old = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in previous.get("inputs", [])]
+    return previous.get("tokenizer_hash") == tokenizer.hash and previous.get("settings") == settings and strip == old
+
+
+def _write_json_atomically(path: Path, data: dict) -> None:
+    write_bytes_atomically(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Worker processes.
+
+_worker_tokenizer: Optional[Tokenizer] = None
+
+
+def _init_worker(model_path: str) -> None:
+    global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
+    _worker_tokenizer = Tokenizer.load(Path(model_path))
+
+
+def encode_chunk(chunk, spec: DocumentSpec, tokenizer: Tokenizer, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
+    """(tokens of the chunk's documents, each followed by eos; document lengths; malformed lines skipped)."""
+    docs, bad = chunk_documents(chunk, spec)
+    ids = tokenizer.encode_batch(docs)
+    lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, count=len(ids))
+    tokens = np.full(int(lengths.sum()), tokenizer.eos_id, dtype=dtype)
+    body = np.ones(len(tokens), dtype=bool)
+    body[np.cumsum(lengths) - 1] = False
+    tokens[body] = np.fromiter((t for x in ids for t in x), dtype, count=len(tokens) - len(ids))
+    return tokens, lengths.astype(np.int32), bad
+
+
+def _encode_in_worker(chunk, spec: DocumentSpec, dtype: np.dtype):
+    return encode_chunk(chunk, spec, _worker_tokenizer, dtype)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+@dataclass
+class SourceResult:
+    name: str
+    status: str  # "built", "up to date" or "prebuilt"
+    documents: int = 0
+    tokens: int = 0
+    bad_lines: int = 0
+    seconds: float = 0.0
+
+
+def preprocess(workspace: Workspace, config: Config, sources: Optional[list[DataSource]] = None,
+               workers: Optional[int] = None, model_file: Optional[str] = None, force: bool = False,
+               console=None) -> list[SourceResult]:
+    """Trains or installs the tokenizer, then tokenizes every source that is not up to date."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    plans = plan_sources(workspace, config, sources)
+    tokenizer = prepare_tokenizer(workspace, config, plans, model_file or config.tokenizer.model_file, force,
+                                  console.print)
+    workspace.tokenized_dir.mkdir(parents=True, exist_ok=True)
+    results, todo = [], []
+    for plan in plans:
+        if plan.prebuilt:
+            results.append(SourceResult(plan.name, "prebuilt"))
+            continue
+        previous = read_manifest(workspace, plan.name)
+        inputs = _input_files(plan, previous)
+        if not force and _is_up_to_date(previous, inputs, _settings(plan), tokenizer):
+            results.append(SourceResult(plan.name, "up to date", previous["documents"], previous["tokens"]))
+        else:
+            todo.append((plan, inputs))
+    if todo:
+        workers = workers or config.data.workers or default_workers()
+        results.extend(_encode_sources(workspace, todo, tokenizer, workers, console))
+    return results
+
+
+def _encode_sources(workspace: Workspace, todo: list, tokenizer: Tokenizer, workers: int,
+                    console) -> list[SourceResult]:
+    dtype = token_dtype(tokenizer.vocab_size)
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    results = []
+    # The pool is made before the progress display starts its refresh thread: forking a process that runs
+    # other threads can copy a held lock into the child.
+    with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), RateColumn(),
+                            TimeRemainingColumn(), console=console, transient=False)
+        with progress:
+            for plan, inputs in todo:
+                task = progress.add_task(plan.name, total=sum(f["bytes"] for f in inputs), documents=0, tokens=0)
+                results.append(_encode_source(workspace, plan, inputs, tokenizer, dtype, pool, workers,
+                                              lambda raw, docs, toks, t=task: progress.update(
+                                                  t, advance=raw, documents=docs, tokens=toks)))
+    return results
+
+
+def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], tokenizer: Tokenizer,
+                   dtype: np.dtype, pool, workers: int, report: Callable[[int, int, int], None]) -> SourceResult:
+    started = time.perf_counter()
+    manifest_path(workspace, plan.name).unlink(missing_ok=True)  # the dataset is incomplete until rebuilt
+    documents = tokens = bad_lines = 0
+    window: deque = deque()  # results in input order; its bound keeps memory flat
+
+    def write_oldest() -> None:
+        nonlocal documents, tokens, bad_lines
+        pending, raw_bytes = window.popleft()
+        chunk_tokens, lengths, bad = pending.get()
+        writer.add_documents(chunk_tokens, lengths)
+        documents, tokens, bad_lines = documents + len(lengths), tokens + len(chunk_tokens), bad_lines + bad
+        report(raw_bytes, documents, tokens)
+
+    with IndexedDatasetWriter(workspace.tokenized_dir / plan.name, dtype) as writer:
+        for path, spec in zip(plan.files, plan.specs):
+            for chunk in read_chunks(path, spec):
+                window.append((pool.apply_async(_encode_in_worker, (chunk, spec, dtype)), chunk.raw_bytes))
+                if len(window) >= 2 * workers:
+                    write_oldest()
+        while window:
+            write_oldest()
+        if documents == 0:
+            raise MtnlgError(f"{plan.key} ({plan.source.path}) holds no documents"
+                             + (f" ({bad_lines} malformed lines skipped)" if bad_lines else ""))
+    seconds = time.perf_counter() - started
+    _write_json_atomically(manifest_path(workspace, plan.name), {
+        "version": MANIFEST_VERSION,
+        "name": plan.name,
+        "tokenizer_hash": tokenizer.hash,
+        "vocab_size": tokenizer.vocab_size,
+        "dtype": dtype.name,
+        "documents": documents,
+        "tokens": tokens,
+        "bad_lines_skipped": bad_lines,
+        "settings": _settings(plan),
+        "inputs": inputs,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds) if seconds else None,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    return SourceResult(plan.name, "built", documents, tokens, bad_lines, seconds)
+
+
+class RateColumn(ProgressColumn):
+    """Documents, tokens/s and MB/s of a task (its bar counts bytes of input)."""
+
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        rate = task.fields["tokens"] / elapsed if elapsed else 0.0
+        megabytes = task.completed / elapsed / 1e6 if elapsed else 0.0
+        return Text(f"{task.fields['documents']:,} docs  {rate / 1e6:.2f} M tok/s  {megabytes:.1f} MB/s")
