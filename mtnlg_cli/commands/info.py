@@ -90,6 +90,7 @@ def tokenizer_summary(workspace: Workspace) -> dict[str, Any]:
 def dataset_summaries(workspace: Workspace, config: Config) -> list[dict[str, Any]]:
     """Each tokenized dataset (a Megatron .bin/.idx pair) with its documents and tokens."""
     from mtnlg_cli.data.indexed_dataset import IndexedDataset, dataset_paths
+    from mtnlg_cli.data.samples import SPLITS, split_counts
 
     if not workspace.tokenized_dir.is_dir():
         return []
@@ -101,18 +102,12 @@ def dataset_summaries(workspace: Workspace, config: Config) -> list[dict[str, An
         try:
             dataset = IndexedDataset(prefix)
             entry.update(documents=len(dataset), tokens=dataset.token_count, dtype=str(dataset.dtype))
-            entry["splits"] = split_documents(len(dataset), config.data.split)
+            non_empty = int((dataset.document_lengths > 0).sum())  # training splits the non-empty documents
+            entry["splits"] = dict(zip(SPLITS, split_counts(non_empty, config.data.split)))
         except (MtnlgError, OSError, ValueError) as exc:
             entry["error"] = str(exc)
         found.append(entry)
     return found
-
-
-def split_documents(documents: int, ratios: list[float]) -> dict[str, int]:
-    """Documents per split when the config's ratios are applied (training splits by document)."""
-    total = sum(ratios)
-    bounds = [round(documents * sum(ratios[:i + 1]) / total) for i in range(3)]
-    return {"train": bounds[0], "valid": bounds[1] - bounds[0], "test": bounds[2] - bounds[1]}
 
 
 def checkpoint_summaries(workspace: Workspace) -> list[dict[str, Any]]:
