@@ -166,11 +166,13 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attn_mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """Logits (batch, length, vocab), or with `targets` the mean next-token cross-entropy.
 
         `positions` defaults to the positions after what `cache` already holds. `attn_mask`, where given, is a
         boolean mask broadcastable to (batch, heads, length, cached + length): True where a query may attend.
+        `last_only` returns the logits of the last position alone (batch, 1, vocab): all that generation needs
+        from a prompt, without the output head's cost at every other position.
         """
         length = tokens.shape[1]
         past = cache.length if cache is not None else 0
@@ -181,6 +183,8 @@ class GPT(nn.Module):
             x = layer(x, cache, attn_mask)
         if cache is not None:
             cache.length = past + length
+        if last_only:
+            x = x[:, -1:]
         logits = F.linear(self.ln_f(x), self.wte.weight)
         if targets is None:
             return logits
