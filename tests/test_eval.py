@@ -1,0 +1,185 @@
+"""mtnlg eval: perplexity, bits per byte, cloze and multiple choice, multi-process, the lm-eval-harness adapter."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, run_cli
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model import evaluation as ev
+
+CONTEXT = 32
+STEPS = 150
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with a tokenizer and a checkpoint of a tiny GPT trained for a moment on its sample text."""
+    from mtnlg_cli.data.tokenizer import train_tokenizer
+    from mtnlg_cli.model.checkpoint import save_checkpoint
+    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.workspace import init_workspace
+
+    overrides = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", f"model.seq_length={CONTEXT}",
+                 "model.max_position_embeddings=64", "model.vocab_size=512", "model.make_vocab_size_divisible_by=64",
+                 ]
+    workspace = init_workspace(tmp_path_factory.mktemp("eval") / "ws", overrides=overrides)
+    config = workspace.load_config()
+    text = (workspace.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")[:60_000]
+    tokenizer = train_tokenizer(text.splitlines(), workspace.tokenizer_dir, config.model.vocab_size)
+    torch.manual_seed(0)
+    model_config = GPTConfig.from_model_config(config.model)
+    model = GPT(model_config)
+    stream = torch.tensor(tokenizer.encode(text))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(STEPS):
+        starts = torch.randint(0, len(stream) - CONTEXT - 1, (16,))
+        batch = torch.stack([stream[s:s + CONTEXT + 1] for s in starts])
+        model(batch[:, :-1], batch[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().requires_grad_(False)
+    save_checkpoint(workspace.checkpoints_dir, STEPS, {"model": model.state_dict()},
+                    {"model_config": model_config.to_dict(), "config": config.to_dict(),
+                     "tokenizer_hash": tokenizer.hash, "consumed_samples": 0, "loss": None})
+    return workspace, model, tokenizer, text
+
+
+def by_hand_nll(model, sequence: list[int]) -> float:
+    """Summed next-token cross-entropy of `sequence`, straight from the model's logits."""
+    tokens = torch.tensor([sequence])
+    logits = model(tokens[:, :-1])
+    return float(F.cross_entropy(logits[0].double(), tokens[0, 1:], reduction="sum"))
+
+
+def test_perplexity_is_exp_of_mean_token_loss_from_the_logits(trained):
+    _, model, tokenizer, text = trained
+    paragraphs = [p for p in text.split("\n\n") if 10 < len(tokenizer.encode(p)) < CONTEXT][:5]
+    documents = [ev.Document(tokenizer.encode(p), len(p.encode())) for p in paragraphs]
+    result = ev.evaluate_perplexity(model, documents, tokenizer.eos_id, CONTEXT, stride=CONTEXT, batch_size=3)
+
+    nll = sum(by_hand_nll(model, [tokenizer.eos_id, *d.tokens]) for d in documents)
+    tokens = sum(len(d.tokens) for d in documents)
+    assert result.tokens == tokens and result.documents == 5
+    assert result.bytes == sum(len(p.encode()) for p in paragraphs)
+    assert result.perplexity == pytest.approx(math.exp(nll / tokens), rel=1e-5)
+    assert result.bits_per_byte == pytest.approx(nll / math.log(2) / result.bytes, rel=1e-5)
+
+
+def test_sliding_window_with_stride_equal_to_context_is_non_overlapping_chunks(trained):
+    _, model, tokenizer, text = trained
+    tokens = tokenizer.encode(text[:3000])[:150]  # several windows and a short last one
+    full = [tokenizer.eos_id, *tokens]
+    chunks = sum(by_hand_nll(model, full[start:start + CONTEXT + 1]) for start in range(0, len(tokens), CONTEXT))
+    (logprob,) = ev.document_logprobs(model, [tokens], tokenizer.eos_id, CONTEXT, stride=CONTEXT)
+    assert -float(logprob) == pytest.approx(chunks, rel=1e-5)
+
+    # A smaller stride scores every token exactly once, but with more context: a different total.
+    spans = ev.rolling_spans(tokens, tokenizer.eos_id, CONTEXT, stride=8)
+    assert sum(len(s.tokens) - s.score_from for s in spans) == len(tokens)
+    assert all(len(s.tokens) - 1 <= CONTEXT for s in spans)
+    assert all(s.score_from - 1 >= CONTEXT - 8 for s in spans[1:])
+    (overlapped,) = ev.document_logprobs(model, [tokens], tokenizer.eos_id, CONTEXT, stride=8)
+    assert float(overlapped) != pytest.approx(float(logprob), rel=1e-4)
+
+
+def greedy_continuation(model, tokenizer, context: str, steps: int) -> str:
+    ids = tokenizer.encode(context)
+    for _ in range(steps):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return tokenizer.decode(ids)[len(tokenizer.decode(tokenizer.encode(context))):]
+
+
+def test_choice_whose_answer_is_the_greedy_continuation_scores_one(trained):
+    _, model, tokenizer, _ = trained
+    items = []
+    for i, context in enumerate(["It is a truth universally", "Mr. Bennet replied that", "She was"]):
+        answer = greedy_continuation(model, tokenizer, context, steps=3)
+        choices = [" the letter was", " of no use", answer]
+        choices[2], choices[i] = choices[i], choices[2]
+        items.append(ev.ChoiceItem(context, choices, i))
+    result = ev.evaluate_choice(model, tokenizer, items, CONTEXT, delimiter="")
+    assert result["acc"] == 1.0 and result["items"] == 3
+    # The same answers under a wrong label score 0.
+    wrong = [ev.ChoiceItem(it.context, it.choices, (it.label + 1) % 3) for it in items]
+    assert ev.evaluate_choice(model, tokenizer, wrong, CONTEXT, delimiter="")["acc"] == 0.0
+
+    # acc_norm: the best log-likelihood per character of the choice, as lm-evaluation-harness defines it.
+    def by_hand(item):
+        spans = [ev.pair_span(*ev.encode_pair(tokenizer, item.context, c, tokenizer.eos_id), CONTEXT)
+                 for c in item.choices]
+        lls = [by_hand_nll(model, s.tokens[:s.score_from]) - by_hand_nll(model, s.tokens) for s in spans]
+        return max(range(len(lls)), key=lambda k: lls[k] / len(item.choices[k])) == item.label
+    assert result["acc_norm"] == sum(map(by_hand, items)) / 3
+
+
+def test_cloze_scores_last_word_greedy_accuracy_and_perplexity(trained):
+    _, model, tokenizer, text = trained
+    passages = [" ".join(p.split()[:8]) for p in text.split("\n\n") if len(p.split()) >= 8][:6]  # < CONTEXT tokens
+    greedy_word = "It is a truth universally" + greedy_continuation(model, tokenizer, "It is a truth universally", 1)
+    items = [ev.cloze_item(p, "passage") for p in passages + [greedy_word]]
+    result = ev.evaluate_cloze(model, tokenizer, items, CONTEXT)
+
+    lls, greedy = [], []
+    for item in items:
+        context_ids, target_ids = ev.encode_pair(tokenizer, item.context, item.target, tokenizer.eos_id)
+        sequence = torch.tensor([context_ids + target_ids])
+        logits = model(sequence[:, :-1])[0, len(context_ids) - 1:]
+        lls.append(float(logits.double().log_softmax(-1).gather(1, sequence[0, len(context_ids):, None]).sum()))
+        greedy.append(bool((logits.argmax(-1) == sequence[0, len(context_ids):]).all()))
+    assert result["items"] == 7
+    assert result["acc"] == sum(greedy) / 7
+    assert result["perplexity"] == pytest.approx(math.exp(-sum(lls) / 7), rel=1e-5)
+
+
+def test_build_cloze_items_from_text():
+    text = ("one two three four five six, seven eight nine ten eleven twelve \"thirteen!\"\n\n"
+            "too short.\n\n" + " ".join(f"w{i}" for i in range(30)) + " ...\n")
+    items = ev.build_cloze_items(text, min_words=10)
+    assert [it.target for it in items] == [" twelve", " w29"]
+    assert items[0].context == "one two three four five six, seven eight nine ten eleven"
+    assert items[1].context == " ".join(f"w{i}" for i in range(29))
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"context": "a", "choices": ["x", "y"], "label": 2}', "label 2 is outside the 2 choices"),
+    ('{"context": "a", "choices": ["x"], "label": 0}', "at least two non-empty strings"),
+    ('{"context": "a", "choices": ["x", "y"]}', "missing key 'label'"),
+    ('{"context": "a", "choices": ["x", "y"], "label": "0"}', "'label' must be a int"),
+    ('{"context": "a", "choices": ["x", "y"], "label": true}', "'label' must be a int"),
+    ('{"context": "a", "choices": ["x", "y"], "label": 0', "not valid JSON"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_bad_choice_lines_name_file_and_line(tmp_path, line, message):
+    path = tmp_path / "task.jsonl"
+    path.write_text('{"context": "a", "choices": ["x", "y"], "label": 0}\n\n' + line + "\n")
+    with pytest.raises(MtnlgError, match=f"task.jsonl:3: .*{message}"):
+        ev.read_choice_items(path)
+
+
+def test_bad_cloze_and_data_files(tmp_path):
+    path = tmp_path / "cloze.jsonl"
+    path.write_text('{"text": "two words"}\n{"text": "oneword"}\n')
+    with pytest.raises(MtnlgError, match="cloze.jsonl:2: a cloze text needs at least two words"):
+        ev.read_cloze_items(path)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(MtnlgError, match="empty.jsonl is empty"):
+        ev.read_texts(empty)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n  \n")
+    with pytest.raises(MtnlgError, match="has no text"):
+        ev.read_texts(blank)
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"text": "fine"}\n{"body": "wrong key"}\n')
+    with pytest.raises(MtnlgError, match="data.jsonl:2: missing key 'text'"):
+        ev.read_texts(data)
+    with pytest.raises(MtnlgError, match="stride 0 must be between 1"):
+        ev.rolling_spans([5, 6], 3, CONTEXT, 0)
