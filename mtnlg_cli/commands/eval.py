@@ -2,9 +2,242 @@
 
 from __future__ import annotations
 
-from mtnlg_cli.commands.common import not_implemented
+import enum
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.errors import MtnlgError
 
 
-def eval_command() -> None:
-    """Evaluate a checkpoint: perplexity, bits per byte and zero-shot tasks."""
-    not_implemented("eval", 7)
+class Task(str, enum.Enum):
+    perplexity = "perplexity"
+    cloze = "cloze"
+    choice = "choice"
+
+
+def eval_command(
+    task: Annotated[Task, typer.Option("--task", "-t", help="perplexity: loss, perplexity and bits per byte of "
+                                       "text; cloze: predict each text's last word (LAMBADA); choice: pick the "
+                                       "most likely of several answers.")] = Task.perplexity,
+    data: Annotated[Optional[list[Path]], typer.Option(
+        "--data", "-d", help="Data to score (repeatable). perplexity: a text file (paragraphs) or JSONL "
+        "(--text-key); cloze: JSONL {\"text\": ...}; choice: JSONL {\"context\", \"choices\", \"label\"}. "
+        "Default for perplexity: the workspace's valid and test splits.", show_default=False)] = None,
+    split: Annotated[Optional[list[str]], typer.Option(
+        "--split", help="Workspace split to score when no --data is given (repeatable): valid, test, train.",
+        show_default=False)] = None,
+    build_from: Annotated[Optional[Path], typer.Option(
+        "--from", help="cloze: build the items from this text file (one per paragraph of at least --min-words "
+        "words; the last word is the one to predict).", show_default=False)] = None,
+    min_words: Annotated[int, typer.Option("--min-words", help="cloze --from: shortest paragraph used.")] = 20,
+    text_key: Annotated[str, typer.Option("--text-key", help="JSONL key holding the text.")] = "text",
+    delimiter: Annotated[str, typer.Option("--delimiter", help="choice: text between the context and each "
+                                           "choice.")] = " ",
+    context: Annotated[Optional[int], typer.Option("--context", help="Tokens the model sees at once "
+                                                   "[default: model.seq_length].", show_default=False)] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="perplexity: tokens between the starts of "
+                                                  "consecutive windows; each token after the first window keeps "
+                                                  "at least context - stride tokens of context [default: half "
+                                                  "the context].", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 8,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint folder [default: "
+                                                       "checkpoints/latest].", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.",
+                                                   show_default=False)] = None,
+    run: Annotated[Optional[str], typer.Option("--run", help="Also append the results to runs/RUN/metrics.jsonl "
+                                               "(at the checkpoint's step).", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... [default: cuda when "
+                                                  "available].", show_default=False)] = None,
+    workspace: WorkspaceOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Evaluate a checkpoint: perplexity and bits per byte, or a zero-shot cloze or multiple-choice task.
+
+    Launched on several processes (accelerate launch -m mtnlg_cli eval ..., or torchrun), the processes share the
+    work and give the single-process result.
+    """
+    import torch
+    from rich.console import Console
+
+    from mtnlg_cli.model import evaluation as ev
+    from mtnlg_cli.model.checkpoint import load_for_inference
+
+    ws, config = open_workspace(workspace, overrides)
+    rank, process_device = _start_processes()
+    console = Console(quiet=rank != 0)
+    if task is not Task.perplexity and stride is not None:
+        raise MtnlgError("--stride applies to --task perplexity only")
+    if build_from is not None and task is not Task.cloze:
+        raise MtnlgError("--from builds a cloze set; use it with --task cloze")
+    if task is not Task.perplexity and not data and build_from is None:
+        raise MtnlgError(f"--task {task.value} needs a task file: --data FILE.jsonl"
+                         + (" (or --from FILE.txt to build one from text)" if task is Task.cloze else ""))
+    if batch_size < 1:
+        raise MtnlgError(f"--batch-size {batch_size} must be positive")
+    target = torch.device(device) if device else process_device
+
+    model, tokenizer, ckpt = load_for_inference(ws, checkpoint, target)
+    trained_context = ckpt.state.get("config", {}).get("model", {}).get("seq_length", config.model.seq_length)
+    context = context or trained_context
+    if not 1 <= context <= model.config.max_position_embeddings:
+        raise MtnlgError(f"--context {context} must be between 1 and the model's "
+                         f"max_position_embeddings={model.config.max_position_embeddings}")
+    stride = stride or max(1, context // 2)
+
+    rows: list[tuple[str, dict]] = []  # (data name, metrics)
+    with _progress(console) as progress:
+        def scored(name: str, fn):
+            bar = progress.add_task(name, total=None)
+            rows.append((name, fn(lambda done, total: progress.update(bar, completed=done, total=total))))
+
+        if task is Task.perplexity:
+            sources = _perplexity_sources(ws, config, data, split, text_key, tokenizer, rank)
+            for name, documents in sources:
+                scored(name, lambda report: ev.evaluate_perplexity(
+                    model, documents, tokenizer.eos_id, context, stride, batch_size, report).metrics())
+        elif task is Task.cloze:
+            for name, items in _cloze_sources(data, build_from, min_words):
+                scored(name, lambda report: ev.evaluate_cloze(model, tokenizer, items, context, batch_size, report))
+        else:
+            for name, items in [(str(path), ev.read_choice_items(path)) for path in data]:
+                scored(name, lambda report: ev.evaluate_choice(model, tokenizer, items, context, delimiter,
+                                                               batch_size, report))
+
+    results = {"checkpoint": str(ckpt.path), "step": ckpt.step, "task": task.value, "context": context,
+               **({"stride": stride} if task is Task.perplexity else {}),
+               "results": {name: metrics for name, metrics in rows}}
+    if rank == 0:
+        console.print(_table(task, ckpt, rows))
+        if output is not None:
+            _write_json(output, results)
+            console.print(f"Wrote {output}")
+        if run is not None:
+            _append_to_run(ws, run, ckpt.step, task, rows)
+    _stop_processes()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _start_processes():
+    """(rank, device) of this process; joins the others first when a launcher (accelerate, torchrun) started
+    several."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from accelerate import PartialState
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.device
+
+
+def _stop_processes() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _progress(console):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("batches"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                    transient=True)
+
+
+def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank) -> list[tuple[str, list]]:
+    """(name, documents) of each --data file, or else of each workspace split."""
+    from mtnlg_cli.model import evaluation as ev
+
+    if data:
+        if splits:
+            raise MtnlgError("give either --data or --split, not both")
+        sources = []
+        for path in data:
+            texts = ev.read_texts(path, text_key)
+            sources.append((str(path), [ev.Document(ids, len(text.encode("utf-8")))
+                                        for text, ids in zip(texts, tokenizer.encode_batch(texts))]))
+        return sources
+    import torch.distributed as dist
+
+    from mtnlg_cli.data.samples import ensure_datasets, split_documents
+
+    if rank == 0:  # may run preprocess, which one process does while the others wait
+        ensure_datasets(ws, config)
+    if dist.is_initialized():
+        dist.barrier()
+    sources = []
+    for split in splits or ["valid", "test"]:
+        documents = []
+        for ids in split_documents(ws, config, split):
+            tokens = ids.tolist()
+            if tokens and tokens[-1] == tokenizer.eos_id:
+                tokens.pop()  # documents are scored after an end-of-document token, as text given with --data is
+            documents.append(ev.Document(tokens, len(tokenizer.decode(tokens).encode("utf-8"))))
+        sources.append((split, documents))
+    return sources
+
+
+def _cloze_sources(data, build_from, min_words) -> list[tuple[str, list]]:
+    from mtnlg_cli.model import evaluation as ev
+
+    sources = [(str(path), ev.read_cloze_items(path)) for path in data or []]
+    if build_from is not None:
+        items = ev.build_cloze_items("\n\n".join(ev.read_texts(build_from)), min_words)
+        if not items:
+            raise MtnlgError(f"{build_from} has no paragraph of at least {min_words} words to build a cloze item "
+                             "from; lower --min-words")
+        sources.append((f"{build_from} (built)", items))
+    return sources
+
+
+def _table(task: Task, ckpt, rows: list[tuple[str, dict]]):
+    from rich.table import Table
+
+    table = Table(title=f"mtnlg eval: {task.value}, {ckpt.path.name}")
+    columns = [key for key in rows[0][1]]
+    table.add_column("data", overflow="fold")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for name, metrics in rows:
+        table.add_row(name, *(_show(metrics[c]) for c in columns))
+    return table
+
+
+def _show(value) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+
+
+def _write_json(path: Path, results: dict) -> None:
+    from mtnlg_cli.data.atomic import write_bytes_atomically
+
+    path = Path(path)
+    if path.parent and not path.parent.is_dir():
+        raise MtnlgError(f"cannot write {path}: no folder {path.parent}")
+    write_bytes_atomically(path, (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _append_to_run(ws, run: str, step: int, task: Task, rows: list[tuple[str, dict]]) -> None:
+    from mtnlg_cli.model.metrics import MetricsLog
+
+    folder = ws.runs_dir / run
+    if not folder.is_dir():
+        known = sorted(p.name for p in ws.runs_dir.iterdir() if p.is_dir()) if ws.runs_dir.is_dir() else []
+        raise MtnlgError(f"no run {run!r} in {ws.runs_dir}" + (f"; runs: {', '.join(known[-5:])}" if known else ""))
+    log = MetricsLog(folder / "metrics.jsonl")
+    try:
+        for name, metrics in rows:
+            log.write({"step": step, "event": "eval", "task": task.value, "data": name,
+                       **{f"eval/{Path(name).stem}/{key}": value for key, value in metrics.items()}})
+    finally:
+        log.close()
