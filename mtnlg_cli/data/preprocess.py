@@ -291,7 +291,6 @@ def _encode_sources(workspace: Workspace, todo: list, tokenizer: Tokenizer, work
 def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], tokenizer: Tokenizer,
                    dtype: np.dtype, pool, workers: int, report: Callable[[int, int, int], None]) -> SourceResult:
     started = time.perf_counter()
-    manifest_path(workspace, plan.name).unlink(missing_ok=True)  # the dataset is incomplete until rebuilt
     documents = tokens = bad_lines = 0
     window: deque = deque()  # results in input order; its bound keeps memory flat
 
@@ -314,6 +313,9 @@ def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], t
         if documents == 0:
             raise MtnlgError(f"{plan.key} ({plan.source.path}) holds no documents"
                              + (f" ({bad_lines} malformed lines skipped)" if bad_lines else ""))
+        # The old dataset stays whole until here; from now until the new manifest is written it has none,
+        # so a crash in between leaves a dataset that is known to be incomplete.
+        manifest_path(workspace, plan.name).unlink(missing_ok=True)
     seconds = time.perf_counter() - started
     _write_json_atomically(manifest_path(workspace, plan.name), {
         "version": MANIFEST_VERSION,
