@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from mtnlg_cli.config import ModelConfig
 
@@ -147,6 +148,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        # recompute each block's activations in the backward pass instead of storing them (training only)
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -180,7 +183,10 @@ class GPT(nn.Module):
             positions = torch.arange(past, past + length, device=tokens.device)
         x = self.drop(self.wte(tokens) + self.wpe(positions))
         for layer in self.layers:
-            x = layer(x, cache, attn_mask)
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, None, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, cache, attn_mask)
         if cache is not None:
             cache.length = past + length
         if last_only:

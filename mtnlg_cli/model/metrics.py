@@ -1,0 +1,88 @@
+"""Model FLOPs, the matmul rate that model FLOPs utilisation (MFU) is measured against, and the metrics log.
+
+MFU here is the model's own FLOPs per second (6 per parameter per token for the matrix products, plus the
+attention scores, as Megatron-LM and PaLM count them; recomputation not counted) over the rate torch itself
+reaches on the same matrix shapes on this device, measured once at start-up, or `train.peak_tflops` from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from mtnlg_cli.model.gpt import GPTConfig
+
+
+def training_flops_per_token(config: GPTConfig, seq_length: int) -> float:
+    """Forward and backward FLOPs per trained token: 6 x matrix parameters (output head included) + attention."""
+    h, layers = config.hidden_size, config.num_layers
+    matrix_params = layers * (4 * h * h + 2 * h * config.ffn_hidden_size) + config.vocab_size * h
+    attention = 12 * layers * h * seq_length  # QK^T and (softmax)V, forward and backward, counted unmasked
+    return 6.0 * matrix_params + attention
+
+
+def model_matmul_shapes(config: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
+    """(rows, inner, cols) of the model's forward matrix products for `tokens` tokens, with their layer counts."""
+    h, f = config.hidden_size, config.ffn_hidden_size
+    block = [(tokens, h, 3 * h), (tokens, h, h), (tokens, h, f), (tokens, f, h)]
+    return block * config.num_layers + [(tokens, h, config.vocab_size)]
+
+
+def measure_matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.float32, min_seconds: float = 0.5) -> float:
+    """FLOP/s of torch.mm over `shapes` (in turn; the fastest of the rounds run in `min_seconds`) on `device`."""
+    device = torch.device(device)
+    unique = sorted(set(shapes))
+    operands = [(torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype))
+                for m, k, n in unique]
+    flops_per_round = sum(2.0 * m * k * n for m, k, n in unique)
+
+    def one_round() -> None:
+        for a, b in operands:
+            torch.mm(a, b)
+
+    def synchronize() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    one_round()  # warm-up: allocation, kernel selection
+    synchronize()
+    best, deadline = math.inf, time.perf_counter() + min_seconds
+    while True:
+        start = time.perf_counter()
+        one_round()
+        synchronize()
+        end = time.perf_counter()
+        best = min(best, end - start)  # the fastest round: other load on a shared machine only slows rounds down
+        if end >= deadline:
+            return flops_per_round / best
+
+
+class MetricsLog:
+    """Appends one JSON object per line to `runs/<run>/metrics.jsonl`, and to TensorBoard when it is installed."""
+
+    def __init__(self, path: Path, tracker: Optional[Any] = None):
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "a", encoding="utf-8")
+        self.tracker = tracker  # an Accelerator with trackers initialised, or None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self.file.flush()
+        if self.tracker is not None:
+            scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self.tracker.log(scalars, step=record.get("step"))
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        if self.tracker is not None:
+            self.tracker.finish()

@@ -1,0 +1,426 @@
+"""The training loop: one entry point, `train()`, for the CLI and the Python API.
+
+    train(workspace, config) -> TrainResult
+
+It tokenizes the corpus if that has not happened yet, resumes from the workspace's latest checkpoint (or starts
+fresh), and trains to `train.train_iters` (or `train.train_tokens`), showing a live display and appending every
+log interval to `runs/<run>/metrics.jsonl`. Checkpoints are saved every `train.save_interval` steps, at the end,
+and at the step boundary after Ctrl-C or SIGTERM. Everything that depends on the parallel layout goes through the
+`ParallelRuntime` (see `mtnlg_cli/model/parallel.py`); this loop is the same for every layout.
+
+Step `s` (1-based) is the optimizer update that consumes global samples [c, c + global_batch_size), where `c` is
+the number of samples consumed before it. A checkpoint after step `s` holds everything the update `s + 1` needs,
+model, optimizer moments, RNG, consumed samples, so a resumed run computes bit for bit what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from mtnlg_cli import __version__
+from mtnlg_cli.config import Config
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.checkpoint import (Checkpoint, check_tokenizer, latest_checkpoint, list_checkpoints,
+                                        load_checkpoint, save_checkpoint)
+from mtnlg_cli.model.gpt import GPTConfig
+from mtnlg_cli.model.lock import TrainLock
+from mtnlg_cli.model.metrics import (MetricsLog, measure_matmul_rate, model_matmul_shapes,
+                                     training_flops_per_token)
+from mtnlg_cli.model.optim import learning_rate
+from mtnlg_cli.model.parallel import ParallelRuntime, make_runtime
+from mtnlg_cli.workspace import Workspace
+
+# model_config keys that decide the model's shape; dropout or init may change between runs
+SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    start_step: int  # the step the run resumed from (0 when fresh)
+    final_step: int
+    losses: dict[int, float] = field(default_factory=dict)  # step -> training loss of that step's global batch
+    val_loss: Optional[float] = None
+    checkpoint: Optional[Path] = None  # the last checkpoint saved
+    skipped_steps: int = 0  # steps skipped because the loss or the gradient was not finite
+    interrupted: Optional[str] = None  # "SIGINT" or "SIGTERM" when a signal stopped the run early
+
+
+def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None, from_scratch: bool = False,
+          console: Optional[Console] = None) -> TrainResult:
+    """Trains the workspace's model with `config`; see the module docstring."""
+    if resume is not None and from_scratch:
+        raise MtnlgError("--resume and --from-scratch contradict each other; use one")
+    console = console or Console()
+    runtime = make_runtime(config)
+    try:
+        if runtime.is_main:
+            with TrainLock(workspace.checkpoints_dir):
+                return Trainer(workspace, config, runtime, console).run(resume, from_scratch)
+        return Trainer(workspace, config, runtime, console).run(resume, from_scratch)
+    finally:
+        runtime.shutdown()
+
+
+class Trainer:
+    def __init__(self, workspace: Workspace, config: Config, runtime: ParallelRuntime, console: Console):
+        self.workspace, self.config, self.runtime = workspace, config, runtime
+        self.console = console if runtime.is_main else Console(quiet=True)
+        self.gpt_config = GPTConfig.from_model_config(config.model)
+        self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
+
+    def run(self, resume: Optional[Path], from_scratch: bool) -> TrainResult:
+        config, runtime = self.config, self.runtime
+        self.open_data()
+        checkpoint = self.checkpoint_to_resume(resume, from_scratch)
+        torch.manual_seed(config.train.seed)
+        runtime.build_model(self.gpt_config)
+        runtime.build_optimizer()
+        step, consumed, skipped = 0, 0, 0
+        run_name = config.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        if checkpoint is not None:
+            step, consumed, skipped = self.restore(checkpoint)
+            run_name = config.train.run_name or checkpoint.state.get("run_name") or run_name
+        self.run_name = run_name
+        result = TrainResult(self.workspace.runs_dir / run_name, start_step=step, final_step=step,
+                             skipped_steps=skipped)
+        last_step = self.last_step(step, consumed)
+        if step >= last_step:
+            self.console.print(f"Already trained to step {step} (train.train_iters={config.train.train_iters}); "
+                               "raise train.train_iters to go on, or start over with --from-scratch.")
+            result.checkpoint = checkpoint.path if checkpoint else None
+            return result
+        self.metrics = self.open_metrics(result.run_dir) if runtime.is_main else None
+        try:
+            self.loop(result, step, consumed, last_step)
+        finally:
+            if self.metrics is not None:
+                self.metrics.close()
+        return result
+
+    # --- data -------------------------------------------------------------------------------------------------------
+
+    def open_data(self) -> None:
+        from mtnlg_cli.data.samples import ensure_datasets, open_split
+        from mtnlg_cli.data.tokenizer import Tokenizer
+
+        if self.runtime.is_main:
+            ensure_datasets(self.workspace, self.config, self.console)
+        self.runtime.barrier()
+        tokenizer = Tokenizer.load(self.workspace.tokenizer_dir)
+        if tokenizer.vocab_size > self.gpt_config.vocab_size:
+            raise MtnlgError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
+                             f"{self.gpt_config.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+        self.tokenizer_hash = tokenizer.hash
+        self.train_data = open_split(self.workspace, self.config, "train")
+        if len(self.train_data) == 0:
+            raise MtnlgError("the train split has no samples: add text to the corpus or lower model.seq_length")
+        self.valid_data = None
+        if self.config.data.split[1] > 0:
+            try:
+                self.valid_data = open_split(self.workspace, self.config, "valid")
+            except MtnlgError as exc:  # a corpus too small to spare a validation document still trains
+                self.console.print(f"[yellow]No validation: {exc}")
+
+    def read_batch(self, data, first_sample: int) -> torch.Tensor:
+        batch = data.batch(list(self.runtime.local_sample_indices(first_sample)))
+        return torch.as_tensor(batch, dtype=torch.long)
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+
+    def checkpoint_to_resume(self, resume: Optional[Path], from_scratch: bool) -> Optional[Checkpoint]:
+        checkpoints_dir = self.workspace.checkpoints_dir
+        if from_scratch:
+            if self.runtime.is_main:
+                self.archive_checkpoints()
+            return None
+        if resume is not None:
+            checkpoint = load_checkpoint(self.workspace.resolve(resume))
+        else:
+            path = latest_checkpoint(checkpoints_dir)
+            if path is None:
+                return None
+            checkpoint = load_checkpoint(path)
+        self.check_compatible(checkpoint)
+        return checkpoint
+
+    def archive_checkpoints(self) -> None:
+        """Moves existing checkpoints aside (never deletes them) so that a fresh run starts at step 1."""
+        root = self.workspace.checkpoints_dir
+        old = list_checkpoints(root)
+        if not old:
+            return
+        archive = root / f"archive-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        archive.mkdir()
+        for path in old:
+            path.rename(archive / path.name)
+        (root / "latest").unlink(missing_ok=True)
+        self.console.print(f"Moved {len(old)} earlier checkpoint(s) to {archive}")
+
+    def check_compatible(self, checkpoint: Checkpoint) -> None:
+        stored = checkpoint.state.get("model_config")
+        if not isinstance(stored, dict):
+            raise MtnlgError(f"{checkpoint.path} has no model_config; it is not a training checkpoint")
+        current = self.gpt_config.to_dict()
+        for key in SHAPE_KEYS:
+            if stored.get(key) != current[key]:
+                raise MtnlgError(f"checkpoint {checkpoint.path.name} is a model with {key}={stored.get(key)}, "
+                                 f"but the config gives {key}={current[key]}; use a matching config or "
+                                 "--from-scratch")
+        check_tokenizer(checkpoint, self.tokenizer_hash)
+        if "consumed_samples" not in checkpoint.state:
+            raise MtnlgError(f"{checkpoint.path} has no consumed_samples; it is not a training checkpoint")
+
+    def restore(self, checkpoint: Checkpoint) -> tuple[int, int, int]:
+        """Loads model, optimizer and RNG state; returns (step, consumed samples, skipped steps)."""
+        source = str(checkpoint.path)
+        self.runtime.load_model_state(checkpoint.tensors("model"), source)
+        self.runtime.load_optimizer_state(checkpoint.tensors("optimizer"), checkpoint.state.get("optimizer", {}),
+                                          source)
+        set_rng_state(checkpoint.tensors("rng"), source)
+        self.console.print(f"Resuming from {checkpoint.path} (step {checkpoint.step}, "
+                           f"{checkpoint.state['consumed_samples']:,} samples consumed)")
+        return checkpoint.step, int(checkpoint.state["consumed_samples"]), int(checkpoint.state.get("skipped_steps", 0))
+
+    def save(self, step: int, consumed: int, loss: float, skipped: int) -> Optional[Path]:
+        """Saves a checkpoint of step `step` (every rank calls this; only the main rank writes)."""
+        model = self.runtime.model_state()
+        optimizer, optimizer_scalars = self.runtime.optimizer_state()
+        path = None
+        if self.runtime.is_main:
+            state = {
+                "model_config": self.gpt_config.to_dict(),
+                "config": self.config.to_dict(),
+                "tokenizer_hash": self.tokenizer_hash,
+                "consumed_samples": consumed,
+                "loss": loss,
+                "skipped_steps": skipped,
+                "run_name": self.run_name,
+                "optimizer": optimizer_scalars,
+                "scheduler": {"lr_decay_style": self.config.train.lr_decay_style,
+                              "next_lr": learning_rate(step, self.config.train)},
+                "mtnlg_version": __version__,
+            }
+            path = save_checkpoint(self.workspace.checkpoints_dir, step,
+                                   {"model": model, "optimizer": optimizer, "rng": rng_state()}, state,
+                                   keep_last=self.config.train.keep_last)
+        self.runtime.barrier()
+        return path
+
+    # --- the loop -----------------------------------------------------------------------------------------------------
+
+    def last_step(self, step: int, consumed: int) -> int:
+        train = self.config.train
+        if train.train_tokens is None:
+            return train.train_iters
+        tokens_left = train.train_tokens - consumed * self.config.model.seq_length
+        return min(train.train_iters, step + max(0, math.ceil(tokens_left / self.tokens_per_step)))
+
+    def loop(self, result: TrainResult, step: int, consumed: int, last_step: int) -> None:
+        config, runtime, train = self.config, self.runtime, self.config.train
+        peak = self.peak_flops()
+        flops_per_step = training_flops_per_token(self.gpt_config, config.model.seq_length) * self.tokens_per_step
+        nonfinite_in_a_row = 0
+        window = Window()
+        display = TrainDisplay(self.console, step, last_step, disable=not runtime.is_main)
+        with GracefulStop(self.console) as stop, display:
+            while step < last_step:
+                started = time.perf_counter()
+                lr = learning_rate(step, train)
+                runtime.set_lr(lr)
+                loss = runtime.forward_backward(self.read_batch(self.train_data, consumed))
+                grad_norm = runtime.clip_grad_norm(train.clip_grad)
+                if math.isfinite(loss) and math.isfinite(grad_norm):
+                    runtime.optimizer_step()
+                    nonfinite_in_a_row = 0
+                else:
+                    runtime.zero_grad()
+                    result.skipped_steps += 1
+                    nonfinite_in_a_row += 1
+                    if nonfinite_in_a_row >= train.max_nonfinite_steps:
+                        raise MtnlgError(self.nonfinite_message(step + 1, nonfinite_in_a_row, consumed))
+                step += 1
+                consumed += train.global_batch_size
+                result.losses[step] = loss
+                result.final_step = step
+                window.add(loss, grad_norm, time.perf_counter() - started)
+                display.advance(step, loss, lr)
+
+                if step % train.log_interval == 0 or step == last_step:
+                    tokens_per_s = window.steps * self.tokens_per_step / window.seconds
+                    record = {"step": step, "loss": window.mean_loss, "lr": lr, "grad_norm": window.last_grad_norm,
+                              "tokens_per_s": tokens_per_s,
+                              "mfu": flops_per_step * window.steps / window.seconds / (peak * runtime.world_size),
+                              "consumed_samples": consumed, "skipped_steps": result.skipped_steps,
+                              "elapsed_s": display.elapsed()}
+                    self.log(record, display)
+                    window = Window()
+                stopping = runtime.any_across_ranks(stop.requested is not None)
+                if step % train.eval_interval == 0 or (step == last_step and not stopping):
+                    result.val_loss = self.evaluate(step, display)
+                if step % train.save_interval == 0 or step == last_step or stopping:
+                    result.checkpoint = self.save(step, consumed, loss, result.skipped_steps)
+                    display.note(f"saved checkpoint {result.checkpoint.name if result.checkpoint else step}")
+                if stopping:
+                    result.interrupted = stop.requested or "signal"
+                    break
+
+    def peak_flops(self) -> float:
+        if self.config.train.peak_tflops:
+            return self.config.train.peak_tflops * 1e12
+        tokens = self.config.train.micro_batch_size * self.config.model.seq_length
+        dtype = PRECISION_DTYPES[self.config.train.mixed_precision]
+        return measure_matmul_rate(model_matmul_shapes(self.gpt_config, tokens), self.runtime.device, dtype,
+                                   min_seconds=0.3)
+
+    def evaluate(self, step: int, display: "TrainDisplay") -> Optional[float]:
+        if self.valid_data is None:
+            return None
+        train = self.config.train
+        batches = (self.read_batch(self.valid_data, i * train.global_batch_size) for i in range(train.eval_iters))
+        loss = self.runtime.eval_loss(batches)
+        record = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        self.log(record, display)
+        return loss
+
+    def log(self, record: dict[str, Any], display: "TrainDisplay") -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+        display.log(record)
+
+    def open_metrics(self, run_dir: Path) -> MetricsLog:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = run_dir / ".config.yaml.tmp"
+        tmp.write_text(self.config.to_yaml(), encoding="utf-8")
+        tmp.replace(run_dir / "config.yaml")
+        return MetricsLog(run_dir / "metrics.jsonl", tracker=tensorboard_tracker(run_dir))
+
+    def nonfinite_message(self, step: int, count: int, consumed: int) -> str:
+        return (f"the loss or gradient was not finite for {count} steps in a row (steps {step - count + 1}-{step}, "
+                f"samples up to {consumed + self.config.train.global_batch_size}); nothing was saved for them. "
+                "Check train.lr (try lower), train.mixed_precision (fp16 overflows; try bf16 or no), "
+                "train.clip_grad, and the data")
+
+
+class Window:
+    """Figures of the steps since the last log line."""
+
+    def __init__(self):
+        self.steps, self.seconds, self.loss_sum, self.last_grad_norm = 0, 0.0, 0.0, 0.0
+
+    def add(self, loss: float, grad_norm: float, seconds: float) -> None:
+        self.steps += 1
+        self.seconds += seconds
+        self.loss_sum += loss
+        self.last_grad_norm = grad_norm
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / self.steps
+
+
+class TrainDisplay:
+    """A rich live progress bar with step, loss, learning rate and ETA; log lines scroll above it."""
+
+    def __init__(self, console: Console, start_step: int, last_step: int, disable: bool):
+        self.console = console
+        self.progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TaskProgressColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
+            console=console, disable=disable,
+        )
+        self.task = self.progress.add_task("train", total=last_step, completed=start_step, metrics="")
+        self.last_step = last_step
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> "TrainDisplay":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def elapsed(self) -> float:
+        return round(time.perf_counter() - self.started, 3)
+
+    def advance(self, step: int, loss: float, lr: float) -> None:
+        self.progress.update(self.task, completed=step, metrics=f"loss {loss:.4f}  lr {lr:.2e}")
+
+    def log(self, record: dict[str, Any]) -> None:
+        step = f"step {record['step']:>{len(str(self.last_step))}}/{self.last_step}"
+        if "val_loss" in record:
+            self.console.print(f"{step} | [cyan]val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}")
+            return
+        self.console.print(f"{step} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
+                           f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tokens/s | "
+                           f"MFU {100 * record['mfu']:.1f}% | {record['elapsed_s']:.0f}s")
+
+    def note(self, text: str) -> None:
+        self.console.print(f"[dim]{text}")
+
+
+class GracefulStop:
+    """Ctrl-C or SIGTERM asks the loop to save at the next step boundary; a second Ctrl-C aborts at once."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.requested: Optional[str] = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self.handle)
+        return self
+
+    def handle(self, signum: int, frame: Any) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        self.console.print(f"[yellow]{self.requested}: saving a checkpoint at the end of this step "
+                           "(Ctrl-C again to abort without saving)")
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda.{i}"] = cuda_state
+    return state
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], source: str) -> None:
+    if "torch" not in tensors:
+        raise MtnlgError(f"{source}: rng.safetensors has no torch RNG state")
+    torch.set_rng_state(tensors["torch"])
+    if torch.cuda.is_available():
+        states = [tensors[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in tensors]
+        if states:
+            torch.cuda.set_rng_state_all(states)
+
+
+def tensorboard_tracker(run_dir: Path):
+    """Accelerate's TensorBoard tracker writing into the run folder, when tensorboard is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from accelerate.tracking import TensorBoardTracker
+
+    return TensorBoardTracker(run_dir.name, run_dir.parent)
