@@ -1,0 +1,504 @@
+"""Parallel layouts for the unchanged GPT: a device mesh from the `parallel` config, and plans applied over it.
+
+As in torchtitan, parallelism lives here and not in the layers. The mesh has three named dimensions,
+("pp", "dp", "tp"), tensor-parallel innermost so that a tensor-parallel group shares the fastest links:
+
+- **Tensor parallel** (`tensor_parallel`, Megatron style, DTensor `parallelize_module`): `attn.qkv` and `mlp.fc`
+  column-parallel, `attn.proj` and `mlp.proj` row-parallel. The fused QKV rows are per-head interleaved
+  ([head, q|k|v, head_dim]), so a column split hands each rank whole heads and the attention code reads its local
+  head count from the tensor. The token embedding is vocabulary-parallel and, through the tied weight, so is the
+  output head: logits stay sharded on the vocabulary and the cross-entropy runs under `loss_parallel()`.
+  `sequence_parallel` additionally splits the LayerNorm/dropout/residual regions along the sequence.
+- **Data parallel** (`data_parallel`, `fsdp`): DDP replicas, or FSDP2 `fully_shard` per block then the root
+  (parameters, gradients and optimizer state sharded: the ZeRO-3 analogue). With tensor parallelism the data
+  dimension must be FSDP: DDP cannot replicate DTensor parameters.
+- **Pipeline parallel** (`pipeline_parallel`, `torch.distributed.pipelining`): each rank keeps one contiguous run of
+  blocks (the first stage also the embeddings, the last the final LayerNorm and the tied head), under GPipe or
+  1F1B. The first and last stages each hold the tied embedding and add up its gradient, as Megatron-LM does.
+
+`ParallelModel` is what a training loop works with: one step's forward and backward over this rank's share of a
+global batch, gradient clipping with the true global norm, and full (unsharded, layout-independent) state dicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from mtnlg_cli.config import Config
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.gpt import GPT
+
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)  # a dead rank ends the others with an error instead of a hang
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the processes of a run split the work; `data_parallel * tensor_parallel * pipeline_parallel` ranks."""
+
+    data_parallel: int = 1
+    fsdp: bool = False
+    tensor_parallel: int = 1
+    sequence_parallel: bool = False
+    pipeline_parallel: int = 1
+    pipeline_schedule: str = "1f1b"
+    pipeline_microbatches: int = 1  # per data-parallel rank and global batch (pipeline only)
+
+    @property
+    def world_size(self) -> int:
+        return self.data_parallel * self.tensor_parallel * self.pipeline_parallel
+
+    def describe(self) -> str:
+        parts = []
+        if self.data_parallel > 1 or self.fsdp:
+            parts.append(f"{'FSDP' if self.fsdp else 'DP'}={self.data_parallel}")
+        if self.tensor_parallel > 1:
+            parts.append(f"TP={self.tensor_parallel}" + ("+SP" if self.sequence_parallel else ""))
+        if self.pipeline_parallel > 1:
+            parts.append(f"PP={self.pipeline_parallel} ({self.pipeline_schedule}, "
+                         f"{self.pipeline_microbatches} micro-batches)")
+        return " x ".join(parts) or "single process"
+
+
+def resolve_layout(config: Config, world_size: int) -> Layout:
+    """The layout of `config.parallel` on `world_size` processes, or a one-line MtnlgError if it does not fit."""
+    p, m, t = config.parallel, config.model, config.train
+    tp, pp = p.tensor_parallel, p.pipeline_parallel
+    if p.data_parallel:
+        dp = p.data_parallel
+        if dp * tp * pp != world_size:
+            raise MtnlgError(f"parallel layout data_parallel={dp} x tensor_parallel={tp} x pipeline_parallel={pp} "
+                             f"needs {dp * tp * pp} processes, but the run has {world_size}")
+    else:
+        if world_size % (tp * pp):
+            raise MtnlgError(f"parallel.tensor_parallel={tp} x parallel.pipeline_parallel={pp} = {tp * pp} "
+                             f"does not divide the {world_size} processes of the run")
+        dp = world_size // (tp * pp)
+    if m.num_heads % tp:
+        raise MtnlgError(f"model.num_heads={m.num_heads} must be divisible by parallel.tensor_parallel={tp}")
+    if m.ffn_size % tp or m.padded_vocab_size % tp:
+        raise MtnlgError(f"model.ffn_hidden_size={m.ffn_size} and the padded vocabulary {m.padded_vocab_size} "
+                         f"must be divisible by parallel.tensor_parallel={tp}")
+    if p.sequence_parallel and tp == 1:
+        raise MtnlgError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
+    if p.sequence_parallel and m.seq_length % tp:
+        raise MtnlgError(f"model.seq_length={m.seq_length} must be divisible by parallel.tensor_parallel={tp} "
+                         "for sequence parallelism")
+    if tp > 1 and dp > 1 and not p.fsdp:
+        raise MtnlgError(f"tensor_parallel={tp} with {dp} data-parallel ranks needs parallel.fsdp=true "
+                         "(DDP cannot replicate tensor-parallel parameters)")
+    if pp > 1 and tp > 1:
+        raise MtnlgError("parallel.pipeline_parallel > 1 together with parallel.tensor_parallel > 1 is not "
+                         "supported; combine pipeline parallelism with data parallelism")
+    if m.num_layers % pp:
+        raise MtnlgError(f"model.num_layers={m.num_layers} must be divisible by parallel.pipeline_parallel={pp}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise MtnlgError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
+                         f"train.micro_batch_size={t.micro_batch_size} x {dp} data-parallel ranks")
+    microbatches = 1
+    if pp > 1:
+        per_rank = t.global_batch_size // dp
+        microbatches = p.pipeline_microbatches or per_rank // t.micro_batch_size
+        if per_rank % microbatches:
+            raise MtnlgError(f"parallel.pipeline_microbatches={microbatches} must divide the {per_rank} samples "
+                             f"each data-parallel rank gets of train.global_batch_size={t.global_batch_size}")
+        if p.pipeline_schedule == "1f1b" and microbatches < pp:
+            raise MtnlgError(f"the 1f1b schedule needs at least as many micro-batches as stages: "
+                             f"{microbatches} micro-batches < parallel.pipeline_parallel={pp}")
+    return Layout(dp, p.fsdp, tp, p.sequence_parallel, pp, p.pipeline_schedule, microbatches)
+
+
+def init_process_group(backend: Optional[str] = None) -> None:
+    """Joins the process group of a launched run (torchrun / accelerate environment) if it is not joined yet."""
+    if dist.is_available() and not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def build_mesh(layout: Layout, device_type: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (layout.pipeline_parallel, layout.data_parallel, layout.tensor_parallel),
+                            mesh_dim_names=("pp", "dp", "tp"))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# Plans applied to the unchanged GPT.
+
+
+def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
+    """Megatron tensor parallelism (optionally with sequence parallelism) over `tp_mesh`, in place."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                                   RowwiseParallel, SequenceParallel, parallelize_module)
+
+    # Between blocks the activations are whole (Replicate) or, with sequence parallelism, split along the sequence.
+    between = Shard(1) if sequence_parallel else Replicate()
+    plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=between)}
+    if sequence_parallel:
+        # the (small) position table stays whole on every rank; only its output is cut to the local positions
+        plan["wpe"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(0))
+        plan["ln_f"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, plan)
+
+    block_plan = {
+        "attn.qkv": ColwiseParallel(),
+        "attn.proj": RowwiseParallel(output_layouts=between),
+        "mlp.fc": ColwiseParallel(),
+        "mlp.proj": RowwiseParallel(output_layouts=between),
+    }
+    if sequence_parallel:
+        gather = PrepareModuleInput(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None))
+        block_plan.update({
+            "ln_1": SequenceParallel(), "attn": gather,
+            "ln_2": SequenceParallel(), "mlp": PrepareModuleInput(input_layouts=(Shard(1),),
+                                                                  desired_input_layouts=(Replicate(),)),
+        })
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, block_plan)
+
+    # The tied head is `F.linear(ln_f(x), wte.weight)` inside GPT.forward, not a module, so it gets no plan of its
+    # own: handing it whole activations as a DTensor makes the product with the vocabulary-sharded weight give
+    # vocabulary-sharded logits, which `loss_parallel()` turns into the loss without gathering them.
+    def whole_activations_for_head(module, inputs, output):
+        if isinstance(output, DTensor):
+            return output.redistribute(placements=[Replicate()])
+        return DTensor.from_local(output, tp_mesh, [Replicate()], run_check=False)
+
+    model.ln_f.register_forward_hook(whole_activations_for_head)
+
+
+def apply_fsdp(model: nn.Module, blocks: Iterator[nn.Module], dp_mesh, param_dtype: Optional[torch.dtype]) -> None:
+    """FSDP2: each block is its own all-gather unit, the root holds the rest (embeddings, final LayerNorm)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, mp_policy=policy)
+
+
+class PipelineStageModule(nn.Module):
+    """The part of a GPT that one pipeline stage runs, under the same parameter names as in the whole model.
+
+    The first stage embeds tokens, the last applies the final LayerNorm and the tied head; both hold `wte`.
+    The embedding and head lines mirror GPT.forward, which cannot be cut between blocks.
+    """
+
+    def __init__(self, model: GPT, stage: int, num_stages: int):
+        super().__init__()
+        per_stage = model.config.num_layers // num_stages
+        is_first, is_last = stage == 0, stage == num_stages - 1
+        self.wte = model.wte if is_first or is_last else None
+        self.wpe = model.wpe if is_first else None
+        self.drop = model.drop if is_first else None
+        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(stage * per_stage,
+                                                                            (stage + 1) * per_stage)})
+        self.ln_f = model.ln_f if is_last else None
+        self.activation_checkpointing = model.activation_checkpointing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.wpe is not None:
+            positions = torch.arange(x.shape[1], device=x.device)
+            x = self.drop(self.wte(x) + self.wpe(positions))
+        for layer in self.layers.values():
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, use_reentrant=False)
+            else:
+                x = layer(x)
+        if self.ln_f is not None:
+            x = F.linear(self.ln_f(x), self.wte.weight)
+        return x
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The loss of the last pipeline stage: GPT.forward's mean cross-entropy."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+# -----------------------------------------------------------------------------------------------------------------
+# The model as one rank holds it, and what a training loop does with it.
+
+
+class ParallelModel:
+    """A GPT laid out over the processes of a run; single-process runs get the same interface around the model."""
+
+    def __init__(self, model: GPT, layout: Layout, device: torch.device, param_dtype: Optional[torch.dtype] = None):
+        self.layout = layout
+        self.device = device
+        self.mesh = build_mesh(layout, device.type) if layout.world_size > 1 else None
+        self.schedule = None
+        self._tie_group = None  # first and last pipeline stage of one data-parallel replica
+        model.to(device)
+        self.is_first_stage = self.is_last_stage = True
+
+        if layout.tensor_parallel > 1:
+            apply_tensor_parallel(model, self.mesh["tp"], layout.sequence_parallel)
+        module: nn.Module = model
+        if layout.pipeline_parallel > 1:
+            stage = self.mesh["pp"].get_local_rank()
+            self.is_first_stage, self.is_last_stage = stage == 0, stage == layout.pipeline_parallel - 1
+            module = PipelineStageModule(model, stage, layout.pipeline_parallel)
+        if layout.fsdp:
+            apply_fsdp(module, _blocks(module), self.mesh["dp"], param_dtype)
+        self.module = module
+        if layout.pipeline_parallel > 1:
+            self._build_pipeline(stage)
+
+    # -- pipeline ---------------------------------------------------------------------------------------------------
+
+    def _build_pipeline(self, stage: int) -> None:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        layout, pp_mesh = self.layout, self.mesh["pp"]
+        pipeline_stage = PipelineStage(self.module, stage, layout.pipeline_parallel, self.device,
+                                       group=pp_mesh.get_group())
+        schedule = ScheduleGPipe if layout.pipeline_schedule == "gpipe" else Schedule1F1B
+        self.schedule = schedule(pipeline_stage, layout.pipeline_microbatches, loss_fn=next_token_loss)
+        ranks = self.mesh.mesh  # (pp, dp, tp) global ranks; tp is 1 under pipeline parallelism
+        for replica in range(layout.data_parallel):
+            group = dist.new_group([int(ranks[0, replica, 0]), int(ranks[-1, replica, 0])])
+            if self.mesh["dp"].get_local_rank() == replica:
+                self._tie_group = group
+
+    def _pipeline_loss(self, tokens: torch.Tensor, targets: torch.Tensor, train: bool) -> torch.Tensor:
+        losses: list[torch.Tensor] = []
+        run = self.schedule.step if train else self.schedule.eval
+        inputs = (tokens,) if self.is_first_stage else ()
+        if self.is_last_stage:
+            run(*inputs, target=targets, losses=losses)
+        else:
+            run(*inputs)
+        loss = torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
+        last = self.layout.pipeline_parallel - 1
+        dist.broadcast(loss, group=self.mesh["pp"].get_group(), group_src=last)
+        return loss
+
+    def _sync_tied_embedding(self) -> None:
+        """Adds up the tied embedding's gradient from its use as embedding (first stage) and head (last stage)."""
+        if self._tie_group is None or not (self.is_first_stage or self.is_last_stage):
+            return
+        grad = self.module.wte.weight.grad
+        local = grad.to_local() if hasattr(grad, "to_local") else grad
+        dist.all_reduce(local, group=self._tie_group)
+
+    def _average_replica_gradients(self) -> None:
+        """Replicated (not sharded) data parallelism: one all-reduce of all gradients after the step's backward.
+
+        (Plain DP runs under Accelerate's DDP instead, which overlaps it with the backward; DDP inside a pipeline
+        stage averages gradients wrongly in torch 2.13, so pipeline replicas do it here.)"""
+        if self.layout.fsdp or self.layout.data_parallel == 1:
+            return
+        grads = [p.grad for _, p in self.named_parameters() if p.grad is not None]
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=self.mesh["dp"].get_group())
+        flat /= self.layout.data_parallel
+        for grad, averaged in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(averaged)
+
+    # -- training and evaluation -----------------------------------------------------------------------------------
+
+    def loss_context(self):
+        """Forward and backward of a vocabulary-parallel loss must both run inside `loss_parallel()`."""
+        if self.layout.tensor_parallel > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor, micro_batch_size: int,
+                         autocast=contextlib.nullcontext) -> torch.Tensor:
+        """Gradients of the mean loss over this rank's share of a global batch; returns the global mean loss.
+
+        `tokens` and `targets` are this data-parallel rank's rows of the global batch. Without pipelining they run
+        as micro-batches of `micro_batch_size` with gradient accumulation; the pipeline schedule cuts its own.
+        """
+        if self.schedule is not None:
+            with autocast():
+                loss = self._pipeline_loss(tokens, targets, train=True)
+            self._sync_tied_embedding()
+        else:
+            loss = self._accumulate(tokens, targets, micro_batch_size, autocast)
+        self._average_replica_gradients()
+        return self._mean_over_data_parallel(loss)
+
+    def _accumulate(self, tokens, targets, micro_batch_size, autocast) -> torch.Tensor:
+        chunks = list(zip(tokens.split(micro_batch_size), targets.split(micro_batch_size)))
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(chunks):
+            if self.layout.fsdp:  # reduce-scatter gradients once, after the last micro-batch
+                self.module.set_requires_gradient_sync(i == len(chunks) - 1)
+            with self.loss_context():
+                with autocast():
+                    loss = self.module(x, y)
+                (loss / len(chunks)).backward()
+            total += _local(loss.detach())
+        return total / len(chunks)
+
+    @torch.no_grad()
+    def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor, micro_batch_size: int,
+                  autocast=contextlib.nullcontext) -> torch.Tensor:
+        """The mean loss over this rank's rows of an evaluation batch, averaged over data-parallel ranks."""
+        if self.schedule is not None:
+            with autocast():
+                return self._mean_over_data_parallel(self._pipeline_loss(tokens, targets, train=False))
+        chunks = list(zip(tokens.split(micro_batch_size), targets.split(micro_batch_size)))
+        total = torch.zeros((), device=self.device)
+        with self.loss_context(), autocast():
+            for x, y in chunks:
+                total += _local(self.module(x, y))
+        return self._mean_over_data_parallel(total / len(chunks))
+
+    def _mean_over_data_parallel(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.layout.data_parallel > 1:
+            dist.all_reduce(loss, group=self.mesh["dp"].get_group())
+            loss = loss / self.layout.data_parallel
+        return loss
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+    # -- parameters, clipping -----------------------------------------------------------------------------------
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return self.module.named_parameters()
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: weight decay on matrices only, and DTensors on one mesh never mixed with other tensors
+        (foreach/fused AdamW cannot mix them)."""
+        groups: dict[tuple, list] = {}
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                groups.setdefault((param.dim() >= 2, _mesh_key(param)), []).append(param)
+        return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
+                for (decay, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], str(kv[0][1])))]
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scales gradients so that their global norm is at most `max_norm` (0: no clipping); returns that norm."""
+        grads_by_mesh: dict = {}
+        for name, param in self.named_parameters():
+            if param.grad is None or (name == "wte.weight" and self.is_last_stage and not self.is_first_stage):
+                continue  # the head's copy of the tied embedding counts once, on the first stage
+            grads_by_mesh.setdefault(_mesh_key(param), []).append(param.grad)
+        squares = torch.zeros((), device=self.device, dtype=torch.float32)
+        for grads in grads_by_mesh.values():
+            squares += _local(torch.nn.utils.get_total_norm(grads, 2.0)).float() ** 2
+        if self.layout.pipeline_parallel > 1:
+            dist.all_reduce(squares, group=self.mesh["pp"].get_group())
+        norm = squares.sqrt()
+        coefficient = max_norm / (norm.item() + 1e-6)
+        if max_norm > 0 and coefficient < 1.0:
+            for _, param in self.named_parameters():
+                if param.grad is not None:
+                    param.grad.mul_(coefficient)
+        return norm
+
+    # -- full state dicts, the same for every layout ----------------------------------------------------------
+
+    def full_model_state(self) -> dict[str, torch.Tensor]:
+        """Unsharded weights under GPT's names on rank 0 (empty elsewhere); every rank must call it."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        if self.mesh is None:
+            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        state = get_model_state_dict(self.module, options=self._full_state_options())
+        return self._merge_stages(state)
+
+    def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+        """Per-parameter optimizer state keyed by parameter name ({name: {"exp_avg": ..., ...}}) on rank 0."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        if self.mesh is None:
+            names = {param: name for name, param in self.named_parameters()}
+            return {names[p]: {k: v.detach().cpu() for k, v in s.items()} for p, s in optimizer.state.items()}
+        state = get_optimizer_state_dict(self.module, optimizer, options=self._full_state_options()).get("state", {})
+        return self._merge_stages(state)
+
+    def _full_state_options(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        # cpu_offload keeps the gathered tensors on rank 0 only; pipeline stages gather their own parts instead
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.layout.pipeline_parallel == 1)
+
+    def _merge_stages(self, state: dict) -> dict:
+        """Pipeline stages each hold some of the names: rank 0 gathers them (the tied embedding twice: once kept)."""
+        if self.layout.pipeline_parallel == 1:
+            return state if dist.get_rank() == 0 else {}
+        gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        share = state if self.mesh["dp"].get_local_rank() == 0 else {}
+        dist.gather_object(share, gathered, dst=0)
+        merged: dict = {}
+        for part in gathered or []:
+            for key, value in part.items():
+                merged.setdefault(key, _cpu(value))
+        return merged
+
+    def load_model_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Loads full weights (every rank passes the same dict); each rank keeps the names and shards it holds."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        own = {k: v for k, v in state.items() if k in dict(self.named_parameters()) or k in _buffers(self)}
+        if self.mesh is None:
+            self.module.load_state_dict(own, strict=True)
+        else:
+            set_model_state_dict(self.module, own, options=StateDictOptions(full_state_dict=True, strict=True))
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Loads per-parameter optimizer state from `full_optimizer_state`, sharded like each parameter."""
+        for name, param in self.named_parameters():
+            if name not in state:
+                raise MtnlgError(f"the optimizer state in the checkpoint has no entry for {name}")
+            optimizer.state[param] = {key: _like(value, param) if value.dim() else value.clone()
+                                      for key, value in state[name].items()}
+
+
+def _blocks(module: nn.Module) -> list[nn.Module]:
+    layers = module.layers
+    return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+
+
+def _buffers(model: ParallelModel) -> set[str]:
+    return {name for name, _ in model.module.named_buffers()}
+
+
+def _mesh_key(tensor: torch.Tensor):
+    mesh = getattr(tensor, "device_mesh", None)
+    return None if mesh is None else (mesh.mesh_dim_names, tuple(mesh.mesh.flatten().tolist()))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor's value as a plain tensor (gathering it where it is sharded or partial)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def _cpu(value):
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` sharded the way `param` is."""
+    full = full.to(param.device)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, param.device_mesh, param.placements)
+    return full.clone()
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
