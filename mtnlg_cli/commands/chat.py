@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
-from mtnlg_cli.commands.common import not_implemented
+from typing import Annotated, Optional
+
+import typer
+
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.generate import (CheckpointOption, MaxNewTokensOption, RepetitionPenaltyOption, SeedOption,
+                                         TemperatureOption, TopKOption, TopPOption, load_generator,
+                                         sampling_settings, warnings_as_notes)
 
 
-def chat_command() -> None:
-    """Talk to the model in an interactive REPL."""
-    not_implemented("chat", 6)
+def chat_command(
+    system: Annotated[Optional[str], typer.Option(
+        "--system", help="System prompt [config: generate.system_prompt].", show_default=False)] = None,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
+    checkpoint: CheckpointOption = None,
+    workspace: WorkspaceOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Talk to the model in an interactive REPL (/help lists its commands).
+
+    With piped standard input each line is one message and only the replies are printed.
+    """
+    from mtnlg_cli.chat import ChatSession, run_repl
+
+    ws, config = open_workspace(workspace, overrides)
+    settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+    session = ChatSession(load_generator(ws, checkpoint), settings, system or config.generate.system_prompt)
+    with warnings_as_notes():
+        run_repl(session)

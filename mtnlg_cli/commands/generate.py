@@ -2,9 +2,190 @@
 
 from __future__ import annotations
 
-from mtnlg_cli.commands.common import not_implemented
+import json
+import os
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.errors import MtnlgError
+
+CheckpointOption = Annotated[Optional[Path], typer.Option(
+    "--checkpoint", "-c", help="Checkpoint folder to use (default: the workspace's latest).", show_default=False)]
+MaxNewTokensOption = Annotated[Optional[int], typer.Option(
+    "--max-new-tokens", "-n", help="Tokens to generate at most [config: generate.max_new_tokens].",
+    show_default=False)]
+TemperatureOption = Annotated[Optional[float], typer.Option(
+    "--temperature", "-t", help="Sampling temperature; 0 is greedy [config: generate.temperature].",
+    show_default=False)]
+TopKOption = Annotated[Optional[int], typer.Option(
+    "--top-k", help="Sample among the k likeliest tokens; 0 is off [config: generate.top_k].", show_default=False)]
+TopPOption = Annotated[Optional[float], typer.Option(
+    "--top-p", help="Sample among the likeliest tokens holding this much probability, in (0, 1] "
+    "[config: generate.top_p].", show_default=False)]
+RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(
+    "--repetition-penalty", help="Penalty for tokens already present; 1 is off [config: "
+    "generate.repetition_penalty].", show_default=False)]
+SeedOption = Annotated[Optional[int], typer.Option(
+    "--seed", help="Seed for reproducible sampling [config: generate.seed].", show_default=False)]
+StopOption = Annotated[Optional[list[str]], typer.Option(
+    "--stop", help="Stop at this string (repeatable) [config: generate.stop].", show_default=False)]
 
 
-def generate_command() -> None:
-    """Generate text from prompts with the latest checkpoint."""
-    not_implemented("generate", 6)
+def sampling_settings(config, **options):
+    """The config's `generate` section with the command-line options that were given on top."""
+    from mtnlg_cli.model.generation import SamplingSettings
+
+    return SamplingSettings.from_config(config.generate, **options)
+
+
+def load_generator(workspace, checkpoint: Optional[Path]):
+    from mtnlg_cli.model.checkpoint import load_for_inference
+    from mtnlg_cli.model.generation import Generator
+
+    model, tokenizer, _ = load_for_inference(workspace, checkpoint)
+    return Generator(model, tokenizer)
+
+
+@contextmanager
+def warnings_as_notes():
+    """Shows the engine's warnings (a prompt cut to the context) as one `warning:` line on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *args, **kwargs: typer.echo(f"warning: {message}", err=True)
+        yield
+
+
+def generate_command(
+    prompts: Annotated[Optional[list[str]], typer.Argument(
+        help="Prompts; an argument that names an existing file is read as the prompt, - reads standard input. "
+        "No prompt: generate from the start of a document.", show_default=False)] = None,
+    input_path: Annotated[Optional[Path], typer.Option(
+        "--input", "-i", help="JSONL file of prompts, one {\"prompt\": ...} object per line.",
+        show_default=False)] = None,
+    output_path: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write results as JSONL here instead of printing text.", show_default=False)] = None,
+    prompt_style: Annotated[Optional[str], typer.Option(
+        "--prompt-style", "-p", help="Wrap each prompt in a template of generate.prompt_styles "
+        "(plain, summarize, dialogue, or your own).", show_default=False)] = None,
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Samples per prompt.", min=1)] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.", min=1)] = 8,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    seed: SeedOption = None,
+    stop: StopOption = None,
+    stats: Annotated[bool, typer.Option("--stats", help="Print prompt and generated token counts and tokens/s "
+                                        "on stderr.")] = False,
+    checkpoint: CheckpointOption = None,
+    workspace: WorkspaceOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Generate text from prompts with the workspace's latest checkpoint.
+
+    On a terminal the text streams as it is generated; otherwise each continuation is printed once, clean,
+    separated by a blank line when there are several.
+    """
+    ws, config = open_workspace(workspace, overrides)
+    settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                 top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
+    records = _read_prompts(prompts or [], input_path)
+    style = _prompt_style(config, prompt_style)
+    records = [dict(record, sample=i) for record in records for i in range(num_samples)]
+    texts = [style.replace("{text}", record["prompt"]) for record in records]
+
+    generator = load_generator(ws, checkpoint)
+    stream = output_path is None and sys.stdout.isatty()
+    chunk = 1 if stream else batch_size
+    results, prompt_tokens, generated_tokens = [], 0, 0
+    start = time.perf_counter()
+    with warnings_as_notes():
+        for first in range(0, len(texts), chunk):
+            on_text = (lambda _row, piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
+            if stream and first:
+                sys.stdout.write("\n\n")
+            completions = generator.generate(texts[first:first + chunk], settings, on_text=on_text)
+            for completion in completions:
+                prompt_tokens += completion.prompt_tokens
+                generated_tokens += len(completion.tokens)
+            results += completions
+    seconds = time.perf_counter() - start
+
+    if output_path is not None:
+        rows = []
+        for record, c in zip(records, results):
+            row = {**record, "completion": c.text, "finish_reason": c.finish_reason,
+                   "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens)}
+            if num_samples == 1:
+                del row["sample"]
+            rows.append(row)
+        _write_jsonl(output_path, rows)
+        typer.echo(f"wrote {len(results)} results to {output_path}", err=True)
+    elif stream:
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write("\n\n".join(c.text for c in results) + "\n")
+    if stats:
+        typer.echo(f"prompt tokens: {prompt_tokens}, generated tokens: {generated_tokens}, "
+                   f"time: {seconds:.2f}s, {generated_tokens / max(seconds, 1e-9):.1f} tokens/s", err=True)
+
+
+def _read_prompts(arguments: list[str], input_path: Optional[Path]) -> list[dict]:
+    """Prompt records ({"prompt": text, ...other JSONL keys}) from the arguments and the --input file."""
+    records = []
+    for argument in arguments:
+        if argument == "-":
+            records.append({"prompt": sys.stdin.read()})
+        elif argument and os.path.isfile(argument):
+            records.append({"prompt": _read_text(Path(argument))})
+        else:
+            records.append({"prompt": argument})
+    if input_path is not None:
+        for number, line in enumerate(_read_text(input_path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MtnlgError(f"{input_path} line {number} is not JSON ({exc.msg})") from None
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise MtnlgError(f"{input_path} line {number} needs a \"prompt\" string, e.g. "
+                                 "{\"prompt\": \"Once upon a time\"}")
+            records.append(record)
+        if not records:
+            raise MtnlgError(f"{input_path} has no prompts")
+    return records or [{"prompt": ""}]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise MtnlgError(f"cannot read prompts from {path}: {reason}") from None
+
+
+def _prompt_style(config, name: Optional[str]) -> str:
+    styles = config.generate.prompt_styles
+    if name is None:
+        return "{text}"
+    if name not in styles:
+        raise MtnlgError(f"unknown prompt style {name!r}; generate.prompt_styles has: {', '.join(styles)}")
+    return styles[name]
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    from mtnlg_cli.data.atomic import write_bytes_atomically
+
+    try:
+        write_bytes_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
+    except OSError as exc:
+        raise MtnlgError(f"cannot write {path}: {exc.strerror or exc}") from None

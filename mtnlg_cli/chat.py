@@ -1,0 +1,285 @@
+"""Chat: the chat template, a conversation that fits the context window, and the `mtnlg chat` REPL.
+
+The template is built on the tokenizer's role tokens, one turn per line:
+
+    <|system|> You are terse.<|end|>\\n<|user|> Hello<|end|>\\n<|assistant|> Hi.<|end|>\\n<|assistant|>
+
+Each content is encoded on its own and the role and end tokens are inserted as ids, so text that merely looks
+like a role token never becomes one. A reply ends at <|end|>, at the end-of-document token, or where the model
+starts another role.
+
+`ChatSession(generator, settings, system_prompt)` keeps the history; `session.send(text, on_text)` returns a
+`Reply`. The Python API's `.chat()` and the REPL (`run_repl`) both use it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional, TextIO
+
+from mtnlg_cli.data.atomic import write_bytes_atomically
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.generation import Generator, SamplingSettings
+
+ROLES = ("system", "user", "assistant")
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of `messages` ({"role", "content"} dicts) in the chat template, ending with the assistant's
+    role token when `add_generation_prompt`."""
+    role_ids = tokenizer.role_ids
+    end, newline = role_ids["<|end|>"], tokenizer.token_id("\n")
+    ids: list[int] = []
+    for message in messages:
+        ids += [role_ids[f"<|{message['role']}|>"], *tokenizer.encode(message["content"]), end, newline]
+    if add_generation_prompt:
+        ids.append(role_ids["<|assistant|>"])
+    return ids
+
+
+def reply_stop_ids(tokenizer) -> list[int]:
+    """Tokens that end a reply: <|end|>, the end of a document, or the start of another turn."""
+    return [tokenizer.eos_id, *tokenizer.role_ids.values()]
+
+
+@dataclass
+class Reply:
+    text: str
+    finish_reason: str  # "eos" (end of turn), "stop", "length" or "interrupted"
+    dropped_turns: int  # oldest exchanges dropped so that the history fits the context window
+
+
+@dataclass
+class ChatSession:
+    """A conversation with the model: the history, the system prompt and the sampling settings."""
+
+    generator: Generator
+    settings: SamplingSettings
+    system_prompt: Optional[str] = None
+    messages: list[dict] = field(default_factory=list)  # user and assistant turns, oldest first
+
+    def history(self) -> list[dict]:
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return system + self.messages
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def send(self, text: str, on_text: Optional[Callable[[str], None]] = None) -> Reply:
+        """Adds the user's `text`, generates the reply (streamed to `on_text`) and adds it to the history.
+
+        Ctrl-C (KeyboardInterrupt) during the reply keeps what was generated so far as the reply, and
+        re-raises so that the caller can say so.
+        """
+        self.messages.append({"role": "user", "content": text})
+        dropped = self._fit_history()
+        pieces: list[str] = []
+
+        def collect(_row: int, piece: str) -> None:
+            pieces.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+        tokenizer = self.generator.tokenizer
+        prompt = render_chat(tokenizer, self.history())
+        try:
+            [completion] = self.generator.generate([prompt], self.settings, on_text=collect,
+                                                   stop_token_ids=reply_stop_ids(tokenizer))
+        except KeyboardInterrupt:
+            self.messages.append({"role": "assistant", "content": "".join(pieces)})
+            raise
+        reply_text = completion.text.strip()
+        self.messages.append({"role": "assistant", "content": reply_text})
+        return Reply(reply_text, completion.finish_reason, dropped)
+
+    def _fit_history(self) -> int:
+        """Drops the oldest exchanges until the prompt leaves room for a whole reply; returns how many."""
+        room = self.generator.context_length - self.settings.max_new_tokens
+        dropped = 0
+        while len(self.messages) > 1 and len(render_chat(self.generator.tokenizer, self.history())) > room:
+            # the oldest user turn and the assistant turn that answered it
+            del self.messages[:2 if len(self.messages) > 2 and self.messages[1]["role"] == "assistant" else 1]
+            dropped += 1
+        return dropped
+
+    def to_json(self) -> dict:
+        return {"system_prompt": self.system_prompt, "messages": self.messages}
+
+    def save(self, path: Path) -> None:
+        """Writes the conversation as JSON (atomically: a temporary name, then a rename)."""
+        path = Path(path).expanduser()
+        try:
+            write_bytes_atomically(path, (json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n").encode())
+        except OSError as exc:
+            raise MtnlgError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    def load(self, path: Path) -> None:
+        """Replaces the conversation with one saved by `save`."""
+        path = Path(path).expanduser()
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MtnlgError(f"cannot read a conversation from {path}: {exc}") from None
+        messages = data.get("messages") if isinstance(data, dict) else None
+        system = data.get("system_prompt") if isinstance(data, dict) else None
+        if not isinstance(messages, list) or not all(
+                isinstance(m, dict) and m.get("role") in ("user", "assistant") and isinstance(m.get("content"), str)
+                for m in messages) or not isinstance(system, (str, type(None))):
+            raise MtnlgError(f"{path} is not a saved conversation (expected {{\"system_prompt\", \"messages\": "
+                             "[{\"role\": \"user\"|\"assistant\", \"content\": ...}]}})")
+        self.system_prompt, self.messages = system, messages
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The REPL.
+
+HELP = """Commands:
+  /help              this help
+  /reset             forget the conversation (the system prompt stays)
+  /system TEXT       set the system prompt (/system alone clears it)
+  /set KEY=VALUE     change a sampling setting, e.g. /set temperature=0.7 (/set alone lists them)
+  /save FILE         save the conversation as JSON
+  /load FILE         load a conversation saved with /save
+  /exit              quit (or Ctrl-D)
+End a line with \\ to continue the message on the next line. Ctrl-C stops a reply."""
+
+USER_PROMPT = "you> "
+CONTINUATION_PROMPT = "...> "
+MODEL_PREFIX = "model> "
+
+
+def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
+             stderr: TextIO = sys.stderr) -> None:
+    """Reads messages and commands until /exit or end of input. On a terminal it prompts and offers line
+    editing and history (readline); with piped input each line is one message and only replies are printed."""
+    interactive = stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print("Chat with the model. /help for commands, Ctrl-D to quit.", file=stdout)
+
+    def read_message() -> Optional[str]:
+        lines = []
+        while True:
+            if interactive:
+                line = input(CONTINUATION_PROMPT if lines else USER_PROMPT)
+            else:
+                line = stdin.readline()
+                if not line:
+                    return "\n".join(lines) if lines else None
+                line = line.rstrip("\n")
+            if line.endswith("\\"):
+                lines.append(line[:-1])
+                continue
+            lines.append(line)
+            return "\n".join(lines)
+
+    while True:
+        try:
+            message = read_message()
+        except EOFError:
+            print(file=stdout)
+            return
+        except KeyboardInterrupt:  # at the prompt: drop the line, keep the session
+            print("\n(Ctrl-D or /exit to quit)", file=stdout)
+            continue
+        if message is None:
+            return
+        if not message.strip():
+            continue
+        if message.startswith("/"):
+            try:
+                if not _command(session, message, stdout):
+                    return
+            except MtnlgError as exc:
+                print(f"error: {exc}", file=stderr)
+            continue
+        _reply(session, message, interactive, stdout, stderr)
+
+
+def _reply(session: ChatSession, message: str, interactive: bool, stdout: TextIO, stderr: TextIO) -> None:
+    started = False
+
+    def show(piece: str) -> None:
+        nonlocal started
+        if not started:  # the reply's first word carries the space that follows the role token
+            piece = piece.lstrip()
+            started = bool(piece)
+        stdout.write(piece)
+        stdout.flush()
+
+    if interactive:
+        show(MODEL_PREFIX)
+    try:
+        reply = session.send(message, on_text=show)
+    except KeyboardInterrupt:
+        print("\n(reply stopped)", file=stdout)
+        return
+    print(file=stdout)
+    if reply.dropped_turns:
+        print(f"(the conversation outgrew the context window: dropped the {reply.dropped_turns} oldest "
+              f"exchange{'s' if reply.dropped_turns > 1 else ''})", file=stderr)
+
+
+def _command(session: ChatSession, line: str, stdout: TextIO) -> bool:
+    """Runs a slash command; False means exit."""
+    name, _, argument = line.partition(" ")
+    argument = argument.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        print(HELP, file=stdout)
+    elif name == "/reset":
+        session.reset()
+        print("(conversation cleared)", file=stdout)
+    elif name == "/system":
+        session.system_prompt = argument or None
+        print(f"(system prompt {'set' if argument else 'cleared'})", file=stdout)
+    elif name == "/set":
+        if argument:
+            session.settings = _apply_setting(session.settings, argument)
+        print(", ".join(f"{f.name}={getattr(session.settings, f.name)}" for f in fields(session.settings)),
+              file=stdout)
+    elif name in ("/save", "/load"):
+        if not argument:
+            raise MtnlgError(f"{name} needs a file name, e.g. {name} chat.json")
+        if name == "/save":
+            session.save(Path(argument))
+            print(f"(saved {len(session.messages)} messages to {argument})", file=stdout)
+        else:
+            session.load(Path(argument))
+            print(f"(loaded {len(session.messages)} messages from {argument})", file=stdout)
+    else:
+        raise MtnlgError(f"unknown command {name}; /help lists the commands")
+    return True
+
+
+def _apply_setting(settings: SamplingSettings, assignment: str) -> SamplingSettings:
+    """`settings` with one `key=value` changed, the value parsed as the setting's type."""
+    import yaml
+
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    kinds = {f.name: f.type for f in fields(settings)}
+    if not sep or key not in kinds:
+        raise MtnlgError(f"/set takes KEY=VALUE with KEY one of: {', '.join(kinds)}")
+    if key == "stop":
+        value = [raw] if raw else []
+    elif key == "seed" and raw.strip().lower() in ("", "none", "null"):
+        value = None
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = None
+        wanted = float if "float" in kinds[key] else int
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                wanted is int and not float(value).is_integer()):
+            raise MtnlgError(f"/set {key}={raw}: the value must be {'a number' if wanted is float else 'an integer'}")
+        value = wanted(value)
+    return settings.replace(**{key: value})

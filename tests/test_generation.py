@@ -1,0 +1,281 @@
+"""The generation engine (KV cache, batching, sampling, stops, streaming, sliding) and `mtnlg generate`."""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from mtnlg_cli.errors import MtnlgError
+
+CONTEXT = 64
+ENGLISH = "It is a truth universally acknowledged"
+CHINESE = "床前明月光，疑是地上霜。"
+
+
+def make_trained_workspace(root: Path):
+    """A workspace with a tokenizer and a checkpoint of a tiny random GPT (no trainer needed).
+
+    The model never ends a text on its own: the output rows of the end-of-document and role tokens point away
+    from a large bias of the final LayerNorm, so their logits are far below every other token's. Tests then
+    control every stop, and a chat reply runs until it is interrupted.
+    """
+    from mtnlg_cli.data.tokenizer import train_tokenizer
+    from mtnlg_cli.model.checkpoint import save_checkpoint
+    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.workspace import init_workspace
+
+    text = (Path(__file__).resolve().parents[1] / "mtnlg_cli/templates/sample/en_austen_pride.txt").read_text(
+        encoding="utf-8")[:60_000] + "\n" + CHINESE
+    tokenizer = train_tokenizer([line for line in text.split("\n") if line], root / "tok", vocab_size=600)
+    ws = init_workspace(root / "ws", overrides=[
+        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", f"model.max_position_embeddings={CONTEXT}",
+        f"model.seq_length={CONTEXT}", f"model.vocab_size={tokenizer.vocab_size}"])
+    for name in ("tokenizer.model", "tokenizer.json"):
+        (ws.tokenizer_dir / name).write_bytes((root / "tok" / name).read_bytes())
+    cfg = ws.load_config()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_model_config(cfg.model)).eval()
+    with torch.no_grad():
+        away = torch.nn.functional.normalize(torch.randn(cfg.model.hidden_size), dim=0)
+        model.ln_f.bias.copy_(20 * away)
+        for token in (tokenizer.eos_id, *tokenizer.role_ids.values()):
+            model.wte.weight[token] = -5 * away
+    save_checkpoint(ws.checkpoints_dir, 1, {"model": model.state_dict()},
+                    {"model_config": model.config.to_dict(), "config": cfg.to_dict(),
+                     "tokenizer_hash": tokenizer.hash, "consumed_samples": 0, "loss": 0.0})
+    return ws
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_trained_workspace(tmp_path_factory.mktemp("gen"))
+
+
+@pytest.fixture(scope="module")
+def generator(ws):
+    from mtnlg_cli.model.checkpoint import load_for_inference
+    from mtnlg_cli.model.generation import Generator
+
+    model, tokenizer, _ = load_for_inference(ws)
+    return Generator(model, tokenizer)
+
+
+def greedy(**changes):
+    from mtnlg_cli.model.generation import SamplingSettings
+
+    return SamplingSettings(temperature=0.0, **changes)
+
+
+def recomputed_greedy(generator, prompt: str, count: int) -> list[int]:
+    """Greedy decoding the slow way: the whole sequence through the unchanged model at every step."""
+    tokenizer = generator.tokenizer
+    ids = generator.encode(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(count):
+            logits = generator.model(torch.tensor([ids]))[0, -1, :tokenizer.vocab_size]
+            logits[tokenizer.pad_id] = float("-inf")
+            out.append(int(logits.argmax()))
+            ids.append(out[-1])
+    return out
+
+
+def test_kv_cached_greedy_equals_recomputing_the_whole_sequence(generator):
+    [completion] = generator.generate([ENGLISH], greedy(max_new_tokens=30), stop_token_ids=())
+    assert completion.tokens == recomputed_greedy(generator, ENGLISH, 30)
+    assert completion.finish_reason == "length" and completion.prompt_tokens == len(generator.encode(ENGLISH))
+
+
+def test_batched_prompts_of_different_lengths_equal_one_by_one(generator):
+    prompts = [ENGLISH, "Mr. Darcy", "", CHINESE]
+    batched = generator.generate(prompts, greedy(max_new_tokens=12), stop_token_ids=())
+    single = [generator.generate([p], greedy(max_new_tokens=12), stop_token_ids=())[0] for p in prompts]
+    assert [c.tokens for c in batched] == [c.tokens for c in single]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert single[2].prompt_tokens == 1  # an empty prompt starts from the end-of-document token
+
+
+def test_decoding_copy_computes_what_the_model_computes_and_leaves_it_alone(generator):
+    from mtnlg_cli.model.generation import cpu_decoding_copy
+
+    model = generator.model
+    before = {name: (p.stride(), p.clone()) for name, p in model.named_parameters()}
+    tokens = torch.randint(4, generator.tokenizer.vocab_size, (3, 20))
+    with torch.no_grad():
+        expected = model(tokens)
+        for batch_size in (1, 3):
+            torch.testing.assert_close(cpu_decoding_copy(model, batch_size)(tokens), expected, rtol=1e-4, atol=1e-4)
+    for name, p in model.named_parameters():
+        assert p.stride() == before[name][0] and torch.equal(p, before[name][1]), name
+
+
+def test_stop_strings_stop_and_are_never_shown(generator):
+    [free] = generator.generate([ENGLISH], greedy(max_new_tokens=40), stop_token_ids=())
+    stop = free.text[10:13]
+    cut = free.text.index(stop)
+    pieces = []
+    [stopped] = generator.generate([ENGLISH], greedy(max_new_tokens=40, stop=["never-there", stop]),
+                                   on_text=lambda row, piece: pieces.append(piece))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[:cut] and "".join(pieces) == stopped.text
+    assert len(stopped.tokens) < 40
+
+
+def test_stop_token_ends_the_row_without_being_included(generator):
+    [free] = generator.generate([ENGLISH], greedy(max_new_tokens=20), stop_token_ids=())
+    stop_token = free.tokens[5]
+    [stopped] = generator.generate([ENGLISH], greedy(max_new_tokens=20), stop_token_ids=[stop_token])
+    first = free.tokens.index(stop_token)
+    assert stopped.finish_reason == "eos" and stopped.tokens == free.tokens[:first]
+
+
+def test_streamed_pieces_add_up_to_the_text_that_decoding_gives(generator):
+    tokenizer = generator.tokenizer
+    for prompt in (ENGLISH, CHINESE, ""):
+        pieces = []
+        [completion] = generator.generate([prompt], greedy(max_new_tokens=25), stop_token_ids=(),
+                                          on_text=lambda row, piece: pieces.append(piece))
+        assert len(pieces) > 1 and "".join(pieces) == completion.text
+        full = tokenizer.decode(generator.encode(prompt) + completion.tokens)
+        assert full == tokenizer.decode(generator.encode(prompt)) + completion.text
+
+
+def test_same_seed_same_sample_and_sampling_options_behave(generator):
+    from mtnlg_cli.model.generation import SamplingSettings
+
+    def sample(**options):
+        settings = SamplingSettings(max_new_tokens=20, temperature=1.0, **options)
+        return generator.generate([ENGLISH, "Mr. Darcy"], settings, stop_token_ids=())
+
+    first, again, other = sample(seed=7), sample(seed=7), sample(seed=8)
+    assert [c.tokens for c in first] == [c.tokens for c in again]
+    assert [c.tokens for c in first] != [c.tokens for c in other]
+    greedy_tokens = [c.tokens for c in generator.generate([ENGLISH, "Mr. Darcy"], greedy(max_new_tokens=20),
+                                                          stop_token_ids=())]
+    assert [c.tokens for c in sample(seed=1, top_k=1)] == greedy_tokens
+    assert [c.tokens for c in sample(seed=1, top_p=1e-6)] == greedy_tokens
+
+
+def test_repetition_penalty_avoids_tokens_already_present(generator):
+    [completion] = generator.generate([ENGLISH], greedy(max_new_tokens=30, repetition_penalty=1e6),
+                                      stop_token_ids=())
+    everything = generator.encode(ENGLISH) + completion.tokens
+    assert len(set(completion.tokens)) == 30 and not set(completion.tokens) & set(generator.encode(ENGLISH))
+    assert len(set(everything)) == len(set(generator.encode(ENGLISH))) + 30
+
+
+def test_long_prompt_keeps_its_last_tokens_and_generation_slides_past_the_window(generator):
+    from mtnlg_cli.model.generation import GenerationWarning
+
+    ids = generator.encode(ENGLISH * 8)
+    assert len(ids) > CONTEXT
+    with pytest.warns(GenerationWarning, match="keeping its last 64"):
+        [cut] = generator.generate([ids], greedy(max_new_tokens=10), stop_token_ids=())
+    [tail] = generator.generate([ids[-CONTEXT:]], greedy(max_new_tokens=10), stop_token_ids=())
+    assert cut.prompt_tokens == CONTEXT and cut.tokens == tail.tokens
+
+    # 3 windows of new tokens; until the cache first fills, it matches recomputing the whole sequence
+    [long] = generator.generate(["Mr. Darcy"], greedy(max_new_tokens=3 * CONTEXT), stop_token_ids=())
+    assert len(long.tokens) == 3 * CONTEXT and long.finish_reason == "length"
+    room = CONTEXT - len(generator.encode("Mr. Darcy")) + 1
+    assert long.tokens[:room] == recomputed_greedy(generator, "Mr. Darcy", room)
+
+
+def test_invalid_sampling_values_are_refused(generator):
+    from mtnlg_cli.model.generation import SamplingSettings
+
+    for bad, message in (({"top_p": 0.0}, "top_p=0.0 must be in"), ({"top_p": 1.5}, "top_p"),
+                         ({"temperature": -1.0}, "temperature=-1.0 must be non-negative"),
+                         ({"top_k": -2}, "top_k"), ({"max_new_tokens": 0}, "max_new_tokens")):
+        with pytest.raises(MtnlgError, match=message):
+            generator.generate(["x"], SamplingSettings(**bad))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command.
+
+
+def mtnlg(capsys, monkeypatch, *args: str, stdin: str = "") -> tuple[int, str, str]:
+    """Runs the CLI's entry point in this process (exit code, stdout, stderr)."""
+    import io
+
+    from mtnlg_cli.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["mtnlg", *args])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+
+def test_generate_prints_clean_text_and_stats(ws, generator, capsys, monkeypatch):
+    code, out, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), ENGLISH, "-", "-t", "0", "-n", "15",
+                           "--stats", stdin="Mr. Darcy")
+    assert code == 0, err
+    expected = generator.generate([ENGLISH, "Mr. Darcy"], greedy(max_new_tokens=15))
+    assert out == "\n\n".join(c.text for c in expected) + "\n"
+    assert "prompt tokens: " in err and "generated tokens: 30" in err and "tokens/s" in err
+
+
+def test_generate_jsonl_in_and_out_with_samples_and_prompt_style(ws, generator, tmp_path, capsys, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": ENGLISH, "id": "a"}) + "\n\n" + json.dumps({"prompt": "Mr."}) + "\n")
+    out_path = tmp_path / "out.jsonl"
+    code, out, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), "--input", str(prompts), "--output",
+                           str(out_path), "--num-samples", "2", "--seed", "3", "-n", "8", "--top-k", "50",
+                           "--prompt-style", "summarize")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [(r.get("id"), r["prompt"], r["sample"]) for r in rows] == [
+        ("a", ENGLISH, 0), ("a", ENGLISH, 1), (None, "Mr.", 0), (None, "Mr.", 1)]
+    assert all(r["completion_tokens"] == 8 and r["finish_reason"] == "length" for r in rows)
+    assert rows[0]["prompt_tokens"] == len(generator.encode(ENGLISH + "\n\nTL;DR:"))
+    assert rows[0]["completion"] != rows[1]["completion"]  # two samples of one prompt differ
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--top-p", "1.5"], "error: top_p=1.5 must be in (0, 1]"),
+    (["--temperature", "-1"], "error: temperature=-1.0 must be non-negative"),
+    (["--set", "generate.top_p=0"], "error: generate.top_p=0.0 must be in (0, 1]"),
+    (["--prompt-style", "poem"], "error: unknown prompt style 'poem'"),
+    (["--input", "missing.jsonl"], "error: cannot read prompts from missing.jsonl"),
+])
+def test_generate_bad_input_is_one_line_and_exit_2(ws, args, message, capsys, monkeypatch):
+    code, out, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), "hello", *args)
+    assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_generate_refuses_missing_checkpoint_and_other_tokenizer(ws, tmp_path, capsys, monkeypatch):
+    from mtnlg_cli.workspace import init_workspace
+
+    empty = init_workspace(tmp_path / "empty")
+    code, _, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(empty.root), "hello")
+    assert code == 2 and "no checkpoint" in err and "mtnlg train" in err
+    other = init_workspace(tmp_path / "other")
+    from mtnlg_cli.data.tokenizer import train_tokenizer
+
+    other_text = (other.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")[100_000:140_000]
+    train_tokenizer([line for line in other_text.split("\n") if line], other.tokenizer_dir, vocab_size=600)
+    code, _, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(other.root), "--checkpoint",
+                         str(ws.checkpoints_dir / "latest"), "hello")
+    assert code == 2 and "trained with tokenizer" in err
+
+
+def test_generate_as_a_user_runs_it(ws):
+    """One real subprocess: the console entry point, from inside the workspace, with no prompt at all."""
+    result = run_cli("generate", "-n", "5", "-t", "0", cwd=ws.root)
+    assert result.returncode == 0 and result.stdout.strip(), result.stderr
+
+
+def test_unreadable_prompt_file_is_one_line_and_exit_2(ws, capsys, monkeypatch):
+    bad = ws.root / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not utf-8")
+    code, _, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), str(bad))
+    assert code == 2 and err.startswith(f"error: cannot read prompts from {bad}") and err.count("\n") == 1
