@@ -1,0 +1,302 @@
+"""The Python API: the seed article's example, on the same core as the `mtnlg` command line.
+
+    from mtnlg_cli import MegatronLM
+
+    model = MegatronLM('gpt2', num_layers=24, num_heads=16, hidden_size=1024, max_position_embeddings=1024)
+    model.train(data)                     # a list of strings, or a path to a text/JSONL file, a folder or a glob
+    text = model.generate('Once upon a time', max_length=100)
+
+A `MegatronLM` works on a workspace, as every command does: `workspace=DIR` creates one there, else it lives in a
+temporary folder removed with the object (`save(DIR)` keeps it). Keyword options are config keys, found in the
+section that has them (`lr=3e-4` is `train.lr`, `seq_length=...` is `model.seq_length`); a key that more than one
+section has takes the first (model, tokenizer, data, train, parallel, generate) and `SECTION_KEY` names another
+(`generate_seed=1`). The constructor writes its options into the new workspace's mtnlg.yaml, so
+`mtnlg train -w DIR` sees the same model; `from_workspace(DIR, **options)` applies them to this object only, as
+`--set` does for one command.
+
+train() runs preprocess (incremental: only what changed is tokenized) and then the trainer, which resumes from the
+workspace's latest checkpoint; generate(), evaluate() and chat() use the latest checkpoint with the workspace's
+tokenizer through the generation, evaluation and chat cores that `mtnlg generate`, `eval` and `chat` use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import shutil
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from mtnlg_cli.config import Config
+from mtnlg_cli.data.atomic import write_bytes_atomically
+from mtnlg_cli.errors import ConfigError, MtnlgError
+from mtnlg_cli.workspace import CONFIG_NAME, DEFAULT_TEMPLATE, Workspace, find_workspace, init_workspace
+
+# Architecture names a user may pass for "a Megatron GPT": the sizes come from the keyword options, the rest
+# (training schedule, tokenizer) from the CPU-sized default template.
+ALIASES = {"gpt2": DEFAULT_TEMPLATE, "gpt": DEFAULT_TEMPLATE, "megatron": DEFAULT_TEMPLATE,
+           "megatron-gpt": DEFAULT_TEMPLATE}
+API_DATA_FILE = "data/api/documents.jsonl"
+
+Data = Union[str, os.PathLike, Sequence[str]]
+
+
+def _section_keys() -> dict[str, list[str]]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: [key.name for key in dataclasses.fields(hints[f.name])] for f in dataclasses.fields(Config)}
+
+
+def config_key(option: str) -> str:
+    """The dotted config key of a keyword option: 'lr' -> 'train.lr', 'generate_seed' -> 'generate.seed'."""
+    sections = _section_keys()
+    for section, keys in sections.items():
+        if option in keys:
+            return f"{section}.{option}"
+    section, _, key = option.partition("_")
+    if key in sections.get(section, ()):
+        return f"{section}.{key}"
+    known = sorted({key for keys in sections.values() for key in keys})
+    close = difflib.get_close_matches(option, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]}?" if close else "; options are config keys, e.g. num_layers, lr, seq_length"
+    raise ConfigError(f"unknown option {option}{hint}")
+
+
+def option_overrides(options: dict[str, Any]) -> list[str]:
+    """Keyword options as `--set`-style overrides (JSON values are YAML, so the config's type checks apply)."""
+    return [f"{config_key(name)}={json.dumps(value, default=str)}" for name, value in options.items()]
+
+
+class MegatronLM:
+    """A GPT-style language model and its workspace: train, generate, evaluate, chat, save (module docstring)."""
+
+    def __init__(self, model: str = DEFAULT_TEMPLATE, *, workspace: Optional[os.PathLike | str] = None,
+                 device: Optional[str] = None, quiet: bool = False, **options: Any):
+        """`model`: a template (see `mtnlg init --list`) or 'gpt2'/'gpt' for the default template's schedule with
+        the sizes the options give. `workspace`: where to create the workspace (default: a temporary folder).
+        `device`: for generation and evaluation (default: cuda when available). `quiet`: no progress output."""
+        overrides = option_overrides(options)
+        temporary = None
+        if workspace is None:
+            temporary = tempfile.TemporaryDirectory(prefix="mtnlg-")
+            workspace = Path(temporary.name) / "workspace"
+        elif (Path(workspace) / CONFIG_NAME).exists():
+            raise MtnlgError(f"{workspace} is already an mtnlg workspace; open it with "
+                             f"MegatronLM.from_workspace({str(workspace)!r})")
+        created = init_workspace(Path(workspace), ALIASES.get(model, model), overrides=overrides)
+        self._setup(created, [], device, quiet, temporary)
+
+    def _setup(self, workspace: Workspace, overrides: list[str], device: Optional[str], quiet: bool,
+               temporary: Optional[tempfile.TemporaryDirectory] = None) -> None:
+        self.workspace = workspace
+        self._overrides = overrides
+        self._data_override: list[str] = []  # the data of the last train(data), for later calls
+        self._device = device
+        self._quiet = quiet
+        self._temporary = temporary  # removed when this object is
+        self._loaded = None  # (model, tokenizer, checkpoint) of the latest checkpoint, loaded on first use
+        self._chat_session = None
+        self.config  # validate the options now, not at the first call
+
+    @classmethod
+    def from_workspace(cls, directory: os.PathLike | str, *, device: Optional[str] = None, quiet: bool = False,
+                       **options: Any) -> "MegatronLM":
+        """Opens an existing workspace; `options` override its config for this object (not written to disk)."""
+        self = cls.__new__(cls)
+        self._setup(find_workspace(Path(directory)), option_overrides(options), device, quiet)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, directory: os.PathLike | str, **kwargs: Any) -> "MegatronLM":
+        """Opens a workspace (or a folder written by `save`) that holds a trained checkpoint, and loads it."""
+        self = cls.from_workspace(directory, **kwargs)
+        self._inference()
+        return self
+
+    # --- config ---------------------------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        """The validated config: the workspace's mtnlg.yaml with this object's options applied."""
+        return self.workspace.load_config(self._overrides + self._data_override)
+
+    @property
+    def num_parameters(self) -> int:
+        from mtnlg_cli.model.sizing import parameter_count
+
+        return parameter_count(self.config.model)
+
+    def __repr__(self) -> str:
+        from mtnlg_cli.model.sizing import human_count
+
+        m = self.config.model
+        return (f"MegatronLM({human_count(self.num_parameters)} parameters, {m.num_layers} layers, hidden "
+                f"{m.hidden_size}, {m.num_heads} heads; workspace {str(self.workspace.root)!r})")
+
+    def _console(self):
+        from rich.console import Console
+
+        return Console(quiet=self._quiet, stderr=True)
+
+    # --- training -------------------------------------------------------------------------------------------------
+
+    def train(self, data: Optional[Data] = None, *, from_scratch: bool = False, **options: Any):
+        """Trains on `data` (else the workspace's data.sources), resuming from the latest checkpoint.
+
+        `data`: a list of strings (each one a document), or a path to a .txt/.jsonl file, a folder or a glob.
+        `options`: config keys for this call, e.g. train_iters=200, lr=3e-4. Returns the trainer's TrainResult
+        (final step, losses, validation loss, checkpoint path).
+        """
+        from mtnlg_cli.data.preprocess import preprocess
+        from mtnlg_cli.model.trainer import train
+
+        if data is not None:  # kept for later calls, so train(train_iters=...) goes on with the same data
+            self._data_override = [f"data.sources={json.dumps([self._data_source(data)])}"]
+        config = self.workspace.load_config(self._overrides + self._data_override + option_overrides(options))
+        console = self._console()
+        preprocess(self.workspace, config, console=console)
+        result = train(self.workspace, config, from_scratch=from_scratch, console=console)
+        self._loaded = None
+        self._chat_session = None
+        return result
+
+    def _data_source(self, data: Data) -> dict[str, str]:
+        if isinstance(data, (str, os.PathLike)):
+            path = Path(data).expanduser().absolute()
+            if not path.exists() and not any(c in str(data) for c in "*?["):
+                raise MtnlgError(f"data={str(data)!r}: no such file or folder (to train on text itself, pass a "
+                                 "list of strings)")
+            return {"path": str(path)}
+        documents = list(data) if isinstance(data, Iterable) else None
+        if not documents or not all(isinstance(d, str) for d in documents):
+            raise MtnlgError("data must be a non-empty list of strings, or a path to a file, folder or glob")
+        target = self.workspace.resolve(API_DATA_FILE)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in documents)
+        write_bytes_atomically(target, lines.encode("utf-8"))
+        return {"path": API_DATA_FILE, "name": "api", "format": "jsonl"}
+
+    # --- inference ------------------------------------------------------------------------------------------------
+
+    def _inference(self):
+        """(model, tokenizer, checkpoint) of the latest checkpoint, loaded once until the next train()."""
+        from mtnlg_cli.model.checkpoint import load_for_inference
+
+        if self._loaded is None:
+            device = self._device
+            if device is None:
+                import torch
+
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            self._loaded = load_for_inference(self.workspace, device=device)
+        return self._loaded
+
+    def _generator(self):
+        from mtnlg_cli.model.generation import Generator
+
+        model, tokenizer, _ = self._inference()
+        return Generator(model, tokenizer)
+
+    def _sampling(self, **settings: Any):
+        from mtnlg_cli.model.generation import SamplingSettings
+
+        known = {f.name for f in dataclasses.fields(SamplingSettings)}
+        for name in settings:
+            if name not in known:
+                raise ConfigError(f"unknown generation option {name}; choose from: {', '.join(sorted(known))}")
+        return SamplingSettings.from_config(self.config.generate, **settings)
+
+    def generate(self, prompt: str | Sequence[str], max_length: Optional[int] = None,
+                 max_new_tokens: Optional[int] = None, **settings: Any) -> str | list[str]:
+        """The prompt followed by its continuation (a list for a list of prompts).
+
+        `max_length` counts the prompt's tokens too (as in Hugging Face's generate); `max_new_tokens` only the new
+        ones; neither: generate.max_new_tokens. `settings`: temperature, top_k, top_p, repetition_penalty, seed,
+        stop (default: the config's generate section).
+        """
+        if max_length is not None and max_new_tokens is not None:
+            raise MtnlgError("give max_length or max_new_tokens, not both")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        generator = self._generator()
+        texts = []
+        for text in prompts:  # one at a time: max_length leaves each prompt its own number of new tokens
+            budget = max_new_tokens
+            if max_length is not None:
+                budget = max_length - len(generator.encode(text))
+                if budget < 1:
+                    raise MtnlgError(f"max_length={max_length} leaves no room after the prompt's "
+                                     f"{len(generator.encode(text))} tokens")
+            [completion] = generator.generate([text], self._sampling(max_new_tokens=budget, **settings))
+            texts.append(text + completion.text)
+        return texts[0] if isinstance(prompt, str) else texts
+
+    def evaluate(self, text: str | Sequence[str], context: Optional[int] = None) -> float:
+        """Perplexity of `text` (or of a list of documents), scored as `mtnlg eval --data` scores a file: each
+        document on its own after the end-of-document token, with windows of `context` tokens (default: the
+        training sequence length) sliding by half a window."""
+        from mtnlg_cli.model.evaluation import Document, evaluate_perplexity
+
+        model, tokenizer, checkpoint = self._inference()
+        texts = [text] if isinstance(text, str) else list(text)
+        documents = [Document(ids, len(t.encode("utf-8"))) for t, ids in zip(texts, tokenizer.encode_batch(texts))]
+        context = context or checkpoint.state.get("config", {}).get("model", {}).get(
+            "seq_length", self.config.model.seq_length)
+        if not 1 <= context <= model.config.max_position_embeddings:
+            raise MtnlgError(f"context={context} must be between 1 and the model's "
+                             f"max_position_embeddings={model.config.max_position_embeddings}")
+        return evaluate_perplexity(model, documents, tokenizer.eos_id, context, max(1, context // 2)).perplexity
+
+    def chat(self, message: Optional[str] = None, system_prompt: Optional[str] = None, **settings: Any):
+        """With a `message`: the assistant's reply, keeping the conversation on this object for the next call.
+        Without: an interactive chat on the terminal, as `mtnlg chat` (/help lists its commands)."""
+        from mtnlg_cli.chat import ChatSession, run_repl
+
+        session = self._chat_session
+        if session is None or settings or system_prompt is not None:
+            system = system_prompt if system_prompt is not None else self.config.generate.system_prompt
+            session = ChatSession(self._generator(), self._sampling(**settings), system,
+                                  session.messages if session else [])
+            self._chat_session = session
+        if message is None:
+            run_repl(session)
+            return None
+        return session.send(message).text
+
+    # --- saving ---------------------------------------------------------------------------------------------------
+
+    def save(self, directory: os.PathLike | str, overwrite: bool = False) -> Path:
+        """Writes a workspace that `from_pretrained(directory)` (or any mtnlg command) opens: the config with this
+        object's options, the tokenizer and the latest checkpoint. Returns its path."""
+        from mtnlg_cli.model.checkpoint import LATEST, resolve_checkpoint
+
+        checkpoint = resolve_checkpoint(self.workspace.checkpoints_dir)
+        target = Path(directory).expanduser().absolute()
+        if target.exists() and any(target.iterdir()) and not overwrite:
+            raise MtnlgError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+        if target == self.workspace.root or self.workspace.root in target.parents:
+            raise MtnlgError(f"cannot save into the model's own workspace {self.workspace.root}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.save-", dir=target.parent))
+        try:
+            (staging / CONFIG_NAME).write_text("# saved by MegatronLM.save\n" + self.config.to_yaml(),
+                                               encoding="utf-8")
+            shutil.copytree(self.workspace.tokenizer_dir, staging / "tokenizer")
+            checkpoints = staging / "checkpoints"
+            shutil.copytree(checkpoint.path, checkpoints / checkpoint.path.name)
+            os.symlink(checkpoint.path.name, checkpoints / LATEST)
+            for sub in ("data/raw", "data/tokenized", "runs"):
+                (staging / sub).mkdir(parents=True)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                os.rename(target, old)
+                os.rename(staging, target)
+                shutil.rmtree(old)
+            else:
+                os.rename(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
