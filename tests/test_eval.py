@@ -183,3 +183,58 @@ def test_bad_cloze_and_data_files(tmp_path):
         ev.read_texts(data)
     with pytest.raises(MtnlgError, match="stride 0 must be between 1"):
         ev.rolling_spans([5, 6], 3, CONTEXT, 0)
+
+
+def test_lm_eval_harness_runs_local_tasks_on_the_checkpoint_and_agrees_with_mtnlg_eval(trained, tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mtnlg_cli.lm_eval_adapter import MtnlgLM
+
+    workspace, model, tokenizer, text = trained
+    contexts = ["It is a truth universally", "Mr. Bennet replied that", "She was", "My dear"]
+    items = [ev.ChoiceItem(c, ["acknowledged", "not", "a wife"], k % 3) for k, c in enumerate(contexts)]
+    answers = [greedy_continuation(model, tokenizer, c, steps=4).split("\n")[0] for c in contexts]
+    documents = [p for p in text.split("\n\n") if p.strip()][10:14]
+    write_jsonl(tmp_path / "choice.jsonl", [{"context": it.context, "choices": it.choices, "label": it.label,
+                                             "answer": a} for it, a in zip(items, answers)])
+    write_jsonl(tmp_path / "text.jsonl", [{"text": d} for d in documents])
+    data = {"dataset_path": "json", "test_split": "test"}
+    tasks = {
+        "mtnlg_choice": {"output_type": "multiple_choice", "doc_to_text": "{{context}}",
+                         "doc_to_choice": "{{choices}}", "doc_to_target": "label",
+                         "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}]},
+        "mtnlg_text": {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
+                       "metric_list": [{"metric": "bits_per_byte"}]},
+        "mtnlg_generate": {"output_type": "generate_until", "doc_to_text": "{{context}}",
+                           "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4},
+                           "metric_list": [{"metric": "exact_match"}]},
+    }
+    for name, task in tasks.items():
+        source = "text.jsonl" if name == "mtnlg_text" else "choice.jsonl"
+        kwargs = {"data_files": {"test": str(tmp_path / source)}, "cache_dir": str(tmp_path / "hf")}
+        (tmp_path / f"{name}.yaml").write_text(json.dumps({"task": name, **data, "dataset_kwargs": kwargs, **task}))
+
+    lm = MtnlgLM(workspace=str(workspace.root), batch_size=4, device="cpu")
+    assert lm.max_length == CONTEXT and lm.checkpoint.step == STEPS
+    manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
+    output = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, log_samples=True)
+    results = output["results"]
+
+    # Every choice's log-likelihood is the one mtnlg eval computes, and so are acc and acc_norm.
+    harness = {s["doc_id"]: [float(r[0][0]) for r in s["resps"]] for s in output["samples"]["mtnlg_choice"]}
+    spans = [ev.pair_span(*ev.encode_pair(tokenizer, it.context, " " + c, tokenizer.eos_id), CONTEXT)
+             for it in items for c in it.choices]
+    assert [ll for doc in sorted(harness) for ll in harness[doc]] == pytest.approx(
+        ev.score_spans(model, spans).logprob.tolist(), rel=1e-6)
+    mine = ev.evaluate_choice(model, tokenizer, items, CONTEXT)
+    assert results["mtnlg_choice"]["acc,none"] == pytest.approx(mine["acc"])
+    assert results["mtnlg_choice"]["acc_norm,none"] == pytest.approx(mine["acc_norm"])
+    rolling = ev.evaluate_perplexity(model, [ev.Document(tokenizer.encode(d), len(d.encode())) for d in documents],
+                                     tokenizer.eos_id, CONTEXT, stride=CONTEXT)
+    assert results["mtnlg_text"]["bits_per_byte,none"] == pytest.approx(rolling.bits_per_byte, rel=1e-6)
+    assert results["mtnlg_generate"]["exact_match,none"] == 1.0
+
+
+def write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))

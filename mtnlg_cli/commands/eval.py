@@ -134,7 +134,7 @@ def _start_processes():
     from accelerate import PartialState
 
     state = PartialState(cpu=not torch.cuda.is_available())
-    return state.process_index, state.device
+    return state.process_index, state.device if state.device.type == "cuda" else torch.device("cpu")
 
 
 def _stop_processes() -> None:

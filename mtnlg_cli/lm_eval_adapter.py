@@ -1,0 +1,110 @@
+"""An lm-evaluation-harness model, "mtnlg": run any harness task on an mtnlg checkpoint.
+
+lm-eval 0.4 finds models in a registry that nothing outside lm-eval fills on its own (no plugin entry points),
+so this module registers "mtnlg" when it is imported. From the shell, run the harness through it:
+
+    python -m mtnlg_cli.lm_eval_adapter --model mtnlg --model_args workspace=DIR --tasks lambada_openai,piqa
+
+(any `lm_eval` arguments work). From Python: `import mtnlg_cli.lm_eval_adapter`, then
+`lm_eval.simple_evaluate(model="mtnlg", model_args="workspace=DIR", tasks=[...])`, or pass an `MtnlgLM`.
+
+Model arguments: `workspace` (default: the current one), `checkpoint` (default: the latest), `batch_size`,
+`device`, `max_length` (context; default the model's seq_length), `stride` (rolling log-likelihood windows;
+default max_length: non-overlapping windows). Scoring is `mtnlg_cli.model.evaluation`'s, so `mtnlg eval` and
+the harness agree on the same items. Needs `pip install lm-eval` (the `eval` extra).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+
+from mtnlg_cli.model import evaluation as ev
+
+
+@register_model("mtnlg")
+class MtnlgLM(LM):
+    def __init__(self, workspace: Optional[str] = None, checkpoint: Optional[str] = None, batch_size: int | str = 8,
+                 device: Optional[str] = None, max_length: Optional[int] = None, stride: Optional[int] = None,
+                 **_ignored) -> None:
+        super().__init__()
+        from mtnlg_cli.model.checkpoint import load_for_inference
+        from mtnlg_cli.workspace import find_workspace
+
+        ws = find_workspace(Path(workspace) if workspace else None)
+        self._device = torch.device(device or "cuda")
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            if device:  # the harness asks for cuda:0 unless told otherwise
+                logging.getLogger(__name__).warning("no CUDA device here: running %s on the CPU", device)
+            self._device = torch.device("cpu")
+        self.model, self.tokenizer, self.checkpoint = load_for_inference(
+            ws, Path(checkpoint) if checkpoint else None, self._device)
+        trained = self.checkpoint.state.get("config", {}).get("model", {}).get("seq_length")
+        self.max_length = int(max_length or trained or self.model.config.max_position_embeddings)
+        self.stride = int(stride or self.max_length)
+        self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer.hash
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        spans = [ev.pair_span(*ev.encode_pair(self.tokenizer, context, continuation, self.tokenizer.eos_id),
+                              self.max_length)
+                 for context, continuation in (request.args for request in requests)]
+        scores = ev.score_spans(self.model, spans, self.batch_size)
+        return [(float(lp), bool(greedy)) for lp, greedy in zip(scores.logprob, scores.greedy)]
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        documents = [self.tokenizer.encode(text) for (text,) in (request.args for request in requests)]
+        logprobs = ev.document_logprobs(self.model, documents, self.tokenizer.eos_id, self.max_length,
+                                        self.stride, self.batch_size)
+        return [float(lp) for lp in logprobs]
+
+    def generate_until(self, requests) -> list[str]:
+        results = []
+        for context, settings in (request.args for request in requests):
+            until = settings.get("until") or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new_tokens = int(settings.get("max_gen_toks", 256))
+            results.append(greedy_until(self.model, self.tokenizer, context, until, max_new_tokens))
+        return results
+
+
+@torch.no_grad()
+def greedy_until(model, tokenizer, context: str, until: list[str], max_new_tokens: int) -> str:
+    """The greedy continuation of `context`, cut before the first of `until`, or at the end-of-document token."""
+    window = model.config.max_position_embeddings
+    ids = tokenizer.encode(context) or [tokenizer.eos_id]
+    start = len(ids)
+    text = ""
+    device = next(model.parameters()).device
+    for _ in range(max_new_tokens):
+        token = int(model(torch.tensor([ids[-window:]], device=device))[0, -1].argmax())
+        if token == tokenizer.eos_id:
+            break
+        ids.append(token)
+        text = tokenizer.decode(ids[start:])
+        cuts = [text.find(stop) for stop in until if stop in text]
+        if cuts:
+            return text[:min(cuts)]
+    return text
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """`lm_eval`'s command line, with the "mtnlg" model registered."""
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()
