@@ -34,7 +34,7 @@ app.command("train", context_settings=_PASS_THROUGH)(train.train_command)
 app.command("eval", context_settings=_PASS_THROUGH)(eval.eval_command)
 app.command("generate", context_settings=_PASS_THROUGH)(generate.generate_command)
 app.command("chat", context_settings=_PASS_THROUGH)(chat.chat_command)
-app.command("convert", context_settings=_PASS_THROUGH)(convert.convert_command)
+app.command("convert")(convert.convert_command)
 app.command("plan")(plan.plan_command)
 app.command("info")(info.info_command)
 

@@ -1,10 +1,97 @@
-"""`mtnlg convert`: export or import weights: safetensors, Hugging Face, Megatron-LM."""
+"""`mtnlg convert`: export a checkpoint as safetensors, Hugging Face or Megatron-LM, or import one of those."""
 
 from __future__ import annotations
 
-from mtnlg_cli.commands.common import not_implemented
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+from rich.console import Console
+
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.errors import MtnlgError
 
 
-def convert_command() -> None:
-    """Export or import weights: safetensors, Hugging Face, Megatron-LM."""
-    not_implemented("convert", 8)
+def convert_command(
+    action: Annotated[Literal["export", "import"], typer.Argument(
+        help="export: write a checkpoint in another format; import: add weights from one as a checkpoint.",
+        show_default=False)],
+    path: Annotated[Path, typer.Argument(help="export: the folder to write; import: the folder to read.",
+                                         show_default=False)],
+    to: Annotated[Optional[Literal["safetensors", "hf", "megatron"]], typer.Option(
+        "--to", help="export: plain safetensors (default), a Hugging Face GPT2LMHeadModel folder, or a "
+        "Megatron-LM legacy GPT checkpoint.", show_default=False)] = None,
+    source_format: Annotated[Optional[Literal["auto", "hf", "megatron", "safetensors"]], typer.Option(
+        "--from", help="import: the format of PATH (default: detected).", show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        "--checkpoint", "-c", help="export: the checkpoint folder (default: the workspace's latest).",
+        show_default=False)] = None,
+    dtype: Annotated[Optional[Literal["fp32", "bf16", "fp16"]], typer.Option(
+        "--dtype", help="export: the tensors' type (default fp32).", show_default=False)] = None,
+    max_shard_size: Annotated[Optional[str], typer.Option(
+        "--max-shard-size", help="export to safetensors or hf: split into files of at most this size "
+        "(e.g. 500MB, 2GB) with an index json.", show_default=False)] = None,
+    tensor_parallel: Annotated[Optional[int], typer.Option(
+        "--tensor-parallel", "-t", help="export to megatron: split over this many tensor-parallel ranks (default 1).",
+        show_default=False)] = None,
+    step: Annotated[Optional[int], typer.Option(
+        "--step", help="import: the step to file the checkpoint under (default: the source's iteration, else 0).",
+        show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="export: replace PATH if it exists.")] = False,
+    workspace: WorkspaceOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Export a checkpoint as safetensors, Hugging Face or Megatron-LM weights, or import such weights.
+
+    mtnlg convert export OUT [--to hf|megatron] [--dtype bf16] [--max-shard-size 2GB] [--tensor-parallel 2]
+
+    mtnlg convert import DIR [--from hf|megatron|safetensors] [--step N]
+    """
+    export_only = {"--to": to, "--checkpoint": checkpoint, "--dtype": dtype, "--max-shard-size": max_shard_size,
+                   "--tensor-parallel": tensor_parallel, "--force": force or None}
+    import_only = {"--from": source_format, "--step": step}
+    misplaced = [name for name, value in (import_only if action == "export" else export_only).items()
+                 if value is not None]
+    if misplaced:
+        raise MtnlgError(f"{misplaced[0]} does not apply to mtnlg convert {action}")
+    console = Console(stderr=True)
+    ws, config = open_workspace(workspace, overrides)
+    if action == "export":
+        _export(console, ws, config, path, to or "safetensors", checkpoint, dtype or "fp32", max_shard_size,
+                tensor_parallel or 1, force)
+    else:
+        _import(console, ws, path, source_format or "auto", step)
+
+
+def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_path: Optional[Path], dtype: str,
+            max_shard_size: Optional[str], tensor_parallel: int, force: bool) -> None:
+    from mtnlg_cli.data.tokenizer import Tokenizer
+    from mtnlg_cli.model.checkpoint import check_tokenizer, resolve_checkpoint
+    from mtnlg_cli.model.convert import export_weights, weights_from_checkpoint
+
+    with console.status(f"Reading the checkpoint for a {to} export..."):
+        checkpoint = resolve_checkpoint(ws.checkpoints_dir, checkpoint_path)
+        tokenizer = Tokenizer.load(ws.tokenizer_dir)
+        check_tokenizer(checkpoint, tokenizer.hash)
+        weights = weights_from_checkpoint(checkpoint, tokenizer.path, tokenizer.vocab_size)
+    vocab_multiple = checkpoint.state.get("config", {}).get("model", {}).get(
+        "make_vocab_size_divisible_by", config.model.make_vocab_size_divisible_by)
+    with console.status(f"Writing {out_dir}..."):
+        files = export_weights(weights, out_dir, to, dtype, max_shard_size, tensor_parallel, vocab_multiple, force)
+    total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    console.print(f"Exported {checkpoint.path.name} as {to} ({dtype}) to [bold]{out_dir}[/]: "
+                  f"{len(files)} files, {total / 1e6:.1f} MB")
+    for name in files:
+        console.print(f"  {name}")
+
+
+def _import(console: Console, ws, source: Path, source_format: str, step: Optional[int]) -> None:
+    from mtnlg_cli.model.convert import import_weights, read_weights
+
+    with console.status(f"Reading {source}..."):
+        weights = read_weights(source, source_format)
+    with console.status("Writing the checkpoint..."):
+        path, notes = import_weights(ws, weights, step, str(source))
+    console.print(f"Imported {source} as checkpoint [bold]{path}[/] (now latest)")
+    for note in notes:
+        console.print(f"note: {note}")

@@ -1,0 +1,164 @@
+"""Weights out of and into mtnlg: plain safetensors, Hugging Face GPT-2, Megatron-LM legacy GPT.
+
+Every format converts to and from one `Weights` (mtnlg's tensor names, padded vocabulary, the architecture as a
+`GPTConfig`), so an export is `weights_from_checkpoint` then one writer, and an import is one reader then
+`import_weights`. Writers fill a temporary folder that is renamed into place only when complete; readers check
+every tensor's name and shape before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.checkpoint import Checkpoint, save_checkpoint, step_dir_name
+from mtnlg_cli.model.convert.common import (DTYPES, Weights, check_shapes, expected_shapes, folder_summary,
+                                            parse_size, staged_output)
+from mtnlg_cli.model.convert.hf import export_hf, is_hf, read_hf
+from mtnlg_cli.model.convert.megatron import export_megatron, is_megatron, read_megatron
+from mtnlg_cli.model.convert.plain import export_plain, is_plain, read_plain
+from mtnlg_cli.model.gpt import GPTConfig
+
+__all__ = ["DTYPES", "EXPORT_FORMATS", "IMPORT_FORMATS", "Weights", "detect_format", "export_weights",
+           "import_weights", "parse_size", "read_weights", "weights_from_checkpoint"]
+
+EXPORT_FORMATS = ("safetensors", "hf", "megatron")
+IMPORT_FORMATS = ("hf", "megatron", "safetensors")
+_DETECTORS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
+    ("safetensors", is_plain), ("hf", is_hf), ("megatron", is_megatron))
+_READERS: dict[str, Callable[[Path], Weights]] = {"safetensors": read_plain, "hf": read_hf, "megatron": read_megatron}
+
+
+def weights_from_checkpoint(checkpoint: Checkpoint, tokenizer_path: Optional[Path], vocab_size: int) -> Weights:
+    """An mtnlg checkpoint's model weights (the optimizer state stays behind), checked against its config."""
+    try:
+        config = GPTConfig(**checkpoint.state["model_config"])
+    except (KeyError, TypeError) as exc:
+        raise MtnlgError(f"{checkpoint.path / 'state.json'} has no valid model_config ({exc})") from None
+    tensors = checkpoint.tensors("model")
+    check_shapes(tensors, expected_shapes(config), f"checkpoint {checkpoint.path}", "its model_config")
+    if vocab_size > config.vocab_size:
+        raise MtnlgError(f"the tokenizer has {vocab_size} pieces but checkpoint {checkpoint.path.name} embeds only "
+                         f"{config.vocab_size}")
+    return Weights(tensors, config, vocab_size, checkpoint.step, tokenizer_path,
+                   int(checkpoint.state.get("consumed_samples") or 0))
+
+
+def export_weights(weights: Weights, out_dir: Path, to: str = "safetensors", dtype: str = "fp32",
+                   max_shard_size: Optional[str] = None, tensor_parallel: int = 1, vocab_multiple: int = 128,
+                   force: bool = False) -> list[str]:
+    """Writes `weights` as `to` into `out_dir` (atomically); returns the names of the files written."""
+    if to not in EXPORT_FORMATS:
+        raise MtnlgError(f"unknown export format {to!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    if dtype not in DTYPES:
+        raise MtnlgError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+    if max_shard_size is not None and to == "megatron":
+        raise MtnlgError("--max-shard-size applies to safetensors and hf exports; Megatron-LM writes one file per rank")
+    if tensor_parallel != 1 and to != "megatron":
+        raise MtnlgError("--tensor-parallel applies to megatron exports only")
+    if tensor_parallel < 1:
+        raise MtnlgError(f"--tensor-parallel {tensor_parallel} must be at least 1")
+    shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
+    with staged_output(out_dir, force) as staging:
+        if to == "megatron":
+            return export_megatron(weights, staging, DTYPES[dtype], tensor_parallel, vocab_multiple)
+        writer = export_hf if to == "hf" else export_plain
+        return writer(weights, staging, DTYPES[dtype], shard_bytes)
+
+
+def detect_format(directory: Path) -> str:
+    """Which format a folder holds, or an error that says what was found instead."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise MtnlgError(f"{directory} is not a folder" if directory.exists() else f"{directory} does not exist")
+    for name, matches in _DETECTORS:
+        if matches(directory):
+            return name
+    raise MtnlgError(f"{directory} is neither a Hugging Face folder (config.json), a Megatron-LM checkpoint "
+                     f"({'latest_checkpointed_iteration.txt'} or mp_rank_XX folders) nor an mtnlg export; "
+                     f"{folder_summary(directory)}")
+
+
+def read_weights(directory: Path, source_format: str = "auto") -> Weights:
+    directory = Path(directory)
+    found = detect_format(directory)
+    if source_format != "auto" and found != source_format:
+        raise MtnlgError(f"{directory} looks like a {found} export, not {source_format}; "
+                         f"use --from {found} or --from auto")
+    return _READERS[found](directory)
+
+
+def import_weights(workspace, weights: Weights, step: Optional[int] = None, source: str = "") -> tuple[Path, list[str]]:
+    """Saves `weights` as a checkpoint of `workspace`, with the workspace's config and the weights' architecture.
+
+    The tokenizer that came with the weights must be the workspace's, or becomes it if the workspace has none.
+    Returns the checkpoint folder and notes for the user.
+    """
+    from mtnlg_cli.data.tokenizer import MODEL_FILE, Tokenizer
+
+    notes = []
+    workspace_tokenizer = workspace.tokenizer_dir / MODEL_FILE
+    tokenizer = Tokenizer.load(weights.tokenizer) if weights.tokenizer else None
+    if tokenizer and workspace_tokenizer.is_file():
+        current = Tokenizer.load(workspace_tokenizer)
+        if current.hash != tokenizer.hash:
+            raise MtnlgError(f"{weights.tokenizer} is not the workspace's tokenizer ({tokenizer.hash[:19]} vs "
+                             f"{current.hash[:19]}); import into a fresh workspace (mtnlg init DIR)")
+    elif tokenizer is None:
+        notes.append("the weights came without an mtnlg tokenizer; the checkpoint records none")
+    vocab_size = tokenizer.vocab_size if tokenizer else (weights.vocab_size or weights.config.vocab_size)
+    if vocab_size > weights.config.vocab_size:
+        raise MtnlgError(f"the tokenizer has {vocab_size} pieces but the weights embed only {weights.config.vocab_size}")
+
+    config = workspace.load_config()
+    c = weights.config
+    model = dataclasses.replace(
+        config.model, num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,
+        ffn_hidden_size=None if c.ffn_hidden_size == 4 * c.hidden_size else c.ffn_hidden_size,
+        max_position_embeddings=c.max_position_embeddings,
+        seq_length=min(config.model.seq_length, c.max_position_embeddings), vocab_size=vocab_size,
+        init_method_std=c.init_method_std, layernorm_epsilon=c.layernorm_epsilon)
+    changed = [f"{f.name} {getattr(config.model, f.name)} -> {getattr(model, f.name)}"
+               for f in dataclasses.fields(model) if getattr(config.model, f.name) != getattr(model, f.name)]
+    config = dataclasses.replace(config, model=model).validate()
+    gpt_config = GPTConfig.from_model_config(model)
+    tensors = {name: t.to(torch.float32) for name, t in weights.tensors.items()}
+    tensors["wte.weight"] = _fit_vocabulary(tensors["wte.weight"], gpt_config.vocab_size)
+    check_shapes(tensors, expected_shapes(gpt_config), source or "the imported weights", "the model config")
+
+    step = weights.step if step is None else step
+    if (workspace.checkpoints_dir / step_dir_name(step)).exists():
+        raise MtnlgError(f"{workspace.checkpoints_dir / step_dir_name(step)} already exists; choose another "
+                         "step with --step N")
+    if tokenizer and not workspace_tokenizer.is_file():
+        workspace.tokenizer_dir.mkdir(parents=True, exist_ok=True)
+        staged = workspace.tokenizer_dir / f".{MODEL_FILE}.import"
+        shutil.copyfile(tokenizer.path, staged)
+        staged.replace(workspace_tokenizer)
+        Tokenizer.load(workspace_tokenizer).save_info(workspace.tokenizer_dir)
+        notes.append(f"installed the tokenizer as {workspace_tokenizer}")
+    state = {
+        "model_config": gpt_config.to_dict(),
+        "config": config.to_dict(),
+        "tokenizer_hash": tokenizer.hash if tokenizer else None,
+        "consumed_samples": weights.consumed_samples,
+        "loss": None,
+        "imported_from": source,
+    }
+    path = save_checkpoint(workspace.checkpoints_dir, step, {"model": tensors}, state)
+    if changed:
+        notes.append(f"mtnlg.yaml's model section differs from the imported model ({', '.join(changed)}); "
+                     "set these keys before training from this checkpoint")
+    return path, notes
+
+
+def _fit_vocabulary(wte: torch.Tensor, rows: int) -> torch.Tensor:
+    """The embedding with mtnlg's padded row count: rows beyond it (another tool's padding) dropped, or zero rows added."""
+    if wte.shape[0] >= rows:
+        return wte[:rows].clone()
+    return torch.cat([wte, wte.new_zeros(rows - wte.shape[0], wte.shape[1])])

@@ -1,0 +1,326 @@
+"""Megatron-LM's legacy GPT checkpoints, out and in, split over and merged from tensor-parallel ranks.
+
+Layout: `latest_checkpointed_iteration.txt` names the iteration; `iter_NNNNNNN/mp_rank_XX/model_optim_rng.pt`
+holds rank XX's dict `{"args": Namespace, "checkpoint_version": 3.0, "iteration": N, "model": {"language_model":
+{"embedding": {...}, "encoder": {...}}}}`. Tensor parallelism splits the embedding's vocabulary rows, the
+column-parallel layers' output rows (query_key_value, dense_h_to_4h, and their biases) and the row-parallel
+layers' input columns (dense, dense_4h_to_h); everything else is the same on every rank.
+
+mtnlg's fused QKV rows are already checkpoint version 3's [head, q|k|v, head_dim], so each rank's contiguous
+slice is whole heads and no reordering is needed; versions 0 and 1 are reordered on import.
+
+The export holds no optimizer or RNG state: load it in Megatron-LM with `--finetune` (or `--no-load-optim
+--no-load-rng`). Reading never unpickles arbitrary objects: only tensors, plain containers, `argparse.Namespace`
+(the `args`) and numpy arrays (the RNG state Megatron saves) are allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
+                                            expected_shapes, folder_summary, load_torch_file, qkv_blocks_to_heads)
+from mtnlg_cli.model.gpt import GPTConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_FILES = ("model_optim_rng.pt", "model_rng.pt")
+CHECKPOINT_VERSION = 3.0
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})$")
+_PIPELINE_RANK_DIR = re.compile(r"^mp_rank_\d{2}_\d{3}$")
+
+# What Megatron-LM's checkpoint files contain besides tensors and plain containers.
+SAFE_GLOBALS = (
+    argparse.Namespace,
+    np.ndarray,
+    np.dtype,
+    np.dtypes.UInt32DType,
+    np._core.multiarray._reconstruct,
+    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),  # written by numpy 1.x
+)
+
+# (mtnlg name inside a block, Megatron name inside `encoder.layers.N`, tensor-parallel split dimension or None)
+_BLOCK = (
+    ("ln_1.weight", "input_layernorm.weight", None),
+    ("ln_1.bias", "input_layernorm.bias", None),
+    ("attn.qkv.weight", "self_attention.query_key_value.weight", 0),
+    ("attn.qkv.bias", "self_attention.query_key_value.bias", 0),
+    ("attn.proj.weight", "self_attention.dense.weight", 1),
+    ("attn.proj.bias", "self_attention.dense.bias", None),
+    ("ln_2.weight", "post_attention_layernorm.weight", None),
+    ("ln_2.bias", "post_attention_layernorm.bias", None),
+    ("mlp.fc.weight", "mlp.dense_h_to_4h.weight", 0),
+    ("mlp.fc.bias", "mlp.dense_h_to_4h.bias", 0),
+    ("mlp.proj.weight", "mlp.dense_4h_to_h.weight", 1),
+    ("mlp.proj.bias", "mlp.dense_4h_to_h.bias", None),
+)
+_WORD_EMBEDDINGS = "language_model.embedding.word_embeddings.weight"
+# Older and newer Megatron-LM names for the same tensors, rewritten to the names above on import.
+_ALIASES = (
+    (re.compile(r"^language_model\.transformer\."), "language_model.encoder."),
+    (re.compile(r"\.attention\."), ".self_attention."),
+    (re.compile(r"\.input_norm\."), ".input_layernorm."),
+    (re.compile(r"\.post_attention_norm\."), ".post_attention_layernorm."),
+    (re.compile(r"\.final_norm\."), ".final_layernorm."),
+)
+
+
+def _names(config: GPTConfig) -> Iterator[tuple[str, str, Optional[int]]]:
+    """(mtnlg name, Megatron name, tensor-parallel split dimension) for every tensor."""
+    yield "wte.weight", _WORD_EMBEDDINGS, 0
+    yield "wpe.weight", "language_model.embedding.position_embeddings.weight", None
+    for i in range(config.num_layers):
+        for ours, theirs, dim in _BLOCK:
+            yield f"layers.{i}.{ours}", f"language_model.encoder.layers.{i}.{theirs}", dim
+    yield "ln_f.weight", "language_model.encoder.final_layernorm.weight", None
+    yield "ln_f.bias", "language_model.encoder.final_layernorm.bias", None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_megatron(weights: Weights, out_dir: Path, dtype: torch.dtype, tensor_parallel: int = 1,
+                    vocab_multiple: int = 128) -> list[str]:
+    """Writes `out_dir/iter_NNNNNNN/mp_rank_XX/model_optim_rng.pt` for each of `tensor_parallel` ranks."""
+    c = weights.config
+    for what, size in (("model.num_heads", c.num_heads), ("the MLP size", c.ffn_hidden_size)):
+        if size % tensor_parallel:
+            raise MtnlgError(f"--tensor-parallel {tensor_parallel} must divide {what} ({size})")
+    # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * tensor_parallel
+    padded_vocab = -(-c.vocab_size // (vocab_multiple * tensor_parallel)) * vocab_multiple * tensor_parallel
+    tensors = cast(weights.tensors, dtype)
+    wte = tensors["wte.weight"]
+    tensors["wte.weight"] = torch.cat([wte, wte.new_zeros(padded_vocab - wte.shape[0], wte.shape[1])])
+    args = _args(weights, dtype, tensor_parallel, padded_vocab, vocab_multiple)
+    iteration_dir = out_dir / f"iter_{weights.step:07d}"
+    files = []
+    for rank in range(tensor_parallel):
+        flat = {theirs: (tensors[ours] if dim is None else tensors[ours].chunk(tensor_parallel, dim)[rank]).clone()
+                for ours, theirs, dim in _names(c)}
+        rank_dir = iteration_dir / f"mp_rank_{rank:02d}"
+        rank_dir.mkdir(parents=True)
+        torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": weights.step,
+                    "model": _nest(flat)}, rank_dir / CHECKPOINT_FILES[0])
+        files.append(str((rank_dir / CHECKPOINT_FILES[0]).relative_to(out_dir)))
+    (out_dir / TRACKER).write_text(f"{weights.step}\n")
+    if copy_tokenizer(weights, out_dir):
+        files.append("tokenizer.model")
+    return [TRACKER, *files]
+
+
+def _args(weights: Weights, dtype: torch.dtype, tensor_parallel: int, padded_vocab: int,
+          vocab_multiple: int) -> argparse.Namespace:
+    """The Megatron-LM arguments that describe the model, as its own checkpoints record them."""
+    c = weights.config
+    return argparse.Namespace(
+        num_layers=c.num_layers,
+        hidden_size=c.hidden_size,
+        num_attention_heads=c.num_heads,
+        kv_channels=c.head_dim,
+        ffn_hidden_size=c.ffn_hidden_size,
+        max_position_embeddings=c.max_position_embeddings,
+        seq_length=c.max_position_embeddings,
+        padded_vocab_size=padded_vocab,
+        vocab_size=weights.vocab_size,
+        make_vocab_size_divisible_by=vocab_multiple,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=1,
+        layernorm_epsilon=c.layernorm_epsilon,
+        init_method_std=c.init_method_std,
+        hidden_dropout=c.dropout,
+        attention_dropout=c.dropout,
+        position_embedding_type="learned_absolute",
+        normalization="LayerNorm",
+        apply_residual_connection_post_layernorm=False,
+        untie_embeddings_and_output_weights=False,
+        add_bias_linear=True,
+        swiglu=False,
+        group_query_attention=False,
+        bias_gelu_fusion=True,  # Megatron's fused bias-GeLU is the tanh approximation, as mtnlg's GeLU
+        openai_gelu=False,
+        fp16=dtype == torch.float16,
+        bf16=dtype == torch.bfloat16,
+        params_dtype=dtype,
+        tokenizer_type="GPTSentencePieceTokenizer",
+        tokenizer_model="tokenizer.model",
+        iteration=weights.step,
+        consumed_train_samples=weights.consumed_samples,
+    )
+
+
+def _nest(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Megatron's `state_dict_for_save_checkpoint` shape: nested embedding modules, flat encoder keys."""
+    language_model: dict[str, Any] = {"embedding": {}, "encoder": {}}
+    for name, tensor in flat.items():
+        part, rest = name.removeprefix("language_model.").split(".", 1)
+        if part == "embedding":
+            module, leaf = rest.split(".")
+            language_model["embedding"].setdefault(module, {})[leaf] = tensor
+        else:
+            language_model["encoder"][rest] = tensor
+    return {"language_model": language_model}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import
+
+
+def is_megatron(directory: Path) -> bool:
+    return (directory / TRACKER).is_file() or any(_RANK_DIR.match(p.name) or _PIPELINE_RANK_DIR.match(p.name)
+                                                  for p in directory.iterdir() if p.is_dir())
+
+
+def read_megatron(directory: Path) -> Weights:
+    """Reads a top folder (with the tracker file) or an iteration folder, and merges its tensor-parallel ranks."""
+    iteration_dir = _iteration_dir(directory)
+    rank_files = _rank_files(iteration_dir)
+    states = [load_torch_file(path, SAFE_GLOBALS) for path in rank_files]
+    for path, state in zip(rank_files, states):
+        if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+            found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
+            raise MtnlgError(f"{path} is not a Megatron-LM checkpoint (no 'model' entry; found {found})")
+    args = states[0].get("args")
+    if not isinstance(args, argparse.Namespace):
+        raise MtnlgError(f"{rank_files[0]} has no Megatron-LM args; they are needed for the number of heads")
+    config = _config_from_args(args, rank_files[0])
+    tensor_parallel = len(states)
+    if getattr(args, "tensor_model_parallel_size", tensor_parallel) != tensor_parallel:
+        raise MtnlgError(f"{iteration_dir} has {tensor_parallel} tensor-parallel rank folders, but its args say "
+                         f"tensor_model_parallel_size={args.tensor_model_parallel_size}")
+    version = float(states[0].get("checkpoint_version", 0))
+    ranks = [_flat_model(state["model"], path) for state, path in zip(states, rank_files)]
+    merged = {}
+    for ours, theirs, dim in _names(config):
+        pieces = []
+        for path, rank in zip(rank_files, ranks):
+            if theirs not in rank:
+                raise MtnlgError(f"{path} lacks tensor {theirs}")
+            pieces.append(_qkv_to_v3(rank[theirs], version, config.num_heads // tensor_parallel)
+                          if ".query_key_value." in theirs else rank[theirs])
+        merged[theirs] = pieces[0] if dim is None else torch.cat(pieces, dim)
+    for path, rank in zip(rank_files, ranks):
+        extra = sorted(set(rank) - set(merged))
+        if extra:
+            raise MtnlgError(f"{path} has tensor {extra[0]} that mtnlg's GPT does not have")
+    shapes = expected_shapes(config)
+    expected = {theirs: shapes[ours] for ours, theirs, _ in _names(config)}
+    check_shapes(merged, expected, str(iteration_dir), "its args")
+    tensors = {ours: merged[theirs] for ours, theirs, _ in _names(config)}
+    step = int(states[0].get("iteration", getattr(args, "iteration", 0)) or 0)
+    return Weights(tensors, config, getattr(args, "vocab_size", None), step,
+                   bundled_tokenizer(directory) or bundled_tokenizer(iteration_dir.parent),
+                   int(getattr(args, "consumed_train_samples", 0) or 0))
+
+
+def _iteration_dir(directory: Path) -> Path:
+    tracker = directory / TRACKER
+    if not tracker.is_file():
+        return directory
+    text = tracker.read_text(encoding="utf-8", errors="replace").strip()
+    if text == "release":
+        return directory / "release"
+    if not text.isdigit():
+        raise MtnlgError(f"{tracker} should hold an iteration number or 'release', not {text[:40]!r}")
+    path = directory / f"iter_{int(text):07d}"
+    if not path.is_dir():
+        raise MtnlgError(f"{tracker} names iteration {int(text)}, but {path.name} is missing ({folder_summary(directory)})")
+    return path
+
+
+def _rank_files(iteration_dir: Path) -> list[Path]:
+    entries = [p for p in iteration_dir.iterdir() if p.is_dir()]
+    if any(_PIPELINE_RANK_DIR.match(p.name) for p in entries):
+        raise MtnlgError(f"{iteration_dir} is split over pipeline stages (mp_rank_XX_YYY folders); mtnlg imports "
+                         "tensor-parallel Megatron-LM checkpoints without pipeline parallelism")
+    if any(p.suffix == ".distcp" for p in iteration_dir.iterdir()):
+        raise MtnlgError(f"{iteration_dir} is a Megatron-LM distributed (torch_dist) checkpoint; mtnlg reads the "
+                         "legacy format (save with --ckpt-format torch)")
+    ranks = sorted((int(m.group(1)), p) for p in entries if (m := _RANK_DIR.match(p.name)))
+    if not ranks:
+        raise MtnlgError(f"{iteration_dir} has no mp_rank_XX folders ({folder_summary(iteration_dir)})")
+    if [r for r, _ in ranks] != list(range(len(ranks))):
+        raise MtnlgError(f"{iteration_dir} lacks tensor-parallel rank folders: has {[p.name for _, p in ranks]}")
+    files = []
+    for _, rank_dir in ranks:
+        found = [rank_dir / name for name in CHECKPOINT_FILES if (rank_dir / name).is_file()]
+        if not found:
+            raise MtnlgError(f"{rank_dir} has no {CHECKPOINT_FILES[0]} ({folder_summary(rank_dir)})")
+        files.append(found[0])
+    return files
+
+
+def _config_from_args(args: argparse.Namespace, path: Path) -> GPTConfig:
+    unsupported = {
+        "position_embedding_type": ("learned_absolute", getattr(args, "position_embedding_type", "learned_absolute")),
+        "normalization": ("LayerNorm", getattr(args, "normalization", "LayerNorm")),
+        "swiglu": (False, getattr(args, "swiglu", False)),
+        "group_query_attention": (False, getattr(args, "group_query_attention", False)),
+        "untie_embeddings_and_output_weights": (False, getattr(args, "untie_embeddings_and_output_weights", False)),
+        "apply_residual_connection_post_layernorm":
+            (False, getattr(args, "apply_residual_connection_post_layernorm", False)),
+        "add_bias_linear": (True, getattr(args, "add_bias_linear", True)),
+        "use_rotary_position_embeddings": (False, getattr(args, "use_rotary_position_embeddings", False)),
+    }
+    for key, (supported, value) in unsupported.items():
+        if value != supported:
+            raise MtnlgError(f"{path}: unsupported architecture: {key}={value!r} (mtnlg's GPT has {supported!r})")
+    if not (getattr(args, "bias_gelu_fusion", True) or getattr(args, "openai_gelu", False)):
+        raise MtnlgError(f"{path}: unsupported architecture: exact (erf) GeLU (bias_gelu_fusion=False, "
+                         "openai_gelu=False); mtnlg's GeLU is the tanh approximation")
+    try:
+        hidden, heads = int(args.hidden_size), int(args.num_attention_heads)
+        if hidden % heads or (getattr(args, "kv_channels", None) or hidden // heads) * heads != hidden:
+            raise MtnlgError(f"{path}: unsupported architecture: kv_channels * num_attention_heads != hidden_size")
+        return GPTConfig(
+            vocab_size=int(args.padded_vocab_size),
+            max_position_embeddings=int(args.max_position_embeddings),
+            num_layers=int(args.num_layers),
+            hidden_size=hidden,
+            num_heads=heads,
+            ffn_hidden_size=int(getattr(args, "ffn_hidden_size", None) or 4 * hidden),
+            init_method_std=float(getattr(args, "init_method_std", 0.02)),
+            layernorm_epsilon=float(getattr(args, "layernorm_epsilon", 1e-5)),
+        )
+    except AttributeError as exc:
+        raise MtnlgError(f"{path}: its args lack {exc.name}") from None
+
+
+def _flat_model(model: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Megatron's nested model dict as flat dotted names, with older names rewritten to current ones."""
+    if "language_model" not in model:
+        raise MtnlgError(f"{path}: unsupported model layout (expected 'language_model', found {sorted(model)[:4]}); "
+                         "virtual pipeline or non-GPT checkpoints are not supported")
+    flat: dict[str, torch.Tensor] = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(f"{prefix}.{key}" if prefix else str(key), value)
+        elif isinstance(node, torch.Tensor):
+            for pattern, replacement in _ALIASES:
+                prefix = pattern.sub(replacement, prefix)
+            flat[prefix] = node
+        elif not prefix.endswith("_extra_state") and node is not None:
+            raise MtnlgError(f"{path}: model entry {prefix} is a {type(node).__name__}, not a tensor")
+
+    visit("", model)
+    head = flat.pop("language_model.output_layer.weight", None)
+    if head is not None and not torch.equal(head, flat.get(_WORD_EMBEDDINGS, head)):
+        raise MtnlgError(f"{path}: unsupported architecture: an output layer not tied to the word embeddings")
+    return flat
+
+
+def _qkv_to_v3(qkv: torch.Tensor, version: float, local_heads: int) -> torch.Tensor:
+    """One rank's fused QKV rows in checkpoint version 3's [head, q|k|v, head_dim] order."""
+    if version >= 2.0:
+        return qkv
+    if version >= 1.0:  # [head, head_dim, q|k|v]
+        return qkv.reshape(local_heads, -1, 3, *qkv.shape[1:]).transpose(1, 2).reshape(qkv.shape)
+    return qkv_blocks_to_heads(qkv, local_heads)  # version 0: [q|k|v, head, head_dim]

@@ -1,0 +1,264 @@
+"""`mtnlg convert`: safetensors, Hugging Face and Megatron-LM export and import, checked against transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import run_cli
+from mtnlg_cli.cli import app
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mtnlg_cli.model.gpt import GPT, GPTConfig
+from mtnlg_cli.workspace import init_workspace
+
+# vocabulary 600 pads to 640 rows, which Megatron with two ranks pads again (to 768): both paddings are exercised
+MODEL = ["model.vocab_size=600", "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
+         "model.max_position_embeddings=64", "model.seq_length=64"]
+STEP = 10
+
+
+def mtnlg(*args: str):
+    """The CLI in this process (no interpreter start-up); MtnlgError stays in `result.exception`."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(*args: str) -> str:
+    result = mtnlg(*args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result.output
+
+
+def refused(*args: str) -> str:
+    result = mtnlg(*args)
+    assert isinstance(result.exception, MtnlgError), (result.output, result.exception)
+    return str(result.exception)
+
+
+def new_workspace(root: Path):
+    return init_workspace(root, "tiny", overrides=MODEL)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """A workspace with a tokenizer and one checkpoint of a tiny GPT whose every tensor is random (biases and
+    LayerNorms too, so that any layout slip changes the logits)."""
+    from mtnlg_cli.data.tokenizer import train_tokenizer
+
+    ws = new_workspace(tmp_path_factory.mktemp("convert") / "ws")
+    config = ws.load_config()
+    text = (ws.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines()[:3000] if line.strip()]
+    tokenizer = train_tokenizer(lines, ws.tokenizer_dir, config.model.vocab_size)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_model_config(config.model))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    save_checkpoint(ws.checkpoints_dir, STEP, {"model": model.state_dict(), "optimizer": {"m": torch.zeros(3)}},
+                    {"model_config": model.config.to_dict(), "config": config.to_dict(),
+                     "tokenizer_hash": tokenizer.hash, "consumed_samples": 160, "loss": 6.0})
+    # Chinese text that the English tokenizer has no pieces for: byte fallback must agree too
+    chinese = (ws.raw_dir / "zh_tang_poems.txt").read_text(encoding="utf-8")[:80]
+    sample = "\n\n".join(text.split("\n\n")[40:46]) + "\n" + chinese
+    return ws, model.eval(), tokenizer, sample
+
+
+def checkpoint_tensors(ws, step=None):
+    path = ws.checkpoints_dir / f"step_{step:07d}" if step is not None else latest_checkpoint(ws.checkpoints_dir)
+    return load_checkpoint(path).tensors("model")
+
+
+def assert_same_weights(expected: torch.nn.Module, got: dict[str, torch.Tensor]):
+    reference = expected.state_dict()
+    assert sorted(got) == sorted(reference)
+    for name, tensor in reference.items():
+        assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor), name
+
+
+def test_hf_export_loads_in_transformers_with_our_logits_generation_and_token_ids(source, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ws, model, tokenizer, sample = source
+    out = tmp_path / "hf"
+    ok("convert", "export", out, "--to", "hf", "-w", ws.root)
+    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert type(hf).__name__ == "GPT2LMHeadModel"
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert hf.config.activation_function == "gelu_new" and hf.config.n_layer == 2
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer.encode(sample)
+    assert hf_tokenizer(sample)["input_ids"] == ids
+    assert hf_tokenizer.decode(ids) == sample == tokenizer.decode(ids)
+
+    tokens = torch.tensor([ids[:64]])
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert ours.shape == theirs.shape == (1, 64, 640)
+    assert (ours - theirs).abs().max().item() < 1e-5
+
+    prompt = ids[:8]
+    generated = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):
+            generated.append(int(model(torch.tensor([generated]))[0, -1].argmax()))
+            if generated[-1] == tokenizer.eos_id:
+                break
+        hf_generated = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0].tolist()
+    assert hf_generated == generated and len(generated) > len(prompt)
+
+
+def test_hf_round_trip_is_bit_identical_and_fills_a_fresh_workspace(source, tmp_path):
+    ws, model, tokenizer, _ = source
+    out = tmp_path / "hf"
+    ok("convert", "export", out, "--to", "hf", "--max-shard-size", "100KB", "-w", ws.root)
+    assert (out / "model.safetensors.index.json").is_file() and not (out / "model.safetensors").exists()
+
+    fresh = new_workspace(tmp_path / "fresh")
+    output = ok("convert", "import", out, "-w", fresh.root)
+    assert "installed the tokenizer" in output
+    assert (fresh.tokenizer_dir / "tokenizer.model").read_bytes() == tokenizer.path.read_bytes()
+    assert_same_weights(model, checkpoint_tensors(fresh))
+    state = load_checkpoint(latest_checkpoint(fresh.checkpoints_dir)).state
+    assert state["tokenizer_hash"] == tokenizer.hash and state["model_config"] == model.config.to_dict()
+    assert state["config"]["model"]["vocab_size"] == 600 and state["step"] == 0
+
+
+def test_megatron_tensor_parallel_export_has_the_legacy_layout_and_round_trips(source, tmp_path):
+    from mtnlg_cli.model.convert.common import load_torch_file
+    from mtnlg_cli.model.convert.megatron import SAFE_GLOBALS
+
+    ws, model, _, _ = source
+    out = tmp_path / "megatron"
+    ok("convert", "export", out, "--to", "megatron", "--tensor-parallel", "2", "-w", ws.root)
+    assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEP)
+    ranks = [load_torch_file(out / f"iter_{STEP:07d}" / f"mp_rank_0{r}" / "model_optim_rng.pt", SAFE_GLOBALS)
+             for r in range(2)]
+    assert ranks[0]["checkpoint_version"] == 3.0 and ranks[0]["args"].tensor_model_parallel_size == 2
+    assert ranks[0]["args"].padded_vocab_size == 768
+    layer = ranks[1]["model"]["language_model"]["encoder"]
+    embedding = ranks[1]["model"]["language_model"]["embedding"]
+    qkv = model.state_dict()["layers.0.attn.qkv.weight"]
+    # rank 1 holds heads 2 and 3 whole: rows [head, q|k|v, head_dim] from the middle on
+    assert torch.equal(layer["layers.0.self_attention.query_key_value.weight"], qkv[96:])
+    assert torch.equal(layer["layers.1.self_attention.dense.weight"],
+                       model.state_dict()["layers.1.attn.proj.weight"][:, 32:])
+    assert embedding["word_embeddings"]["weight"].shape == (384, 64)
+    assert not embedding["word_embeddings"]["weight"][640 - 384:].any()  # Megatron's extra padding rows
+
+    fresh = new_workspace(tmp_path / "fresh")
+    ok("convert", "import", out, "--from", "megatron", "-w", fresh.root)
+    assert_same_weights(model, checkpoint_tensors(fresh, STEP))
+    assert load_checkpoint(latest_checkpoint(fresh.checkpoints_dir)).state["consumed_samples"] == 160
+    # the same step again would overwrite it: refused, unless filed under another step
+    assert "already exists" in refused("convert", "import", out, "-w", fresh.root)
+    ok("convert", "import", out, "--step", "20", "-w", fresh.root)
+    assert_same_weights(model, checkpoint_tensors(fresh, 20))
+
+
+def test_safetensors_export_bf16_halves_the_size_shards_and_reloads(source, tmp_path):
+    from safetensors import safe_open
+
+    ws, model, _, _ = source
+    ok("convert", "export", tmp_path / "fp32", "-w", ws.root)
+    ok("convert", "export", tmp_path / "bf16", "--dtype", "bf16", "-w", ws.root)
+    fp32, bf16 = (tmp_path / "fp32" / "model.safetensors").stat().st_size, (tmp_path / "bf16" / "model.safetensors").stat().st_size
+    assert 0.49 < bf16 / fp32 < 0.52
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as f:
+        header = f.metadata()
+        assert f.get_tensor("wte.weight").dtype == torch.bfloat16
+    assert json.loads(header["mtnlg_model_config"]) == model.config.to_dict() and header["mtnlg_step"] == str(STEP)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bf16"
+    assert not any("optimizer" in p.name for p in (tmp_path / "bf16").iterdir())
+
+    ok("convert", "export", tmp_path / "shards", "--max-shard-size", "50KB", "-w", ws.root)
+    index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in (tmp_path / "shards").glob("model-*.safetensors"))
+    assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
+    assert all(p.stat().st_size < 50_000 + 5_000 or "wte" in json.dumps(index) for p in (tmp_path / "shards").glob("model-*"))
+    assert sorted(index["weight_map"]) == sorted(model.state_dict())
+
+    fresh = new_workspace(tmp_path / "fresh")
+    ok("convert", "import", tmp_path / "bf16", "-w", fresh.root)
+    reloaded = checkpoint_tensors(fresh, STEP)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(reloaded[name], tensor.to(torch.bfloat16).float()), name
+    ok("convert", "import", tmp_path / "shards", "--step", "1", "-w", fresh.root)
+    assert_same_weights(model, checkpoint_tensors(fresh, 1))
+
+
+def test_bad_inputs_are_one_line_errors_and_leave_the_output_untouched(source, tmp_path):
+    ws, _, _, _ = source
+    hf = tmp_path / "hf"
+    ok("convert", "export", hf, "--to", "hf", "-w", ws.root)
+
+    neither = tmp_path / "neither"
+    neither.mkdir()
+    (neither / "notes.txt").write_text("x")
+    message = refused("convert", "import", neither, "-w", ws.root)
+    assert "neither a Hugging Face folder" in message and "found notes.txt" in message
+
+    misshapen = tmp_path / "misshapen"
+    shutil.copytree(hf, misshapen)
+    config = json.loads((misshapen / "config.json").read_text())
+    (misshapen / "config.json").write_text(json.dumps({**config, "n_positions": 128}))
+    message = refused("convert", "import", misshapen, "-w", ws.root)
+    assert "wpe.weight has shape (64, 64)" in message and "implies (128, 64)" in message
+
+    (misshapen / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    assert "unsupported architecture 'LlamaForCausalLM'" in refused("convert", "import", misshapen, "-w", ws.root)
+    (misshapen / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
+    assert "unsupported activation_function 'relu'" in refused("convert", "import", misshapen, "-w", ws.root)
+
+    # the real command line: exit code 2 and one line, no traceback
+    truncated = tmp_path / "truncated"
+    shutil.copytree(hf, truncated)
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    before = sorted(p.name for p in ws.checkpoints_dir.iterdir())
+    result = run_cli("convert", "import", str(truncated), "-w", str(ws.root))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "model.safetensors is truncated or not a safetensors file" in result.stderr
+    assert sorted(p.name for p in ws.checkpoints_dir.iterdir()) == before
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("mine")
+    assert "not empty" in refused("convert", "export", existing, "-w", ws.root)
+    # a failure while writing (3 ranks cannot split 4 heads) leaves the old folder and no temporary one
+    assert "must divide model.num_heads" in refused("convert", "export", existing, "--to", "megatron", "-t", "3",
+                                                    "--force", "-w", ws.root)
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    ok("convert", "export", existing, "--force", "-w", ws.root)
+    assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").is_file()
+
+    assert "--step does not apply" in refused("convert", "export", tmp_path / "x", "--step", "3", "-w", ws.root)
+
+
+def test_megatron_import_never_runs_pickled_code(source, tmp_path):
+    ws, _, _, _ = source
+    out = tmp_path / "megatron"
+    ok("convert", "export", out, "--to", "megatron", "-w", ws.root)
+    rank_file = out / f"iter_{STEP:07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    state = torch.load(rank_file, weights_only=False)
+    torch.save({**state, "payload": Payload()}, rank_file)
+    message = refused("convert", "import", out, "-w", ws.root)
+    assert "holds a Python object posix.mkdir, which mtnlg refuses to load" in message
+    assert not marker.exists()
+
+    (out / "latest_checkpointed_iteration.txt").write_text("7\n")
+    assert "names iteration 7, but iter_0000007 is missing" in refused("convert", "import", out, "-w", ws.root)
