@@ -40,7 +40,8 @@ def fill_workspace(workspace) -> None:
     (workspace.checkpoints_dir / "latest").symlink_to("step_0000200")
     run = workspace.runs_dir / "run-1"
     run.mkdir(parents=True)
-    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 7.0}\n{"step": 20, "loss": 6.5}\n{"step": 3')
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 7.0}\n{"step": 20, "loss": 6.5, "tokens_per_s": 900}\n'
+                                       '{"step": 20, "val_loss": 6.75}\n{"step": 3')  # the last line is cut off
 
 
 def test_info_reports_everything_the_workspace_holds(workspace):
@@ -62,7 +63,7 @@ def test_info_reports_everything_the_workspace_holds(workspace):
     assert [(c["step"], c["loss"], c["latest"]) for c in info["checkpoints"]] == [(100, 5.5, False),
                                                                                   (200, 4.25, True)]
     assert info["checkpoints"][0]["bytes"] > 1000
-    assert info["runs"] == [{"name": "run-1", "last": {"step": 20, "loss": 6.5}}]
+    assert info["runs"] == [{"name": "run-1", "step": 20, "loss": 6.5, "tokens_per_s": 900, "val_loss": 6.75}]
     assert info["config"]["model"]["num_layers"] == config.model.num_layers
 
 

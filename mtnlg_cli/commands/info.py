@@ -135,7 +135,7 @@ def checkpoint_summaries(workspace: Workspace) -> list[dict[str, Any]]:
 
 
 def run_summaries(workspace: Workspace) -> list[dict[str, Any]]:
-    """Training runs (runs/NAME/) with the last record of their metrics.jsonl."""
+    """Training runs (runs/NAME/) with their latest training and validation records from metrics.jsonl."""
     root = workspace.runs_dir
     if not root.is_dir():
         return []
@@ -144,25 +144,33 @@ def run_summaries(workspace: Workspace) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"name": path.name}
         metrics = path / "metrics.jsonl"
         if metrics.is_file():
-            entry["last"] = last_json_line(metrics)
+            records = tail_json_records(metrics)
+            trained = [r for r in records if "loss" in r]
+            validated = [r for r in records if "val_loss" in r]
+            if trained:
+                entry.update(step=trained[-1].get("step"), loss=trained[-1]["loss"],
+                             tokens_per_s=trained[-1].get("tokens_per_s"))
+            if validated:
+                entry["val_loss"] = validated[-1]["val_loss"]
         found.append(entry)
     return found
 
 
-def last_json_line(path: Path, tail_bytes: int = 65536) -> dict[str, Any] | None:
-    """The last complete JSON object in a JSON-lines file, reading only its end."""
+def tail_json_records(path: Path, tail_bytes: int = 65536) -> list[dict[str, Any]]:
+    """The JSON objects among the last lines of a JSON-lines file, reading only its end."""
     with open(path, "rb") as f:
         f.seek(0, 2)
         f.seek(max(0, f.tell() - tail_bytes))
         lines = f.read().decode("utf-8", errors="replace").splitlines()
-    for line in reversed(lines):
+    records = []
+    for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue  # a line still being written, or cut by the tail
         if isinstance(record, dict):
-            return record
-    return None
+            records.append(record)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,9 +228,7 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
         for column in ("name", "step", "loss", "size", "latest"):
             table.add_column(column, justify="left" if column == "name" else "right")
         for entry in summary["checkpoints"]:
-            loss = entry.get("loss")
-            table.add_row(entry["name"], str(entry.get("step", "?")),
-                          f"{loss:.4f}" if isinstance(loss, (int, float)) else entry.get("error", "-"),
+            table.add_row(entry["name"], str(entry.get("step", "?")), entry.get("error") or _loss(entry.get("loss")),
                           _size(entry["bytes"]), "*" if entry["latest"] else "")
         console.print(table)
     else:
@@ -230,13 +236,16 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
 
     if summary["runs"]:
         table = Table(title="runs", title_justify="left")
-        for column in ("name", "last step", "last loss"):
+        for column in ("name", "last step", "loss", "val loss", "tokens/s"):
             table.add_column(column, justify="left" if column == "name" else "right")
         for entry in summary["runs"]:
-            last = entry.get("last") or {}
-            loss = last.get("loss")
-            table.add_row(entry["name"], str(last.get("step", "-")),
-                          f"{loss:.4f}" if isinstance(loss, (int, float)) else "-")
+            rate = entry.get("tokens_per_s")
+            table.add_row(entry["name"], str(entry.get("step", "-")), _loss(entry.get("loss")),
+                          _loss(entry.get("val_loss")), f"{rate:,.0f}" if isinstance(rate, (int, float)) else "-")
         console.print(table)
     else:
         console.print("[bold]runs[/] none yet")
+
+
+def _loss(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
