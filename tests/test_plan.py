@@ -137,3 +137,11 @@ def test_plan_cli_json_and_errors(workspace):
     result = run_cli("plan", "--tokens", "lots", cwd=workspace.root)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: --tokens='lots'")
     assert "Traceback" not in result.stderr
+
+
+def test_pipeline_microbatches_set_the_bubble():
+    config = template_config("tiny", ["parallel.pipeline_parallel=2", "parallel.pipeline_microbatches=4"])
+    layout = planner.layout_from_config(config)
+    assert (layout.pipeline, layout.data, layout.micro_batch) == (2, 1, 4)
+    plan = planner.make_plan(config, layout, planner.Cluster.build(2, "h100-80g"))
+    assert plan.feasible and plan.microbatches == 4 and plan.bubble == pytest.approx(1 / 4)

@@ -94,7 +94,11 @@ def layout_from_config(config: Config, gpus: Optional[int] = None) -> Layout:
     if gpus is None:
         gpus = model_parallel * max(p.data_parallel, 1)
     data = p.data_parallel or max(gpus // model_parallel, 1)
-    return Layout(p.tensor_parallel, p.pipeline_parallel, data, config.train.micro_batch_size,
+    micro_batch = config.train.micro_batch_size
+    per_rank = config.train.global_batch_size // data
+    if p.pipeline_parallel > 1 and p.pipeline_microbatches and per_rank % p.pipeline_microbatches == 0:
+        micro_batch = per_rank // p.pipeline_microbatches  # the pipeline splits each rank's share this many ways
+    return Layout(p.tensor_parallel, p.pipeline_parallel, data, micro_batch,
                   config.train.activation_checkpointing, p.sequence_parallel, p.fsdp, p.pipeline_schedule)
 
 
@@ -272,8 +276,9 @@ def layout_problems(config: Config, layout: Layout, cluster: Cluster) -> list[st
     """Why a layout cannot run at all (it does not divide); memory is checked separately."""
     m, t = config.model, config.train
     problems = []
-    if m.num_heads % layout.tensor or m.ffn_size % layout.tensor:
-        problems.append(f"TP={layout.tensor} does not divide num_heads={m.num_heads} and ffn size={m.ffn_size}")
+    if m.num_heads % layout.tensor or m.ffn_size % layout.tensor or m.padded_vocab_size % layout.tensor:
+        problems.append(f"TP={layout.tensor} does not divide num_heads={m.num_heads}, the ffn size {m.ffn_size} "
+                        f"and the padded vocabulary {m.padded_vocab_size}")
     if m.num_layers % layout.pipeline:
         problems.append(f"PP={layout.pipeline} does not divide num_layers={m.num_layers} into equal stages")
     if layout.gpus != cluster.gpus:
