@@ -38,6 +38,7 @@ from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.gpt import GPT
 
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)  # a dead rank ends the others with an error instead of a hang
+_START_HINT = " (mtnlg train --num-processes N starts N)"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,11 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.data_parallel * self.tensor_parallel * self.pipeline_parallel
+
+    @property
+    def plain_data_parallel(self) -> bool:
+        """Nothing but replicas (or a single process): Accelerate's DDP runs it."""
+        return self.tensor_parallel == self.pipeline_parallel == 1 and not self.fsdp
 
     def describe(self) -> str:
         parts = []
@@ -76,11 +82,11 @@ def resolve_layout(config: Config, world_size: int) -> Layout:
         dp = p.data_parallel
         if dp * tp * pp != world_size:
             raise MtnlgError(f"parallel layout data_parallel={dp} x tensor_parallel={tp} x pipeline_parallel={pp} "
-                             f"needs {dp * tp * pp} processes, but the run has {world_size}")
+                             f"needs {dp * tp * pp} processes, but the run has {world_size}{_START_HINT}")
     else:
         if world_size % (tp * pp):
             raise MtnlgError(f"parallel.tensor_parallel={tp} x parallel.pipeline_parallel={pp} = {tp * pp} "
-                             f"does not divide the {world_size} processes of the run")
+                             f"does not divide the {world_size} processes of the run{_START_HINT}")
         dp = world_size // (tp * pp)
     if m.num_heads % tp:
         raise MtnlgError(f"model.num_heads={m.num_heads} must be divisible by parallel.tensor_parallel={tp}")
@@ -114,13 +120,6 @@ def resolve_layout(config: Config, world_size: int) -> Layout:
             raise MtnlgError(f"the 1f1b schedule needs at least as many micro-batches as stages: "
                              f"{microbatches} micro-batches < parallel.pipeline_parallel={pp}")
     return Layout(dp, p.fsdp, tp, p.sequence_parallel, pp, p.pipeline_schedule, microbatches)
-
-
-def init_process_group(backend: Optional[str] = None) -> None:
-    """Joins the process group of a launched run (torchrun / accelerate environment) if it is not joined yet."""
-    if dist.is_available() and not dist.is_initialized():
-        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def build_mesh(layout: Layout, device_type: str):
@@ -229,7 +228,7 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 class ParallelModel:
-    """A GPT laid out over the processes of a run; single-process runs get the same interface around the model."""
+    """A GPT laid out over the processes of a run: what this rank holds of it, one step's work, full state."""
 
     def __init__(self, model: GPT, layout: Layout, device: torch.device, param_dtype: Optional[torch.dtype] = None):
         self.layout = layout
@@ -452,12 +451,10 @@ class ParallelModel:
             set_model_state_dict(self.module, own, options=StateDictOptions(full_state_dict=True, strict=True))
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Loads per-parameter optimizer state from `full_optimizer_state`, sharded like each parameter."""
+        """Loads per-parameter optimizer state (full tensors by parameter name), sharded like each parameter."""
         for name, param in self.named_parameters():
-            if name not in state:
-                raise MtnlgError(f"the optimizer state in the checkpoint has no entry for {name}")
-            optimizer.state[param] = {key: _like(value, param) if value.dim() else value.clone()
-                                      for key, value in state[name].items()}
+            if name in state:
+                optimizer.state[param] = {key: _like(value, param) for key, value in state[name].items()}
 
 
 def _blocks(module: nn.Module) -> list[nn.Module]:
@@ -486,19 +483,11 @@ def _cpu(value):
 
 
 def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """`full` sharded the way `param` is."""
+    """`full` sharded the way `param` is (a scalar such as Adam's step count stays a plain tensor)."""
     full = full.to(param.device)
-    if hasattr(param, "device_mesh"):
+    if full.dim() and hasattr(param, "device_mesh"):
         from torch.distributed.tensor import distribute_tensor
 
         return distribute_tensor(full, param.device_mesh, param.placements)
     return full.clone()
-
-
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
