@@ -99,7 +99,7 @@ class MegatronLM:
         self._temporary = temporary  # removed when this object is
         self._loaded = None  # (model, tokenizer, checkpoint) of the latest checkpoint, loaded on first use
         self._chat_session = None
-        self.config  # validate the options now, not at the first call
+        self.workspace.load_config(overrides)  # reports a bad option now, not at the first call
 
     @classmethod
     def from_workspace(cls, directory: os.PathLike | str, *, device: Optional[str] = None, quiet: bool = False,

@@ -112,6 +112,10 @@ def test_temporary_workspace_and_bad_options(tmp_path):
     gc.collect()
     assert not root.exists()
 
+    seed_sizes = MegatronLM("gpt2", num_layers=24, num_heads=16, hidden_size=1024, max_position_embeddings=1024,
+                            workspace=tmp_path / "seed")
+    assert seed_sizes.num_parameters == pytest.approx(307.6e6, rel=1e-3)  # GPT-2 medium, our 4,096-row vocabulary
+
     with pytest.raises(ConfigError, match="did you mean num_layers"):
         MegatronLM("gpt2", num_layer=2)
     with pytest.raises(ConfigError, match="train.lr"):
