@@ -25,11 +25,12 @@ def train_command(
     Tokenizes the corpus first if needed. Ctrl-C or SIGTERM saves a checkpoint at the next step boundary
     (a second Ctrl-C aborts at once); run `mtnlg train` again to continue.
     """
+    found, config = open_workspace(workspace, overrides)  # config errors come before the slow torch import
+
     from rich.console import Console
 
     from mtnlg_cli.model.trainer import train
 
-    found, config = open_workspace(workspace, overrides)
     console = Console()
     result = train(found, config, resume=resume, from_scratch=from_scratch, console=console)
     where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""

@@ -1,0 +1,207 @@
+"""The trainer: schedule, exact resume, learning on the sample corpus, lock, signals, numerical guard, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, run_cli
+from mtnlg_cli.config import TrainConfig
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.checkpoint import latest_checkpoint, load_checkpoint
+from mtnlg_cli.model.lock import TrainLock
+from mtnlg_cli.model.optim import learning_rate, param_groups
+from mtnlg_cli.model.trainer import train
+from mtnlg_cli.workspace import Workspace, init_workspace
+
+# English only with a 1,024-piece vocabulary: the smallest corpus and output head that still learn visibly
+CORPUS = ["data.sources.0.path=data/raw/en_austen_pride.txt", "model.vocab_size=1024"]
+TINY = [*CORPUS, "model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", "model.seq_length=32",
+        "model.max_position_embeddings=64", "train.micro_batch_size=4", "train.global_batch_size=8",
+        "train.lr_warmup_iters=3", "train.eval_iters=2", "train.log_interval=5", "train.peak_tflops=1"]
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A workspace whose English sample is tokenized once for this module."""
+    from mtnlg_cli.data.samples import ensure_datasets
+
+    workspace = init_workspace(tmp_path_factory.mktemp("prepared") / "ws")
+    ensure_datasets(workspace, workspace.load_config(TINY))
+    return workspace.root
+
+
+@pytest.fixture
+def ws(prepared, tmp_path) -> Workspace:
+    target = tmp_path / "ws"
+    shutil.copytree(prepared, target, symlinks=True)
+    return Workspace(target)
+
+
+def quiet():
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
+def run_train(ws: Workspace, *overrides: str, **kwargs):
+    return train(ws, ws.load_config([*TINY, *overrides]), console=quiet(), **kwargs)
+
+
+def test_learning_rate_warms_up_then_decays_to_min_lr():
+    cosine = TrainConfig(lr=1.0, min_lr=0.1, lr_warmup_iters=10, train_iters=110)
+    assert learning_rate(0, cosine) == pytest.approx(0.1)
+    assert learning_rate(9, cosine) == pytest.approx(1.0)
+    assert learning_rate(60, cosine) == pytest.approx(0.55)  # half-way down the cosine
+    assert learning_rate(110, cosine) == learning_rate(500, cosine) == 0.1
+    linear = TrainConfig(lr=1.0, min_lr=0.0, lr_warmup_iters=0, train_iters=100, lr_decay_style="linear")
+    assert learning_rate(25, linear) == pytest.approx(0.75)
+    constant = TrainConfig(lr=0.5, lr_warmup_iters=2, lr_decay_style="constant")
+    assert [learning_rate(s, constant) for s in (0, 1, 50)] == [0.25, 0.5, 0.5]
+
+
+def test_weight_decay_applies_to_matrices_only():
+    from mtnlg_cli.model.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=128, max_position_embeddings=16, num_layers=1, hidden_size=16, num_heads=2,
+                          ffn_hidden_size=64))
+    decay, no_decay = param_groups(model.named_parameters(), 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(ws, prepared, tmp_path):
+    # dropout makes the run depend on the RNG state, which the checkpoint must carry too
+    # the same schedule in both (decay over 20 steps); only where the first run stops differs
+    common = ["model.dropout=0.1", "train.lr_decay_iters=20", "train.save_interval=10", "train.eval_interval=10"]
+    straight = run_train(ws, *common, "train.train_iters=20")
+    other = tmp_path / "other"
+    shutil.copytree(prepared, other, symlinks=True)
+    first = run_train(Workspace(other), *common, "train.train_iters=10")
+    second = run_train(Workspace(other), *common, "train.train_iters=20")
+
+    assert (first.start_step, first.final_step, second.start_step, second.final_step) == (0, 10, 10, 20)
+    assert sorted(second.losses) == list(range(11, 21))
+    assert {**first.losses, **second.losses} == straight.losses  # exact float equality
+    assert straight.losses[20] < straight.losses[1]
+    assert second.val_loss == straight.val_loss
+    a = load_file(straight.checkpoint / "model.safetensors")
+    b = load_file(second.checkpoint / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    state = load_checkpoint(second.checkpoint).state
+    for key in ("step", "model_config", "config", "tokenizer_hash", "consumed_samples", "loss"):
+        assert key in state
+    assert state["step"] == 20 and state["consumed_samples"] == 160 and state["loss"] == straight.losses[20]
+    optimizer = load_file(second.checkpoint / "optimizer.safetensors")
+    assert {"wte.weight.exp_avg", "layers.1.mlp.fc.bias.exp_avg_sq"} <= optimizer.keys()
+    records = [json.loads(line) for line in (second.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert second.run_dir == first.run_dir  # a resumed run goes on writing the same run's metrics
+    assert [r["step"] for r in records if "loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in records if "val_loss" in r] == [10, 20]
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "consumed_samples"} <= records[0].keys()
+
+
+def test_validation_loss_falls_well_below_the_unigram_entropy(ws):
+    from mtnlg_cli.data.samples import split_documents
+
+    overrides = ["model.hidden_size=128", "model.num_heads=4", "model.seq_length=64", "train.micro_batch_size=16",
+                 "train.global_batch_size=16", "train.lr=5e-3", "train.min_lr=5e-4", "train.lr_warmup_iters=10",
+                 "train.train_iters=200", "train.eval_interval=1000", "train.save_interval=1000",
+                 "train.eval_iters=4", "train.log_interval=50"]
+    tokens = np.concatenate(list(split_documents(ws, ws.load_config([*TINY, *overrides]), "train")))
+    p = np.bincount(tokens) / len(tokens)
+    unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())  # nats: the best loss without context
+    result = run_train(ws, *overrides)
+    assert result.val_loss < unigram_entropy - 0.5, (result.val_loss, unigram_entropy)
+
+
+def test_token_budget_stops_early_and_from_scratch_archives(ws):
+    result = run_train(ws, "train.train_iters=100", "train.train_tokens=600")  # 256 tokens per step
+    assert result.final_step == 3 and result.checkpoint.name == "step_0000003"
+    again = run_train(ws, "train.train_iters=2", from_scratch=True)
+    assert again.start_step == 0 and again.final_step == 2
+    archived = list(ws.checkpoints_dir.glob("archive-*/step_0000003/state.json"))
+    assert len(archived) == 1 and latest_checkpoint(ws.checkpoints_dir).name == "step_0000002"
+    done = run_train(ws, "train.train_iters=2")
+    assert done.final_step == 2 and done.losses == {}  # already there: nothing to do
+
+
+def test_a_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(ws):
+    with TrainLock(ws.checkpoints_dir):
+        with pytest.raises(MtnlgError, match=rf"another mtnlg train \(pid {os.getpid()}\)"):
+            run_train(ws, "train.train_iters=1")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (ws.checkpoints_dir / ".train.lock").write_text(dead.stdout)  # left behind by a killed run
+    assert run_train(ws, "train.train_iters=1").final_step == 1
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(ws, monkeypatch):
+    from mtnlg_cli.model.parallel import ParallelRuntime
+
+    real, calls = ParallelRuntime.forward_backward, []
+
+    def diverging(self, batch):  # the first step trains, then every loss is NaN
+        calls.append(batch)
+        return real(self, batch) if len(calls) == 1 else float("nan")
+
+    monkeypatch.setattr(ParallelRuntime, "forward_backward", diverging)
+    with pytest.raises(MtnlgError, match=r"not finite for 3 steps in a row \(steps 2-4") as error:
+        run_train(ws, "train.train_iters=10", "train.max_nonfinite_steps=3")
+    assert "train.lr" in str(error.value) and "\n" not in str(error.value)
+    assert latest_checkpoint(ws.checkpoints_dir) is None  # nothing saved for the skipped steps
+
+
+def test_resume_refuses_another_shape_and_a_truncated_checkpoint(ws):
+    result = run_train(ws, "train.train_iters=2")
+    with pytest.raises(MtnlgError, match="hidden_size=32, but the config gives hidden_size=64"):
+        run_train(ws, "train.train_iters=4", "model.hidden_size=64")
+    model_file = result.checkpoint / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])
+    with pytest.raises(MtnlgError, match="truncated or not a safetensors file"):
+        run_train(ws, "train.train_iters=4")
+    with pytest.raises(MtnlgError, match="no checkpoint at"):
+        run_train(ws, "train.train_iters=4", resume=ws.root / "nowhere")
+
+
+def test_cli_ctrl_c_saves_at_a_step_boundary_and_train_resumes(ws):
+    overrides = [f"--set={o}" for o in [*TINY, "train.log_interval=1", "train.train_iters=100000"]]
+    env = {**os.environ, "COLUMNS": "200", "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "mtnlg_cli", "train", *overrides], cwd=ws.root, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = list(ws.runs_dir.glob("*/metrics.jsonl"))
+    deadline = time.time() + 120
+    while not (metrics and len(metrics[0].read_text().splitlines()) >= 2) and process.poll() is None:
+        assert time.time() < deadline, "training did not start"
+        time.sleep(0.2)
+        metrics = list(ws.runs_dir.glob("*/metrics.jsonl"))
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, output
+    assert "Traceback" not in output and "Stopped by SIGINT after step" in output
+    saved = load_checkpoint(latest_checkpoint(ws.checkpoints_dir))
+    assert 2 <= saved.step < 100000 and saved.state["consumed_samples"] == saved.step * 8
+
+    resumed = run_cli("train", *overrides[:-1], f"--set=train.train_iters={saved.step + 1}", cwd=ws.root)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"Resuming from {saved.path}" in resumed.stdout.replace("\n", "")
+    assert f"Trained to step {saved.step + 1}" in resumed.stdout
+
+
+def test_cli_bad_input_is_one_line_and_exit_code_2(ws):
+    result = run_cli("train", "--set", "model.num_heads=3", cwd=ws.root)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "model.hidden_size=128 must be divisible by model.num_heads=3" in result.stderr
