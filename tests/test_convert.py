@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import run_cli
 from mtnlg_cli.cli import app
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from mtnlg_cli.model.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from mtnlg_cli.model.gpt import GPT, GPTConfig
 from mtnlg_cli.workspace import init_workspace
 
@@ -163,6 +163,32 @@ def test_megatron_tensor_parallel_export_has_the_legacy_layout_and_round_trips(s
     assert_same_weights(model, checkpoint_tensors(fresh, 20))
 
 
+def test_import_of_a_transformers_gpt2_release_layout_gives_its_logits(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=32, n_embd=32, n_layer=2, n_head=2)).eval()
+    with torch.no_grad():
+        for parameter in hf.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    folder = tmp_path / "gpt2"
+    hf.config.save_pretrained(folder)
+    # as OpenAI's GPT-2 release has it: pytorch_model.bin, no "transformer." prefix, the causal-mask buffers
+    state = {name.removeprefix("transformer."): t for name, t in hf.state_dict().items()}
+    state.update({f"h.{i}.attn.bias": torch.ones(1, 1, 32, 32).tril() for i in range(2)})
+    torch.save(state, folder / "pytorch_model.bin")
+
+    ws = new_workspace(tmp_path / "ws")
+    output = ok("convert", "import", folder, "-w", ws.root)
+    assert "without an mtnlg tokenizer" in output and "vocab_size 600 -> 300" in output
+    model = load_model(load_checkpoint(latest_checkpoint(ws.checkpoints_dir)))
+    tokens = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        ours, theirs = model(tokens), hf(tokens).logits
+    assert ours.shape[-1] == 384 and not model.wte.weight[300:].any()  # padded to a multiple of 128 with zeros
+    assert (ours[..., :300] - theirs).abs().max().item() < 1e-5
+
+
 def test_safetensors_export_bf16_halves_the_size_shards_and_reloads(source, tmp_path):
     from safetensors import safe_open
 
@@ -262,3 +288,6 @@ def test_megatron_import_never_runs_pickled_code(source, tmp_path):
 
     (out / "latest_checkpointed_iteration.txt").write_text("7\n")
     assert "names iteration 7, but iter_0000007 is missing" in refused("convert", "import", out, "-w", ws.root)
+    (out / "latest_checkpointed_iteration.txt").write_text(f"{STEP}\n")
+    rank_file.parent.rename(rank_file.parent.with_name("mp_rank_00_000"))
+    assert "split over pipeline stages" in refused("convert", "import", out, "-w", ws.root)

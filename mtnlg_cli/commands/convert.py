@@ -54,7 +54,7 @@ def convert_command(
                  if value is not None]
     if misplaced:
         raise MtnlgError(f"{misplaced[0]} does not apply to mtnlg convert {action}")
-    console = Console(stderr=True)
+    console = Console()
     ws, config = open_workspace(workspace, overrides)
     if action == "export":
         _export(console, ws, config, path, to or "safetensors", checkpoint, dtype or "fp32", max_shard_size,

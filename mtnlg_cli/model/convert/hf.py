@@ -27,7 +27,7 @@ from mtnlg_cli.model.convert.hf_tokenizer import tokenizer_json
 from mtnlg_cli.model.gpt import GPTConfig
 
 ARCHITECTURE = "GPT2LMHeadModel"
-TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one formula, constants rounded differently
 BIN_FILE = "pytorch_model.bin"
 _TORCH_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
