@@ -55,6 +55,8 @@ def plan_command(
     cluster = planner.Cluster.build(gpus or layout.gpus, gpu, peak_tflops, gpu_memory)
     budget = parse_token_count(tokens) if tokens is not None else None
     if search:
+        if top < 1:
+            raise MtnlgError(f"--top={top} must be positive")
         if tflops is not None:
             raise MtnlgError("--tflops describes one measured layout; rank layouts with --mfu instead")
         plans = planner.search_layouts(config, cluster, mfu, budget)
