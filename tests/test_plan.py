@@ -102,7 +102,8 @@ def test_mt_nlg_530b_matches_the_paper():
 def test_search_finds_the_papers_layout_first():
     plans = planner.search_layouts(mtnlg(), planner.Cluster.build(2240, "a100-80g"))
     assert plans and all(plan.feasible and plan.layout.gpus == 2240 for plan in plans)
-    assert [p.step_seconds for p in plans] == sorted(p.step_seconds for p in plans)
+    steps = [round(p.step_seconds, 9) for p in plans]
+    assert steps == sorted(steps)
     best = plans[0].layout
     assert (best.tensor, best.pipeline, best.data, best.micro_batch) == (8, 35, 8, 1)
 

@@ -358,7 +358,8 @@ def make_plan(config: Config, layout: Layout, cluster: Cluster, mfu: float = DEF
 
 def search_layouts(config: Config, cluster: Cluster, mfu: float = DEFAULT_MFU,
                    token_budget: Optional[int] = None) -> list[Plan]:
-    """Every feasible (TP, PP, DP, micro-batch, recompute) layout of `cluster`, fastest first.
+    """Every feasible (TP, PP, DP, micro-batch, recompute) layout of `cluster`, fastest first; among equally fast
+    ones, the least model-parallel first (Megatron's advice: the smallest TP x PP that fits).
 
     TP stays within a node and divides the heads, PP divides the layers, and the micro-batch divides each data-
     parallel rank's share of the global batch. Sequence parallelism, FSDP and the schedule come from the config.
@@ -381,7 +382,9 @@ def search_layouts(config: Config, cluster: Cluster, mfu: float = DEFAULT_MFU,
                     plan = make_plan(config, layout, cluster, mfu, token_budget=token_budget)
                     if plan.feasible:
                         plans.append(plan)
-    plans.sort(key=lambda plan: (plan.step_seconds, plan.memory.total, plan.layout.tensor))
+    # equal times: less model parallelism first (less communication, which this model does not price), then memory
+    plans.sort(key=lambda plan: (round(plan.step_seconds, 9), plan.layout.tensor * plan.layout.pipeline,
+                                 plan.memory.total))
     return plans
 
 
