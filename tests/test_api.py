@@ -61,7 +61,7 @@ def test_evaluate_is_the_perplexity_of_the_models_loss(trained):
     model, _ = trained
     text = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
     gpt, tokenizer, _ = model._inference()
-    tokens = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(text)]])
+    tokens = torch.tensor([[tokenizer.eos_id, *tokenizer.encode(text)]], device=gpt.wte.weight.device)
     with torch.no_grad():
         expected = math.exp(gpt(tokens[:, :-1], targets=tokens[:, 1:]).item())
     assert model.evaluate(text) == pytest.approx(expected, rel=1e-4)
