@@ -209,7 +209,7 @@ class ParallelRuntime:
                 if state_key != "step" and tensor.shape != param.shape:
                     raise MtnlgError(f"{source}: optimizer state {name}.{state_key} has shape "
                                      f"{tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
-            self.optimizer.state[param] = {k: v.to(param.device) for k, v in state.items()}
+            self.optimizer.state[param] = {k: v.to(param.device, copy=True) for k, v in state.items()}
         scaler = self.accelerator.scaler
         if scaler is not None and "grad_scaler" in scalars:
             scaler.load_state_dict({**scaler.state_dict(), **scalars["grad_scaler"]})

@@ -1,0 +1,101 @@
+"""Checkpoints: atomic saves, `latest`, pruning, bad files, and optimizer state keyed by parameter name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtnlg_cli.config import load_config
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model import checkpoint as ckpt
+from mtnlg_cli.model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from mtnlg_cli.model.gpt import GPTConfig
+
+
+def tensors(value: float) -> dict[str, dict[str, torch.Tensor]]:
+    return {"model": {"w": torch.full((4, 4), value)}, "optimizer": {"w.exp_avg": torch.zeros(4, 4)}}
+
+
+def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path, monkeypatch):
+    save_checkpoint(tmp_path, 1, tensors(1.0), {"loss": 1.0})
+    real_save, calls = ckpt.save_file, []
+
+    def crash_on_second_file(group, path):
+        calls.append(path)
+        if len(calls) == 2:
+            real_save(group, path)  # the file is there, but the process "dies" before the save completes
+            raise OSError("No space left on device")
+        real_save(group, path)
+
+    monkeypatch.setattr(ckpt, "save_file", crash_on_second_file)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, 2, tensors(2.0), {"loss": 2.0})
+
+    assert latest_checkpoint(tmp_path).name == "step_0000001"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # no half-written folder left
+    previous = load_checkpoint(tmp_path / "latest")
+    assert previous.step == 1 and torch.equal(previous.tensors("model")["w"], torch.ones(4, 4))
+
+
+def test_latest_follows_the_newest_and_keep_last_prunes(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, tensors(step), {"loss": step}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
+    assert (tmp_path / "latest").resolve().name == "step_0000004"
+    assert load_checkpoint(latest_checkpoint(tmp_path)).state["loss"] == 4
+
+
+def test_truncated_and_foreign_files_are_one_line_errors(tmp_path):
+    path = save_checkpoint(tmp_path, 1, tensors(1.0), {})
+    model = path / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:20])
+    with pytest.raises(MtnlgError, match="truncated or not a safetensors file"):
+        load_checkpoint(path).tensors("model")
+    (path / "state.json").write_text('{"step": 1}')
+    with pytest.raises(MtnlgError, match="is not an mtnlg checkpoint state"):
+        load_checkpoint(path)
+    (path / "state.json").write_text('{"step": 1, "form')
+    with pytest.raises(MtnlgError, match="truncated or not JSON"):
+        load_checkpoint(path)
+
+
+def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
+    from mtnlg_cli.model.parallel import ParallelRuntime
+
+    config = load_config({"model": {"num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 100,
+                                    "seq_length": 8, "max_position_embeddings": 8},
+                          "train": {"micro_batch_size": 2, "global_batch_size": 4}})
+    gpt_config = GPTConfig.from_model_config(config.model)
+    batch = torch.randint(0, 100, (4, 9))
+
+    def runtime_with_model() -> ParallelRuntime:
+        torch.manual_seed(0)
+        runtime = ParallelRuntime(config)
+        runtime.build_model(gpt_config)
+        runtime.build_optimizer()
+        return runtime
+
+    trained = runtime_with_model()
+    for _ in range(2):
+        trained.forward_backward(batch)
+        trained.optimizer_step()
+    saved, scalars = trained.optimizer_state()
+    assert set(saved) == {f"{name}.{key}" for name, _ in trained.model.named_parameters()
+                          for key in ("step", "exp_avg", "exp_avg_sq")}
+
+    fresh = runtime_with_model()
+    fresh.load_model_state(trained.model_state(), "test")
+    fresh.load_optimizer_state(saved, scalars, "test")
+    for runtime in (trained, fresh):
+        runtime.forward_backward(batch)
+        runtime.optimizer_step()
+    for (name, a), b in zip(trained.model.named_parameters(), fresh.model.parameters()):
+        assert torch.equal(a, b), name
+
+    renamed = {k.replace("ln_f", "ln_final"): v for k, v in saved.items()}
+    with pytest.raises(MtnlgError, match="optimizer state for 'ln_final.weight', which the model does not have"):
+        fresh.load_optimizer_state(renamed, scalars, "ckpt")
+    reshaped = {**saved, "wpe.weight.exp_avg": torch.zeros(3, 3)}
+    with pytest.raises(MtnlgError, match=r"wpe.weight.exp_avg has shape \(3, 3\), the model expects \(8, 16\)"):
+        fresh.load_optimizer_state(reshaped, scalars, "ckpt")
