@@ -45,8 +45,7 @@ class MtnlgLM(LM):
             self._device = torch.device("cpu")
         self.model, self.tokenizer, self.checkpoint = load_for_inference(
             ws, Path(checkpoint) if checkpoint else None, self._device)
-        trained = self.checkpoint.state.get("config", {}).get("model", {}).get("seq_length")
-        self.max_length = int(max_length or trained or self.model.config.max_position_embeddings)
+        self.max_length = ev.context_length(self.checkpoint, self.model, int(max_length) if max_length else None)
         self.stride = int(stride or self.max_length)
         self.batch_size = 8 if str(batch_size).startswith("auto") else int(batch_size)
 

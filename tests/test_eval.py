@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, run_cli
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model import evaluation as ev
 
@@ -215,6 +215,9 @@ def test_lm_eval_harness_runs_local_tasks_on_the_checkpoint_and_agrees_with_mtnl
         kwargs = {"data_files": {"test": str(tmp_path / source)}, "cache_dir": str(tmp_path / "hf")}
         (tmp_path / f"{name}.yaml").write_text(json.dumps({"task": name, **data, "dataset_kwargs": kwargs, **task}))
 
+    from lm_eval.api.registry import get_model
+
+    assert get_model("mtnlg") is MtnlgLM  # what `--model mtnlg` finds once the adapter is imported
     lm = MtnlgLM(workspace=str(workspace.root), batch_size=4, device="cpu")
     assert lm.max_length == CONTEXT and lm.checkpoint.step == STEPS
     manager = TaskManager(include_path=str(tmp_path), include_defaults=False)
@@ -238,3 +241,79 @@ def test_lm_eval_harness_runs_local_tasks_on_the_checkpoint_and_agrees_with_mtnl
 
 def write_jsonl(path, records) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_eval_command_prints_a_table_writes_json_and_appends_to_a_run(trained, tmp_path):
+    workspace, _, _, text = trained
+    paragraphs = [p.strip() for p in text[20_000:30_000].split("\n\n") if p.strip()]
+    data = tmp_path / "held_out.txt"
+    data.write_text("\n\n".join(paragraphs), encoding="utf-8")
+    (workspace.runs_dir / "run1").mkdir()
+    args = ["eval", "-w", str(workspace.root), "--data", str(data), "--stride", "8", "-b", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    single = subprocess.run([sys.executable, "-m", "mtnlg_cli", *args, "-o", str(tmp_path / "one.json"),
+                             "--run", "run1"], env=env, capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    assert "bits per byte" in single.stdout and "held_out.txt" in single.stdout
+    one = json.loads((tmp_path / "one.json").read_text())
+    metrics = one["results"][str(data)]
+    assert (one["step"], one["context"], one["stride"]) == (STEPS, CONTEXT, 8)
+    assert metrics["documents"] == len(paragraphs) and metrics["bytes"] == sum(len(p.encode()) for p in paragraphs)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    [record] = [json.loads(line) for line in (workspace.runs_dir / "run1" / "metrics.jsonl").read_text().splitlines()]
+    assert record["step"] == STEPS and record["eval/held_out/perplexity"] == metrics["perplexity"]
+
+    # Two processes share the batches and give exactly the single-process result.
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "mtnlg_cli", *args, "-o", str(tmp_path / "two.json")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two.json").read_text())["results"] == one["results"]
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from mtnlg_cli.cli import app
+
+    return CliRunner().invoke(app, ["eval", *args], env={"COLUMNS": "200"})
+
+
+def test_eval_command_scores_the_workspace_splits_and_builds_cloze_sets(trained, tmp_path):
+    workspace, _, _, text = trained
+    result = invoke("-w", str(workspace.root), "-o", str(tmp_path / "splits.json"))
+    assert result.exit_code == 0, result.output
+    splits = json.loads((tmp_path / "splits.json").read_text())["results"]
+    assert set(splits) == {"valid", "test"} and all(s["tokens"] > 0 and s["bytes"] > 0 for s in splits.values())
+    assert "valid" in result.output and "test" in result.output
+
+    source = tmp_path / "book.txt"
+    source.write_text(text[:20_000], encoding="utf-8")
+    result = invoke("-w", str(workspace.root), "--task", "cloze", "--from", str(source), "--min-words", "15",
+                    "-o", str(tmp_path / "cloze.json"))
+    assert result.exit_code == 0, result.output
+    [cloze] = json.loads((tmp_path / "cloze.json").read_text())["results"].values()
+    assert cloze["items"] == len(ev.build_cloze_items(text[:20_000], min_words=15)) > 5
+    assert 0 <= cloze["acc"] <= 1 and cloze["perplexity"] > 1
+
+
+def test_eval_command_bad_input_is_a_one_line_error(trained, tmp_path):
+    workspace, *_ = trained
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["x", "y"], "label": 1}\n{"context": "b", "choices": ["x", "y"], '
+                   '"label": 5}\n')
+    cases = [
+        (["--task", "choice", "--data", str(bad)], "bad.jsonl:2: label 5 is outside the 2 choices"),
+        (["--task", "cloze"], "--task cloze needs a task file"),
+        (["--data", str(bad)], "bad.jsonl:1: missing key 'text'"),
+        (["--data", str(bad), "--run", "nope"], "no run 'nope'"),
+        (["--data", str(tmp_path / "missing.txt")], "no such file"),
+        (["--context", "999", "--data", str(bad)], "context 999 must be between 1 and"),
+        (["--stride", "0", "--data", str(bad)], "--stride 0 must be between 1"),
+        (["--stride", "33", "--data", str(bad)], "--stride 33 must be between 1 and the context length 32"),
+        (["--data", str(bad), "-o", str(tmp_path / "no" / "out.json")], "no folder"),
+    ]
+    for args, message in cases:
+        result = invoke("-w", str(workspace.root), *args)
+        assert isinstance(result.exception, MtnlgError), (args, result.output)
+        assert message in str(result.exception), (args, str(result.exception))

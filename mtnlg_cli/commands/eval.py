@@ -79,15 +79,16 @@ def eval_command(
                          + (" (or --from FILE.txt to build one from text)" if task is Task.cloze else ""))
     if batch_size < 1:
         raise MtnlgError(f"--batch-size {batch_size} must be positive")
+    run_log = _run_metrics_path(ws, run) if run is not None else None
+    if output is not None and not Path(output).parent.is_dir():
+        raise MtnlgError(f"cannot write {output}: no folder {Path(output).parent}")
     target = torch.device(device) if device else process_device
 
     model, tokenizer, ckpt = load_for_inference(ws, checkpoint, target)
-    trained_context = ckpt.state.get("config", {}).get("model", {}).get("seq_length", config.model.seq_length)
-    context = context or trained_context
-    if not 1 <= context <= model.config.max_position_embeddings:
-        raise MtnlgError(f"--context {context} must be between 1 and the model's "
-                         f"max_position_embeddings={model.config.max_position_embeddings}")
-    stride = stride or max(1, context // 2)
+    context = ev.context_length(ckpt, model, context)
+    stride = max(1, context // 2) if stride is None else stride
+    if not 1 <= stride <= context:
+        raise MtnlgError(f"--stride {stride} must be between 1 and the context length {context}")
 
     rows: list[tuple[str, dict]] = []  # (data name, metrics)
     with _progress(console) as progress:
@@ -116,8 +117,8 @@ def eval_command(
         if output is not None:
             _write_json(output, results)
             console.print(f"Wrote {output}")
-        if run is not None:
-            _append_to_run(ws, run, ckpt.step, task, rows)
+        if run_log is not None:
+            _append_to_run(run_log, ckpt.step, task, rows)
     _stop_processes()
 
 
@@ -221,20 +222,21 @@ def _show(value) -> str:
 def _write_json(path: Path, results: dict) -> None:
     from mtnlg_cli.data.atomic import write_bytes_atomically
 
-    path = Path(path)
-    if path.parent and not path.parent.is_dir():
-        raise MtnlgError(f"cannot write {path}: no folder {path.parent}")
-    write_bytes_atomically(path, (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_bytes_atomically(Path(path), (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
-def _append_to_run(ws, run: str, step: int, task: Task, rows: list[tuple[str, dict]]) -> None:
-    from mtnlg_cli.model.metrics import MetricsLog
-
+def _run_metrics_path(ws, run: str) -> Path:
     folder = ws.runs_dir / run
     if not folder.is_dir():
         known = sorted(p.name for p in ws.runs_dir.iterdir() if p.is_dir()) if ws.runs_dir.is_dir() else []
         raise MtnlgError(f"no run {run!r} in {ws.runs_dir}" + (f"; runs: {', '.join(known[-5:])}" if known else ""))
-    log = MetricsLog(folder / "metrics.jsonl")
+    return folder / "metrics.jsonl"
+
+
+def _append_to_run(path: Path, step: int, task: Task, rows: list[tuple[str, dict]]) -> None:
+    from mtnlg_cli.model.metrics import MetricsLog
+
+    log = MetricsLog(path)
     try:
         for name, metrics in rows:
             log.write({"step": step, "event": "eval", "task": task.value, "data": name,

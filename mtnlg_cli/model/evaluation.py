@@ -107,6 +107,16 @@ def score_spans(model: torch.nn.Module, spans: Sequence[Span], batch_size: int =
     return SpanScores(results[0], results[1].bool())
 
 
+def context_length(checkpoint, model, requested: Optional[int] = None) -> int:
+    """The tokens the model sees at once: `requested`, else the sequence length the checkpoint was trained with."""
+    trained = checkpoint.state.get("config", {}).get("model", {}).get("seq_length")
+    limit = model.config.max_position_embeddings
+    context = requested if requested is not None else trained or limit
+    if not 1 <= context <= limit:
+        raise MtnlgError(f"context {context} must be between 1 and the model's max_position_embeddings={limit}")
+    return int(context)
+
+
 def rolling_spans(tokens: Sequence[int], prefix_token: int, context: int, stride: int) -> list[Span]:
     """The windows that score every token of a document once, after `prefix_token`.
 
