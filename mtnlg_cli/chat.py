@@ -4,9 +4,8 @@ The template is built on the tokenizer's role tokens, one turn per line:
 
     <|system|> You are terse.<|end|>\\n<|user|> Hello<|end|>\\n<|assistant|> Hi.<|end|>\\n<|assistant|>
 
-Each content is encoded on its own and the role and end tokens are inserted as ids, so text that merely looks
-like a role token never becomes one. A reply ends at <|end|>, at the end-of-document token, or where the model
-starts another role.
+Each content is encoded on its own and the role and end tokens are inserted as ids. A reply ends at <|end|>, at
+the end-of-document token, or where the model starts another role.
 
 `ChatSession(generator, settings, system_prompt)` keeps the history; `session.send(text, on_text)` returns a
 `Reply`. The Python API's `.chat()` and the REPL (`run_repl`) both use it.
@@ -96,8 +95,10 @@ class ChatSession:
         return Reply(reply_text, completion.finish_reason, dropped)
 
     def _fit_history(self) -> int:
-        """Drops the oldest exchanges until the prompt leaves room for a whole reply; returns how many."""
-        room = self.generator.context_length - self.settings.max_new_tokens
+        """Drops the oldest exchanges until the prompt leaves room for a whole reply (at most half the context
+        window: a longer reply slides the window anyway); returns how many."""
+        context = self.generator.context_length
+        room = context - min(self.settings.max_new_tokens, context // 2)
         dropped = 0
         while len(self.messages) > 1 and len(render_chat(self.generator.tokenizer, self.history())) > room:
             # the oldest user turn and the assistant turn that answered it
@@ -154,7 +155,8 @@ MODEL_PREFIX = "model> "
 def run_repl(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
              stderr: TextIO = sys.stderr) -> None:
     """Reads messages and commands until /exit or end of input. On a terminal it prompts and offers line
-    editing and history (readline); with piped input each line is one message and only replies are printed."""
+    editing and history (readline); with piped input each line is one message, and replies and command output
+    are printed without prompts or banners."""
     interactive = stdin.isatty()
     if interactive:
         try:
