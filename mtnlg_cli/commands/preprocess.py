@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.errors import MtnlgError
 
 
 def preprocess_command(
@@ -36,6 +37,9 @@ def preprocess_command(
     from mtnlg_cli.config import DataSource
     from mtnlg_cli.data.preprocess import preprocess
 
+    unknown = [p for p in paths or [] if p.startswith("-")]
+    if unknown:  # the command passes unknown options through as arguments; do not read them as file names
+        raise MtnlgError(f"unknown option {unknown[0]}; see mtnlg preprocess --help")
     settings = list(overrides or [])
     if errors is not None:
         settings.append(f"data.errors={errors}")

@@ -20,7 +20,7 @@ from typing import BinaryIO, Iterator, Literal
 from mtnlg_cli.errors import MtnlgError
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
-CHUNK_BYTES = 1 << 20
+CHUNK_BYTES = 1 << 18  # small enough to keep both workers busy to the end of a file
 _PARAGRAPH_BREAK = re.compile(rb"\n[ \t\r]*\n")
 _PARAGRAPH_SPLIT = re.compile(r"\n(?:[ \t\r]*\n)+")
 

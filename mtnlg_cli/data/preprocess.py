@@ -2,8 +2,9 @@
 
 Each `data.sources` entry becomes `data/tokenized/NAME.{bin,idx,json}`. The JSON manifest records the tokenizer
 hash, the input files (size, mtime, sha256) and the settings that shaped the output; a source whose manifest
-matches is up to date and is not touched. The manifest is written last and removed before a rebuild, so a
-dataset without one is incomplete.
+matches is up to date and is not touched. A rebuild writes temporary files and keeps the old dataset whole until
+they are complete; the manifest is removed just before they replace it and written last, so a dataset without
+one is incomplete.
 
 Encoding runs in a pool of worker processes fed through a bounded window of chunks: the main process reads and
 writes bytes, the workers decode, split and encode, and memory stays flat as the corpus grows.
@@ -12,6 +13,7 @@ writes bytes, the workers decode, split and encode, and memory stays flat as the
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -211,12 +213,12 @@ def encode_chunk(chunk, spec: DocumentSpec, tokenizer: Tokenizer, dtype: np.dtyp
     """(tokens of the chunk's documents, each followed by eos; document lengths; malformed lines skipped)."""
     docs, bad = chunk_documents(chunk, spec)
     ids = tokenizer.encode_batch(docs)
-    lengths = np.fromiter((len(x) + 1 for x in ids), np.int64, count=len(ids))
-    tokens = np.full(int(lengths.sum()), tokenizer.eos_id, dtype=dtype)
-    body = np.ones(len(tokens), dtype=bool)
-    body[np.cumsum(lengths) - 1] = False
-    tokens[body] = np.fromiter((t for x in ids for t in x), dtype, count=len(tokens) - len(ids))
-    return tokens, lengths.astype(np.int32), bad
+    for doc in ids:
+        doc.append(tokenizer.eos_id)
+    lengths = np.fromiter(map(len, ids), np.int32, count=len(ids))
+    # chain + fromiter converts at C speed; this is a few percent of the encode time
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum(dtype=np.int64)))
+    return tokens, lengths, bad
 
 
 def _encode_in_worker(chunk, spec: DocumentSpec, dtype: np.dtype):
