@@ -67,33 +67,26 @@ class MtnlgLM(LM):
         return [float(lp) for lp in logprobs]
 
     def generate_until(self, requests) -> list[str]:
-        results = []
-        for context, settings in (request.args for request in requests):
+        """Greedy continuations, cut before the first `until` string; requests with the same settings share a
+        batch of the generation engine."""
+        from mtnlg_cli.model.generation import Generator, SamplingSettings
+
+        generator = Generator(self.model, self.tokenizer)
+        groups: dict[tuple, list[int]] = {}
+        for index, request in enumerate(requests):
+            _, settings = request.args
             until = settings.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new_tokens = int(settings.get("max_gen_toks", 256))
-            results.append(greedy_until(self.model, self.tokenizer, context, until, max_new_tokens))
+            until = (until,) if isinstance(until, str) else tuple(stop for stop in until if stop)
+            groups.setdefault((until, int(settings.get("max_gen_toks", 256))), []).append(index)
+        results = [""] * len(requests)
+        for (until, max_new_tokens), indices in groups.items():
+            sampling = SamplingSettings(max_new_tokens=max_new_tokens, temperature=0.0, stop=list(until))
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                completions = generator.generate([requests[i].args[0] for i in batch], sampling)
+                for i, completion in zip(batch, completions):
+                    results[i] = completion.text
         return results
-
-
-@torch.no_grad()
-def greedy_until(model, tokenizer, context: str, until: list[str], max_new_tokens: int) -> str:
-    """The greedy continuation of `context`, cut before the first of `until`, or at the end-of-document token."""
-    window = model.config.max_position_embeddings
-    ids = tokenizer.encode(context) or [tokenizer.eos_id]
-    start = len(ids)
-    text = ""
-    device = next(model.parameters()).device
-    for _ in range(max_new_tokens):
-        token = int(model(torch.tensor([ids[-window:]], device=device))[0, -1].argmax())
-        if token == tokenizer.eos_id:
-            break
-        ids.append(token)
-        text = tokenizer.decode(ids[start:])
-        cuts = [text.find(stop) for stop in until if stop in text]
-        if cuts:
-            return text[:min(cuts)]
-    return text
 
 
 def main(argv: Optional[list[str]] = None) -> None:

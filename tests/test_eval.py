@@ -264,9 +264,8 @@ def test_eval_command_prints_a_table_writes_json_and_appends_to_a_run(trained, t
     assert record["step"] == STEPS and record["eval/held_out/perplexity"] == metrics["perplexity"]
 
     # Two processes share the batches and give exactly the single-process result.
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "mtnlg_cli", *args, "-o", str(tmp_path / "two.json")],
-                         env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "mtnlg_cli", *args, "--num-processes", "2", "-o",
+                          str(tmp_path / "two.json")], env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     assert json.loads((tmp_path / "two.json").read_text())["results"] == one["results"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -53,14 +54,36 @@ def eval_command(
                                                "(at the checkpoint's step).", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... [default: cuda when "
                                                   "available].", show_default=False)] = None,
+    num_processes: Annotated[int, typer.Option("--num-processes", "-n", help="Run as N processes through "
+                                               "Accelerate (CPU processes over gloo where there is no GPU); they "
+                                               "share the batches and give the single-process result.")] = 1,
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
 ) -> None:
     """Evaluate a checkpoint: perplexity and bits per byte, or a zero-shot cloze or multiple-choice task.
 
-    Launched on several processes (accelerate launch -m mtnlg_cli eval ..., or torchrun), the processes share the
-    work and give the single-process result.
+    `accelerate launch -m mtnlg_cli eval ...` and `torchrun -m mtnlg_cli eval ...` work as --num-processes does.
     """
+    options = dict(locals())  # every option, for the evaluation itself
+    del options["num_processes"]
+    from mtnlg_cli.launch import launch, launched_rank, run_as_rank
+
+    rank = launched_rank()
+    if num_processes < 1:
+        raise MtnlgError(f"--num-processes {num_processes} must be positive")
+    if num_processes > 1 and rank is None:
+        open_workspace(workspace, overrides)  # config errors before any process starts
+        raise typer.Exit(launch(["eval", *_forwarded_args()], num_processes))
+    if rank is None:
+        _evaluate(**options)
+    else:
+        run_as_rank(rank, lambda: _evaluate(**options))
+
+
+def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]], build_from: Optional[Path],
+              min_words: int, text_key: str, delimiter: str, context: Optional[int], stride: Optional[int],
+              batch_size: int, checkpoint: Optional[Path], output: Optional[Path], run: Optional[str],
+              device: Optional[str], workspace: Optional[Path], overrides: Optional[list[str]]) -> None:
     import torch
     from rich.console import Console
 
@@ -119,7 +142,6 @@ def eval_command(
             console.print(f"Wrote {output}")
         if run_log is not None:
             _append_to_run(run_log, ckpt.step, task, rows)
-    _stop_processes()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,12 +160,18 @@ def _start_processes():
     return state.process_index, state.device if state.device.type == "cuda" else torch.device("cpu")
 
 
-def _stop_processes() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def _forwarded_args() -> list[str]:
+    """This command's arguments, less --num-processes, for each launched process."""
+    args = sys.argv[sys.argv.index("eval") + 1:]
+    forwarded, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--num-processes", "-n"):
+            skip = True
+        elif not arg.startswith("--num-processes="):
+            forwarded.append(arg)
+    return forwarded
 
 
 def _progress(console):
