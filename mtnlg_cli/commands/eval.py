@@ -38,22 +38,22 @@ def eval_command(
     min_words: Annotated[int, typer.Option("--min-words", help="cloze --from: shortest paragraph used.")] = 20,
     text_key: Annotated[str, typer.Option("--text-key", help="JSONL key holding the text.")] = "text",
     delimiter: Annotated[str, typer.Option("--delimiter", help="choice: text between the context and each "
-                                           "choice.")] = " ",
+                                           "choice (default: a space).", show_default=False)] = " ",
     context: Annotated[Optional[int], typer.Option("--context", help="Tokens the model sees at once "
-                                                   "[default: model.seq_length].", show_default=False)] = None,
+                                                   "(default: model.seq_length).", show_default=False)] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", help="perplexity: tokens between the starts of "
                                                   "consecutive windows; each token after the first window keeps "
-                                                  "at least context - stride tokens of context [default: half "
-                                                  "the context].", show_default=False)] = None,
+                                                  "at least context - stride tokens of context (default: half "
+                                                  "the context).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 8,
-    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint folder [default: "
-                                                       "checkpoints/latest].", show_default=False)] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint folder (default: "
+                                                       "checkpoints/latest).", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.",
                                                    show_default=False)] = None,
     run: Annotated[Optional[str], typer.Option("--run", help="Also append the results to runs/RUN/metrics.jsonl "
                                                "(at the checkpoint's step).", show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... [default: cuda when "
-                                                  "available].", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when "
+                                                  "available).", show_default=False)] = None,
     num_processes: Annotated[int, typer.Option("--num-processes", "-n", help="Run as N processes through "
                                                "Accelerate (CPU processes over gloo where there is no GPU); they "
                                                "share the batches and give the single-process result.")] = 1,
