@@ -82,6 +82,14 @@ def assert_same_weights(expected: torch.nn.Module, got: dict[str, torch.Tensor])
         assert got[name].dtype == torch.float32 and torch.equal(got[name], tensor), name
 
 
+def test_expected_shapes_are_the_models():
+    from mtnlg_cli.model.convert.common import expected_shapes
+
+    config = GPTConfig(vocab_size=256, max_position_embeddings=32, num_layers=3, hidden_size=16, num_heads=2,
+                       ffn_hidden_size=40)
+    assert list(expected_shapes(config).items()) == [(k, tuple(v.shape)) for k, v in GPT(config).state_dict().items()]
+
+
 def test_hf_export_loads_in_transformers_with_our_logits_generation_and_token_ids(source, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -266,6 +274,7 @@ def test_bad_inputs_are_one_line_errors_and_leave_the_output_untouched(source, t
     ok("convert", "export", existing, "--force", "-w", ws.root)
     assert not (existing / "keep.txt").exists() and (existing / "model.safetensors").is_file()
 
+    assert "is not a size" in refused("convert", "export", tmp_path / "x", "--max-shard-size", "lots", "-w", ws.root)
     assert "--step does not apply" in refused("convert", "export", tmp_path / "x", "--step", "3", "-w", ws.root)
 
 

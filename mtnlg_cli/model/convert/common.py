@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.gpt import GPT, GPTConfig
+from mtnlg_cli.model.gpt import GPTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -41,10 +41,22 @@ class Weights:
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """mtnlg's state-dict names and shapes for `config`, from a model on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = GPT(config)
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    """mtnlg's state-dict names and shapes for `config`, in `GPT.state_dict()` order.
+
+    Spelled out rather than read from a model on the meta device: initialising a meta embedding costs a
+    one-off import of seconds per process.
+    """
+    hidden, ffn = config.hidden_size, config.ffn_hidden_size
+    block = {"ln_1.weight": (hidden,), "ln_1.bias": (hidden,),
+             "attn.qkv.weight": (3 * hidden, hidden), "attn.qkv.bias": (3 * hidden,),
+             "attn.proj.weight": (hidden, hidden), "attn.proj.bias": (hidden,),
+             "ln_2.weight": (hidden,), "ln_2.bias": (hidden,),
+             "mlp.fc.weight": (ffn, hidden), "mlp.fc.bias": (ffn,),
+             "mlp.proj.weight": (hidden, ffn), "mlp.proj.bias": (hidden,)}
+    shapes = {"wte.weight": (config.vocab_size, hidden), "wpe.weight": (config.max_position_embeddings, hidden)}
+    for i in range(config.num_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in block.items()})
+    return {**shapes, "ln_f.weight": (hidden,), "ln_f.bias": (hidden,)}
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str,

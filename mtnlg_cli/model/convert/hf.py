@@ -140,7 +140,7 @@ def read_hf(directory: Path) -> Weights:
     expected = {theirs: shapes[ours][::-1] if layout and len(shapes[ours]) == 2 else shapes[ours]
                 for ours, theirs, layout in _names(config)}
     check_shapes(tensors, expected, str(directory), config_path.name)
-    ours = {name: _from_hf(tensors[theirs], layout, config.num_heads).contiguous()
+    ours = {name: _from_hf(tensors[theirs], layout, config.num_heads)
             for name, theirs, layout in _names(config)}
     return Weights(ours, config, None, 0, bundled_tokenizer(directory))
 

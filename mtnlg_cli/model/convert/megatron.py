@@ -196,27 +196,28 @@ def read_megatron(directory: Path) -> Weights:
                          f"tensor_model_parallel_size={args.tensor_model_parallel_size}")
     version = float(states[0].get("checkpoint_version", 0))
     ranks = [_flat_model(state["model"], path) for state, path in zip(states, rank_files)]
-    merged = {}
-    for ours, theirs, dim in _names(config):
-        pieces = []
-        for path, rank in zip(rank_files, ranks):
-            if theirs not in rank:
-                raise MtnlgError(f"{path} lacks tensor {theirs}")
-            pieces.append(_qkv_to_v3(rank[theirs], version, config.num_heads // tensor_parallel)
-                          if ".query_key_value." in theirs else rank[theirs])
-        merged[theirs] = pieces[0] if dim is None else torch.cat(pieces, dim)
-    for path, rank in zip(rank_files, ranks):
-        extra = sorted(set(rank) - set(merged))
-        if extra:
-            raise MtnlgError(f"{path} has tensor {extra[0]} that mtnlg's GPT does not have")
     shapes = expected_shapes(config)
-    expected = {theirs: shapes[ours] for ours, theirs, _ in _names(config)}
-    check_shapes(merged, expected, str(iteration_dir), "its args")
-    tensors = {ours: merged[theirs] for ours, theirs, _ in _names(config)}
+    local_shapes = {theirs: _split_shape(shapes[ours], dim, tensor_parallel) for ours, theirs, dim in _names(config)}
+    for path, rank in zip(rank_files, ranks):
+        check_shapes(rank, local_shapes, str(path), f"its args (tensor_model_parallel_size={tensor_parallel})")
+    local_heads = config.num_heads // tensor_parallel
+    tensors = {}
+    for ours, theirs, dim in _names(config):
+        pieces = [_qkv_to_v3(rank[theirs], version, local_heads) if ".query_key_value." in theirs else rank[theirs]
+                  for rank in ranks]
+        tensors[ours] = pieces[0] if dim is None else torch.cat(pieces, dim)
     step = int(states[0].get("iteration", getattr(args, "iteration", 0)) or 0)
     return Weights(tensors, config, getattr(args, "vocab_size", None), step,
                    bundled_tokenizer(directory) or bundled_tokenizer(iteration_dir.parent),
                    int(getattr(args, "consumed_train_samples", 0) or 0))
+
+
+def _split_shape(shape: tuple[int, ...], dim: Optional[int], parts: int) -> tuple[int, ...]:
+    if dim is None:
+        return shape
+    if shape[dim] % parts:
+        raise MtnlgError(f"a dimension of {shape[dim]} cannot be split over {parts} tensor-parallel ranks")
+    return shape[:dim] + (shape[dim] // parts,) + shape[dim + 1:]
 
 
 def _iteration_dir(directory: Path) -> Path:
