@@ -61,7 +61,7 @@ def test_truncated_and_foreign_files_are_one_line_errors(tmp_path):
 
 
 def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
-    from mtnlg_cli.model.parallel import ParallelRuntime
+    from mtnlg_cli.model.parallel import ParallelRuntime, make_runtime
 
     config = load_config({"model": {"num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 100,
                                     "seq_length": 8, "max_position_embeddings": 8},
@@ -71,7 +71,7 @@ def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
 
     def runtime_with_model() -> ParallelRuntime:
         torch.manual_seed(0)
-        runtime = ParallelRuntime(config)
+        runtime = make_runtime(config)
         runtime.build_model(gpt_config)
         runtime.build_optimizer()
         return runtime

@@ -150,15 +150,21 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(ws):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(ws, monkeypatch):
-    from mtnlg_cli.model.parallel import ParallelRuntime
+    from mtnlg_cli.model import trainer
 
-    real, calls = ParallelRuntime.forward_backward, []
+    def diverging_runtime(config):  # the first step trains, then every loss is NaN
+        runtime = make_runtime(config)
+        real, calls = runtime.forward_backward, []
 
-    def diverging(self, batch):  # the first step trains, then every loss is NaN
-        calls.append(batch)
-        return real(self, batch) if len(calls) == 1 else float("nan")
+        def forward_backward(batch):
+            calls.append(batch)
+            return real(batch) if len(calls) == 1 else float("nan")
 
-    monkeypatch.setattr(ParallelRuntime, "forward_backward", diverging)
+        runtime.forward_backward = forward_backward
+        return runtime
+
+    make_runtime = trainer.make_runtime
+    monkeypatch.setattr(trainer, "make_runtime", diverging_runtime)
     with pytest.raises(MtnlgError, match=r"not finite for 3 steps in a row \(steps 2-4") as error:
         run_train(ws, "train.train_iters=10", "train.max_nonfinite_steps=3")
     assert "train.lr" in str(error.value) and "\n" not in str(error.value)

@@ -191,10 +191,71 @@ class GPT(nn.Module):
             cache.length = past + length
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(self.ln_f(x), self.wte.weight)
+        x = self.ln_f(x)
+        weight = self.wte.weight
+        if targets is not None and type(weight) in (nn.Parameter, torch.Tensor) and not torch.is_autocast_enabled(
+                x.device.type):  # a sharded (DTensor) head or mixed precision takes the plain path below
+            return linear_cross_entropy(x.flatten(0, 1), weight, targets.reshape(-1))
+        logits = F.linear(x, weight)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The output head and the loss together, without the full logits.
+
+
+LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once: (1024 x vocab) stays in cache-friendly sizes
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the logits `hidden @ weight.T` (tokens x vocab) against `targets`.
+
+    Equal to `F.cross_entropy(F.linear(hidden, weight), targets)`, but the logits are made chunk by chunk and
+    never stored: the profile of a training step showed the (tokens x vocab) logits, their log-softmax, and
+    the zero-filled gradient of both as the largest cost outside the matrix products.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+        rows = slice(start, start + LOSS_CHUNK_ROWS)
+        logits = (hidden[rows] @ weight.t()).float()
+        total += (torch.logsumexp(logits, dim=-1) - logits.gather(1, targets[rows, None]).squeeze(1)).sum()
+    return total / hidden.shape[0]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """The forward pass also finds the gradients: each chunk's logits turn in place into softmax - one_hot,
+    the gradient of the summed loss, which two matrix products carry to `hidden` and `weight` at once."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight)
+        for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
+            rows = slice(start, start + LOSS_CHUNK_ROWS)
+            chunk, chunk_targets = hidden[rows], targets[rows, None]
+            logits = torch.mm(chunk, weight.t()).float()
+            log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += (log_normalizer - logits.gather(1, chunk_targets)).sum()
+            grad_logits = logits.sub_(log_normalizer).exp_()  # softmax, in place
+            grad_logits.scatter_add_(1, chunk_targets, grad_logits.new_full(chunk_targets.shape, -1.0))
+            grad_logits = grad_logits.to(hidden.dtype)
+            torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            grad_weight.addmm_(grad_logits.t(), chunk)
+        count = hidden.shape[0]
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.count = count
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        scale = grad_output / ctx.count
+        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None
