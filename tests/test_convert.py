@@ -197,13 +197,38 @@ def test_import_of_a_transformers_gpt2_release_layout_gives_its_logits(tmp_path)
     assert (ours[..., :300] - theirs).abs().max().item() < 1e-5
 
 
+def test_megatron_pipeline_stages_number_their_layers_from_zero_and_round_trip(source, tmp_path):
+    from mtnlg_cli.model.convert.common import load_torch_file
+    from mtnlg_cli.model.convert.megatron import SAFE_GLOBALS
+
+    ws, model, _, _ = source
+    out = tmp_path / "megatron"
+    ok("convert", "export", out, "--to", "megatron", "-t", "2", "-p", "2", "-w", ws.root)
+    iteration = out / f"iter_{STEP:07d}"
+    assert sorted(p.name for p in iteration.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000",
+                                                           "mp_rank_01_001"]
+    first, last = (load_torch_file(iteration / f"mp_rank_01_00{s}" / "model_optim_rng.pt", SAFE_GLOBALS)["model"]
+                   for s in range(2))
+    assert sorted(last["language_model"]["encoder"]) == sorted(
+        [*first["language_model"]["encoder"], "final_layernorm.weight", "final_layernorm.bias"])
+    assert "embedding" not in last["language_model"] and "final_layernorm.weight" in last["language_model"]["encoder"]
+    assert torch.equal(last["language_model"]["encoder"]["layers.0.mlp.dense_h_to_4h.bias"],
+                       model.state_dict()["layers.1.mlp.fc.bias"][128:])
+    assert torch.equal(last["word_embeddings_for_head"]["weight"],
+                       first["language_model"]["embedding"]["word_embeddings"]["weight"])
+
+    fresh = new_workspace(tmp_path / "fresh")
+    ok("convert", "import", out, "-w", fresh.root)
+    assert_same_weights(model, checkpoint_tensors(fresh, STEP))
+
+
 def test_safetensors_export_bf16_halves_the_size_shards_and_reloads(source, tmp_path):
     from safetensors import safe_open
 
     ws, model, _, _ = source
     ok("convert", "export", tmp_path / "fp32", "-w", ws.root)
     ok("convert", "export", tmp_path / "bf16", "--dtype", "bf16", "-w", ws.root)
-    fp32, bf16 = (tmp_path / "fp32" / "model.safetensors").stat().st_size, (tmp_path / "bf16" / "model.safetensors").stat().st_size
+    fp32, bf16 = ((tmp_path / name / "model.safetensors").stat().st_size for name in ("fp32", "bf16"))
     assert 0.49 < bf16 / fp32 < 0.52
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), framework="pt") as f:
         header = f.metadata()
@@ -216,7 +241,9 @@ def test_safetensors_export_bf16_halves_the_size_shards_and_reloads(source, tmp_
     index = json.loads((tmp_path / "shards" / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in (tmp_path / "shards").glob("model-*.safetensors"))
     assert len(shards) > 2 and sorted(set(index["weight_map"].values())) == shards
-    assert all(p.stat().st_size < 50_000 + 5_000 or "wte" in json.dumps(index) for p in (tmp_path / "shards").glob("model-*"))
+    for shard in shards:  # within the limit (plus its header), unless one tensor alone exceeds it
+        held = [name for name, file in index["weight_map"].items() if file == shard]
+        assert (tmp_path / "shards" / shard).stat().st_size < 50_000 + 2_000 or len(held) == 1, shard
     assert sorted(index["weight_map"]) == sorted(model.state_dict())
 
     fresh = new_workspace(tmp_path / "fresh")
@@ -246,7 +273,8 @@ def test_bad_inputs_are_one_line_errors_and_leave_the_output_untouched(source, t
     message = refused("convert", "import", misshapen, "-w", ws.root)
     assert "wpe.weight has shape (64, 64)" in message and "implies (128, 64)" in message
 
-    (misshapen / "config.json").write_text(json.dumps({**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    llama = {**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (misshapen / "config.json").write_text(json.dumps(llama))
     assert "unsupported architecture 'LlamaForCausalLM'" in refused("convert", "import", misshapen, "-w", ws.root)
     (misshapen / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     assert "unsupported activation_function 'relu'" in refused("convert", "import", misshapen, "-w", ws.root)
@@ -298,5 +326,5 @@ def test_megatron_import_never_runs_pickled_code(source, tmp_path):
     (out / "latest_checkpointed_iteration.txt").write_text("7\n")
     assert "names iteration 7, but iter_0000007 is missing" in refused("convert", "import", out, "-w", ws.root)
     (out / "latest_checkpointed_iteration.txt").write_text(f"{STEP}\n")
-    rank_file.parent.rename(rank_file.parent.with_name("mp_rank_00_000"))
-    assert "split over pipeline stages" in refused("convert", "import", out, "-w", ws.root)
+    rank_file.parent.rename(rank_file.parent.with_name("mp_rank_01"))
+    assert "lacks the folder of tensor-parallel rank 0" in refused("convert", "import", out, "-w", ws.root)

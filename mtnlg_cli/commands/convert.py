@@ -34,6 +34,9 @@ def convert_command(
     tensor_parallel: Annotated[Optional[int], typer.Option(
         "--tensor-parallel", "-t", help="export to megatron: split over this many tensor-parallel ranks (default 1).",
         show_default=False)] = None,
+    pipeline_parallel: Annotated[Optional[int], typer.Option(
+        "--pipeline-parallel", "-p", help="export to megatron: split the layers over this many pipeline stages "
+        "(default 1).", show_default=False)] = None,
     step: Annotated[Optional[int], typer.Option(
         "--step", help="import: the step to file the checkpoint under (default: the source's iteration, else 0).",
         show_default=False)] = None,
@@ -43,12 +46,13 @@ def convert_command(
 ) -> None:
     """Export a checkpoint as safetensors, Hugging Face or Megatron-LM weights, or import such weights.
 
-    mtnlg convert export OUT [--to hf|megatron] [--dtype bf16] [--max-shard-size 2GB] [--tensor-parallel 2]
+    mtnlg convert export OUT [--to hf|megatron] [--dtype bf16] [--max-shard-size 2GB] [-t 2] [-p 2]
 
     mtnlg convert import DIR [--from hf|megatron|safetensors] [--step N]
     """
     export_only = {"--to": to, "--checkpoint": checkpoint, "--dtype": dtype, "--max-shard-size": max_shard_size,
-                   "--tensor-parallel": tensor_parallel, "--force": force or None}
+                   "--tensor-parallel": tensor_parallel, "--pipeline-parallel": pipeline_parallel,
+                   "--force": force or None}
     import_only = {"--from": source_format, "--step": step}
     misplaced = [name for name, value in (import_only if action == "export" else export_only).items()
                  if value is not None]
@@ -58,13 +62,13 @@ def convert_command(
     ws, config = open_workspace(workspace, overrides)
     if action == "export":
         _export(console, ws, config, path, to or "safetensors", checkpoint, dtype or "fp32", max_shard_size,
-                tensor_parallel or 1, force)
+                tensor_parallel or 1, pipeline_parallel or 1, force)
     else:
         _import(console, ws, path, source_format or "auto", step)
 
 
 def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_path: Optional[Path], dtype: str,
-            max_shard_size: Optional[str], tensor_parallel: int, force: bool) -> None:
+            max_shard_size: Optional[str], tensor_parallel: int, pipeline_parallel: int, force: bool) -> None:
     from mtnlg_cli.data.tokenizer import Tokenizer
     from mtnlg_cli.model.checkpoint import check_tokenizer, resolve_checkpoint
     from mtnlg_cli.model.convert import export_weights, weights_from_checkpoint
@@ -77,7 +81,8 @@ def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_pat
     vocab_multiple = checkpoint.state.get("config", {}).get("model", {}).get(
         "make_vocab_size_divisible_by", config.model.make_vocab_size_divisible_by)
     with console.status(f"Writing {out_dir}..."):
-        files = export_weights(weights, out_dir, to, dtype, max_shard_size, tensor_parallel, vocab_multiple, force)
+        files = export_weights(weights, out_dir, to, dtype, max_shard_size, tensor_parallel, pipeline_parallel,
+                               vocab_multiple, force)
     total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     console.print(f"Exported {checkpoint.path.name} as {to} ({dtype}) to [bold]{out_dir}[/]: "
                   f"{len(files)} files, {total / 1e6:.1f} MB")

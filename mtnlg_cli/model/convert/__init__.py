@@ -50,8 +50,8 @@ def weights_from_checkpoint(checkpoint: Checkpoint, tokenizer_path: Optional[Pat
 
 
 def export_weights(weights: Weights, out_dir: Path, to: str = "safetensors", dtype: str = "fp32",
-                   max_shard_size: Optional[str] = None, tensor_parallel: int = 1, vocab_multiple: int = 128,
-                   force: bool = False) -> list[str]:
+                   max_shard_size: Optional[str] = None, tensor_parallel: int = 1, pipeline_parallel: int = 1,
+                   vocab_multiple: int = 128, force: bool = False) -> list[str]:
     """Writes `weights` as `to` into `out_dir` (atomically); returns the names of the files written."""
     if to not in EXPORT_FORMATS:
         raise MtnlgError(f"unknown export format {to!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
@@ -59,14 +59,15 @@ def export_weights(weights: Weights, out_dir: Path, to: str = "safetensors", dty
         raise MtnlgError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if max_shard_size is not None and to == "megatron":
         raise MtnlgError("--max-shard-size applies to safetensors and hf exports; Megatron-LM writes one file per rank")
-    if tensor_parallel != 1 and to != "megatron":
-        raise MtnlgError("--tensor-parallel applies to megatron exports only")
-    if tensor_parallel < 1:
-        raise MtnlgError(f"--tensor-parallel {tensor_parallel} must be at least 1")
+    for option, size in (("--tensor-parallel", tensor_parallel), ("--pipeline-parallel", pipeline_parallel)):
+        if size != 1 and to != "megatron":
+            raise MtnlgError(f"{option} applies to megatron exports only")
+        if size < 1:
+            raise MtnlgError(f"{option} {size} must be at least 1")
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     with staged_output(out_dir, force) as staging:
         if to == "megatron":
-            return export_megatron(weights, staging, DTYPES[dtype], tensor_parallel, vocab_multiple)
+            return export_megatron(weights, staging, DTYPES[dtype], tensor_parallel, pipeline_parallel, vocab_multiple)
         writer = export_hf if to == "hf" else export_plain
         return writer(weights, staging, DTYPES[dtype], shard_bytes)
 
@@ -113,7 +114,8 @@ def import_weights(workspace, weights: Weights, step: Optional[int] = None, sour
         notes.append("the weights came without an mtnlg tokenizer; the checkpoint records none")
     vocab_size = tokenizer.vocab_size if tokenizer else (weights.vocab_size or weights.config.vocab_size)
     if vocab_size > weights.config.vocab_size:
-        raise MtnlgError(f"the tokenizer has {vocab_size} pieces but the weights embed only {weights.config.vocab_size}")
+        raise MtnlgError(f"the tokenizer has {vocab_size} pieces but the weights embed only "
+                         f"{weights.config.vocab_size}")
 
     config = workspace.load_config()
     c = weights.config
@@ -158,7 +160,8 @@ def import_weights(workspace, weights: Weights, step: Optional[int] = None, sour
 
 
 def _fit_vocabulary(wte: torch.Tensor, rows: int) -> torch.Tensor:
-    """The embedding with mtnlg's padded row count: rows beyond it (another tool's padding) dropped, or zero rows added."""
+    """The embedding with mtnlg's padded row count: rows beyond it (another tool's padding) dropped, or zero rows
+    added."""
     if wte.shape[0] >= rows:
         return wte[:rows].clone()
     return torch.cat([wte, wte.new_zeros(rows - wte.shape[0], wte.shape[1])])

@@ -64,7 +64,8 @@ def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int
     """Refuses missing, unexpected or misshapen tensors, naming the tensor and both shapes."""
     missing = [name for name in expected if name not in tensors]
     if missing:
-        raise MtnlgError(f"{source} lacks tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise MtnlgError(f"{source} lacks tensor {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     unexpected = [name for name in tensors if name not in expected]
     if unexpected:
         raise MtnlgError(f"{source} has tensor {unexpected[0]} that {described_by} does not describe"

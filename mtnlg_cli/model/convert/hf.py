@@ -85,7 +85,8 @@ def export_hf(weights: Weights, out_dir: Path, dtype: torch.dtype, max_shard_siz
     special_ids = {}
     if copy_tokenizer(weights, out_dir):
         tokenizer = Tokenizer.load(out_dir)
-        special_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
+        special_ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+                       "pad_token_id": tokenizer.pad_id}
         write_json(out_dir / "tokenizer.json", tokenizer_json(tokenizer.path))
         write_json(out_dir / "tokenizer_config.json", {
             "tokenizer_class": "PreTrainedTokenizerFast",

@@ -1,10 +1,13 @@
-"""Megatron-LM's legacy GPT checkpoints, out and in, split over and merged from tensor-parallel ranks.
+"""Megatron-LM's legacy GPT checkpoints, out and in, split over and merged from tensor- and pipeline-parallel ranks.
 
 Layout: `latest_checkpointed_iteration.txt` names the iteration; `iter_NNNNNNN/mp_rank_XX/model_optim_rng.pt`
-holds rank XX's dict `{"args": Namespace, "checkpoint_version": 3.0, "iteration": N, "model": {"language_model":
-{"embedding": {...}, "encoder": {...}}}}`. Tensor parallelism splits the embedding's vocabulary rows, the
-column-parallel layers' output rows (query_key_value, dense_h_to_4h, and their biases) and the row-parallel
-layers' input columns (dense, dense_4h_to_h); everything else is the same on every rank.
+(`mp_rank_XX_YYY` with pipeline stages) holds tensor-parallel rank XX's (of stage YYY's) dict `{"args": Namespace,
+"checkpoint_version": 3.0, "iteration": N, "model": {"language_model": {"embedding": {...}, "encoder": {...}}}}`.
+Tensor parallelism splits the embedding's vocabulary rows, the column-parallel layers' output rows
+(query_key_value, dense_h_to_4h, and their biases) and the row-parallel layers' input columns (dense,
+dense_4h_to_h); everything else is the same on every rank. Pipeline parallelism gives each stage a run of layers,
+numbered from 0 within the stage; the first stage has the embeddings, the last the final LayerNorm and a copy of
+the word embeddings for the tied output head.
 
 mtnlg's fused QKV rows are already checkpoint version 3's [head, q|k|v, head_dim], so each rank's contiguous
 slice is whole heads and no reordering is needed; versions 0 and 1 are reordered on import.
@@ -32,8 +35,7 @@ from mtnlg_cli.model.gpt import GPTConfig
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILES = ("model_optim_rng.pt", "model_rng.pt")
 CHECKPOINT_VERSION = 3.0
-_RANK_DIR = re.compile(r"^mp_rank_(\d{2})$")
-_PIPELINE_RANK_DIR = re.compile(r"^mp_rank_\d{2}_\d{3}$")
+_RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")  # tensor-parallel rank, pipeline stage
 
 # What Megatron-LM's checkpoint files contain besides tensors and plain containers.
 SAFE_GLOBALS = (
@@ -61,6 +63,8 @@ _BLOCK = (
     ("mlp.proj.bias", "mlp.dense_4h_to_h.bias", None),
 )
 _WORD_EMBEDDINGS = "language_model.embedding.word_embeddings.weight"
+_WORD_EMBEDDINGS_FOR_HEAD = "word_embeddings_for_head.weight"  # the last pipeline stage's copy, for the output head
+_LAYER = re.compile(r"^(language_model\.encoder\.layers\.)(\d+)(\..*)$")
 # Older and newer Megatron-LM names for the same tensors, rewritten to the names above on import.
 _ALIASES = (
     (re.compile(r"^language_model\.transformer\."), "language_model.encoder."),
@@ -87,35 +91,60 @@ def _names(config: GPTConfig) -> Iterator[tuple[str, str, Optional[int]]]:
 
 
 def export_megatron(weights: Weights, out_dir: Path, dtype: torch.dtype, tensor_parallel: int = 1,
-                    vocab_multiple: int = 128) -> list[str]:
-    """Writes `out_dir/iter_NNNNNNN/mp_rank_XX/model_optim_rng.pt` for each of `tensor_parallel` ranks."""
+                    pipeline_parallel: int = 1, vocab_multiple: int = 128) -> list[str]:
+    """Writes `out_dir/iter_NNNNNNN/mp_rank_XX[_YYY]/model_optim_rng.pt` for each tensor-parallel rank XX (and
+    pipeline stage YYY)."""
     c = weights.config
     for what, size in (("model.num_heads", c.num_heads), ("the MLP size", c.ffn_hidden_size)):
         if size % tensor_parallel:
             raise MtnlgError(f"--tensor-parallel {tensor_parallel} must divide {what} ({size})")
+    if c.num_layers % pipeline_parallel:
+        raise MtnlgError(f"--pipeline-parallel {pipeline_parallel} must divide model.num_layers ({c.num_layers})")
     # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * tensor_parallel
     padded_vocab = -(-c.vocab_size // (vocab_multiple * tensor_parallel)) * vocab_multiple * tensor_parallel
     tensors = cast(weights.tensors, dtype)
     wte = tensors["wte.weight"]
     tensors["wte.weight"] = torch.cat([wte, wte.new_zeros(padded_vocab - wte.shape[0], wte.shape[1])])
-    args = _args(weights, dtype, tensor_parallel, padded_vocab, vocab_multiple)
+    args = _args(weights, dtype, tensor_parallel, pipeline_parallel, padded_vocab, vocab_multiple)
     iteration_dir = out_dir / f"iter_{weights.step:07d}"
+    layers_per_stage = c.num_layers // pipeline_parallel
     files = []
-    for rank in range(tensor_parallel):
-        flat = {theirs: (tensors[ours] if dim is None else tensors[ours].chunk(tensor_parallel, dim)[rank]).clone()
-                for ours, theirs, dim in _names(c)}
-        rank_dir = iteration_dir / f"mp_rank_{rank:02d}"
-        rank_dir.mkdir(parents=True)
-        torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": weights.step,
-                    "model": _nest(flat)}, rank_dir / CHECKPOINT_FILES[0])
-        files.append(str((rank_dir / CHECKPOINT_FILES[0]).relative_to(out_dir)))
+    for stage in range(pipeline_parallel):
+        for rank in range(tensor_parallel):
+            flat = {}
+            for ours, theirs, dim in _names(c):
+                tensor = tensors[ours] if dim is None else tensors[ours].chunk(tensor_parallel, dim)[rank]
+                for where, name in _placements(theirs, layers_per_stage, pipeline_parallel):
+                    if where == stage:
+                        flat[name] = tensor.clone()
+            rank_dir = iteration_dir / (f"mp_rank_{rank:02d}" if pipeline_parallel == 1
+                                        else f"mp_rank_{rank:02d}_{stage:03d}")
+            rank_dir.mkdir(parents=True)
+            torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": weights.step,
+                        "model": _nest(flat)}, rank_dir / CHECKPOINT_FILES[0])
+            files.append(str((rank_dir / CHECKPOINT_FILES[0]).relative_to(out_dir)))
     (out_dir / TRACKER).write_text(f"{weights.step}\n")
     if copy_tokenizer(weights, out_dir):
         files.append("tokenizer.model")
     return [TRACKER, *files]
 
 
-def _args(weights: Weights, dtype: torch.dtype, tensor_parallel: int, padded_vocab: int,
+def _placements(name: str, layers_per_stage: int, stages: int) -> list[tuple[int, str]]:
+    """The pipeline stages that hold a tensor, with its name there: layers are numbered within their stage, the
+    embeddings live on the first stage, the final LayerNorm on the last, which also keeps a copy of the word
+    embeddings for the tied output head."""
+    layer = _LAYER.match(name)
+    if layer:
+        index = int(layer.group(2))
+        return [(index // layers_per_stage, f"{layer.group(1)}{index % layers_per_stage}{layer.group(3)}")]
+    if "final_layernorm" in name:
+        return [(stages - 1, name)]
+    if name == _WORD_EMBEDDINGS and stages > 1:
+        return [(0, name), (stages - 1, _WORD_EMBEDDINGS_FOR_HEAD)]
+    return [(0, name)]
+
+
+def _args(weights: Weights, dtype: torch.dtype, tensor_parallel: int, pipeline_parallel: int, padded_vocab: int,
           vocab_multiple: int) -> argparse.Namespace:
     """The Megatron-LM arguments that describe the model, as its own checkpoints record them."""
     c = weights.config
@@ -131,7 +160,7 @@ def _args(weights: Weights, dtype: torch.dtype, tensor_parallel: int, padded_voc
         vocab_size=weights.vocab_size,
         make_vocab_size_divisible_by=vocab_multiple,
         tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=1,
+        pipeline_model_parallel_size=pipeline_parallel,
         layernorm_epsilon=c.layernorm_epsilon,
         init_method_std=c.init_method_std,
         hidden_dropout=c.dropout,
@@ -156,16 +185,19 @@ def _args(weights: Weights, dtype: torch.dtype, tensor_parallel: int, padded_voc
 
 
 def _nest(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Megatron's `state_dict_for_save_checkpoint` shape: nested embedding modules, flat encoder keys."""
-    language_model: dict[str, Any] = {"embedding": {}, "encoder": {}}
+    """Megatron's `state_dict_for_save_checkpoint` shape: a dict per module, except the encoder's flat keys."""
+    model: dict[str, Any] = {}
     for name, tensor in flat.items():
-        part, rest = name.removeprefix("language_model.").split(".", 1)
-        if part == "embedding":
-            module, leaf = rest.split(".")
-            language_model["embedding"].setdefault(module, {})[leaf] = tensor
-        else:
-            language_model["encoder"][rest] = tensor
-    return {"language_model": language_model}
+        encoder_key = name.removeprefix("language_model.encoder.")
+        if encoder_key != name:
+            model.setdefault("language_model", {}).setdefault("encoder", {})[encoder_key] = tensor
+            continue
+        *modules, leaf = name.split(".")
+        node = model
+        for module in modules:
+            node = node.setdefault(module, {})
+        node[leaf] = tensor
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -173,14 +205,15 @@ def _nest(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def is_megatron(directory: Path) -> bool:
-    return (directory / TRACKER).is_file() or any(_RANK_DIR.match(p.name) or _PIPELINE_RANK_DIR.match(p.name)
-                                                  for p in directory.iterdir() if p.is_dir())
+    return (directory / TRACKER).is_file() or any(_RANK_DIR.match(p.name) for p in directory.iterdir() if p.is_dir())
 
 
 def read_megatron(directory: Path) -> Weights:
-    """Reads a top folder (with the tracker file) or an iteration folder, and merges its tensor-parallel ranks."""
+    """Reads a top folder (with the tracker file) or an iteration folder, merging pipeline stages and
+    tensor-parallel ranks."""
     iteration_dir = _iteration_dir(directory)
-    rank_files = _rank_files(iteration_dir)
+    grid = _rank_files(iteration_dir)  # [pipeline stage][tensor-parallel rank]
+    rank_files = [path for stage in grid for path in stage]
     states = [load_torch_file(path, SAFE_GLOBALS) for path in rank_files]
     for path, state in zip(rank_files, states):
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
@@ -190,16 +223,21 @@ def read_megatron(directory: Path) -> Weights:
     if not isinstance(args, argparse.Namespace):
         raise MtnlgError(f"{rank_files[0]} has no Megatron-LM args; they are needed for the number of heads")
     config = _config_from_args(args, rank_files[0])
-    tensor_parallel = len(states)
-    if getattr(args, "tensor_model_parallel_size", tensor_parallel) != tensor_parallel:
-        raise MtnlgError(f"{iteration_dir} has {tensor_parallel} tensor-parallel rank folders, but its args say "
-                         f"tensor_model_parallel_size={args.tensor_model_parallel_size}")
+    pipeline_parallel, tensor_parallel = len(grid), len(grid[0])
+    for key, found in (("tensor_model_parallel_size", tensor_parallel),
+                       ("pipeline_model_parallel_size", pipeline_parallel)):
+        if getattr(args, key, found) != found:
+            raise MtnlgError(f"{iteration_dir} has rank folders for {key}={found}, but its args say "
+                             f"{getattr(args, key)}")
     version = float(states[0].get("checkpoint_version", 0))
-    ranks = [_flat_model(state["model"], path) for state, path in zip(states, rank_files)]
+    flat = {path: _flat_model(state["model"], path) for path, state in zip(rank_files, states)}
+    ranks = [_join_stages([flat[grid[stage][rank]] for stage in range(pipeline_parallel)])
+             for rank in range(tensor_parallel)]
     shapes = expected_shapes(config)
     local_shapes = {theirs: _split_shape(shapes[ours], dim, tensor_parallel) for ours, theirs, dim in _names(config)}
-    for path, rank in zip(rank_files, ranks):
-        check_shapes(rank, local_shapes, str(path), f"its args (tensor_model_parallel_size={tensor_parallel})")
+    for rank, tensors in enumerate(ranks):
+        source = grid[0][rank] if pipeline_parallel == 1 else f"{iteration_dir}/mp_rank_{rank:02d}_*"
+        check_shapes(tensors, local_shapes, str(source), f"its args (tensor_model_parallel_size={tensor_parallel})")
     local_heads = config.num_heads // tensor_parallel
     tensors = {}
     for ours, theirs, dim in _names(config):
@@ -210,6 +248,21 @@ def read_megatron(directory: Path) -> Weights:
     return Weights(tensors, config, getattr(args, "vocab_size", None), step,
                    bundled_tokenizer(directory) or bundled_tokenizer(iteration_dir.parent),
                    int(getattr(args, "consumed_train_samples", 0) or 0))
+
+
+def _join_stages(stages: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """One tensor-parallel rank's pipeline stages as one model: layers renumbered from stage-local to global, the
+    last stage's copy of the word embeddings (for the tied head) dropped."""
+    joined: dict[str, torch.Tensor] = {}
+    offset = 0
+    for stage in stages:
+        stage.pop(_WORD_EMBEDDINGS_FOR_HEAD, None)
+        layers = {int(m.group(2)) for name in stage if (m := _LAYER.match(name))}
+        for name, tensor in stage.items():
+            layer = _LAYER.match(name)
+            joined[f"{layer.group(1)}{offset + int(layer.group(2))}{layer.group(3)}" if layer else name] = tensor
+        offset += len(layers)
+    return joined
 
 
 def _split_shape(shape: tuple[int, ...], dim: Optional[int], parts: int) -> tuple[int, ...]:
@@ -231,30 +284,40 @@ def _iteration_dir(directory: Path) -> Path:
         raise MtnlgError(f"{tracker} should hold an iteration number or 'release', not {text[:40]!r}")
     path = directory / f"iter_{int(text):07d}"
     if not path.is_dir():
-        raise MtnlgError(f"{tracker} names iteration {int(text)}, but {path.name} is missing ({folder_summary(directory)})")
+        raise MtnlgError(f"{tracker} names iteration {int(text)}, but {path.name} is missing "
+                         f"({folder_summary(directory)})")
     return path
 
 
-def _rank_files(iteration_dir: Path) -> list[Path]:
-    entries = [p for p in iteration_dir.iterdir() if p.is_dir()]
-    if any(_PIPELINE_RANK_DIR.match(p.name) for p in entries):
-        raise MtnlgError(f"{iteration_dir} is split over pipeline stages (mp_rank_XX_YYY folders); mtnlg imports "
-                         "tensor-parallel Megatron-LM checkpoints without pipeline parallelism")
+def _rank_files(iteration_dir: Path) -> list[list[Path]]:
+    """The checkpoint file of every rank, as [pipeline stage][tensor-parallel rank]."""
     if any(p.suffix == ".distcp" for p in iteration_dir.iterdir()):
         raise MtnlgError(f"{iteration_dir} is a Megatron-LM distributed (torch_dist) checkpoint; mtnlg reads the "
                          "legacy format (save with --ckpt-format torch)")
-    ranks = sorted((int(m.group(1)), p) for p in entries if (m := _RANK_DIR.match(p.name)))
+    ranks = {}
+    for entry in iteration_dir.iterdir():
+        match = _RANK_DIR.match(entry.name)
+        if entry.is_dir() and match:
+            ranks[(int(match.group(2) or 0), int(match.group(1)))] = entry
     if not ranks:
         raise MtnlgError(f"{iteration_dir} has no mp_rank_XX folders ({folder_summary(iteration_dir)})")
-    if [r for r, _ in ranks] != list(range(len(ranks))):
-        raise MtnlgError(f"{iteration_dir} lacks tensor-parallel rank folders: has {[p.name for _, p in ranks]}")
-    files = []
-    for _, rank_dir in ranks:
-        found = [rank_dir / name for name in CHECKPOINT_FILES if (rank_dir / name).is_file()]
-        if not found:
-            raise MtnlgError(f"{rank_dir} has no {CHECKPOINT_FILES[0]} ({folder_summary(rank_dir)})")
-        files.append(found[0])
-    return files
+    stages = 1 + max(stage for stage, _ in ranks)
+    width = 1 + max(rank for _, rank in ranks)
+    missing = [(stage, rank) for stage in range(stages) for rank in range(width) if (stage, rank) not in ranks]
+    if missing:
+        stage, rank = missing[0]
+        raise MtnlgError(f"{iteration_dir} lacks the folder of tensor-parallel rank {rank}"
+                         + (f", pipeline stage {stage}" if stages > 1 else "") + f" ({folder_summary(iteration_dir)})")
+    grid = []
+    for stage in range(stages):
+        grid.append([])
+        for rank in range(width):
+            found = [ranks[stage, rank] / name for name in CHECKPOINT_FILES if (ranks[stage, rank] / name).is_file()]
+            if not found:
+                raise MtnlgError(f"{ranks[stage, rank]} has no {CHECKPOINT_FILES[0]} "
+                                 f"({folder_summary(ranks[stage, rank])})")
+            grid[-1].append(found[0])
+    return grid
 
 
 def _config_from_args(args: argparse.Namespace, path: Path) -> GPTConfig:

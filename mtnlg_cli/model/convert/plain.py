@@ -22,7 +22,8 @@ FORMAT = "mtnlg-export/1"
 CONFIG_FILE = "config.json"
 
 
-def export_plain(weights: Weights, out_dir: Path, dtype: torch.dtype, max_shard_size: Optional[int] = None) -> list[str]:
+def export_plain(weights: Weights, out_dir: Path, dtype: torch.dtype,
+                 max_shard_size: Optional[int] = None) -> list[str]:
     """Writes the weights into `out_dir`; returns the names of the files written."""
     tokenizer_hash = copy_tokenizer(weights, out_dir)
     description = {
