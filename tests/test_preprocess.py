@@ -196,8 +196,9 @@ def test_cli_paths_flags_and_errors(tmp_path, model_file):
     args = ("preprocess", str(tmp_path / "in.jsonl"), "--tokenizer-model", model_file, "--workers", "1")
     failed = run_cli(*args, cwd=tmp_path / "w")
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
-    assert failed.stderr.strip().splitlines()[-1] == (f"error: {tmp_path / 'in.jsonl'}: invalid UTF-8 at byte 29 "
-                                                      "(line 2); use --errors replace to replace bad bytes and continue")
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'in.jsonl'}: invalid UTF-8 at byte 29 (line 2); "
+        "use --errors replace to replace bad bytes and continue")
     assert failed.stderr.count("error:") == 1
     ok = run_cli(*args, "--errors", "replace", "--skip-bad-lines", cwd=tmp_path / "w")
     assert ok.returncode == 0, ok.stderr

@@ -103,7 +103,12 @@ def test_samples_pack_documents_and_resume_by_index(prepared):
     batch = dataset.batch(range(100, 132))
     assert batch.shape == (32, 65) and batch.dtype == np.int64
     assert (batch == 3).any(axis=1).mean() > 0.2  # windows cross document boundaries (eos inside)
-    resumed = open_split(ws, config, "train")
+    global_batch = 16
+    uninterrupted = [dataset.batch(range(step * global_batch, (step + 1) * global_batch)) for step in range(8)]
+    resumed = open_split(ws, config, "train")  # a new process resuming at step 5
+    for step in range(5, 8):
+        assert np.array_equal(resumed.batch(range(step * global_batch, (step + 1) * global_batch)),
+                              uninterrupted[step])
     assert np.array_equal(resumed.batch(range(100, 132)), batch)
     far = [len(dataset) * 3 + 5, 10**9]  # later epochs are addressable too
     assert np.array_equal(resumed.batch(far), dataset.batch(far))

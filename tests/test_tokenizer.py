@@ -81,3 +81,12 @@ def test_training_sample_is_bounded_random_and_seeded(tmp_path):
     assert 25 <= len(later) <= 75  # a uniform sample, not the first lines
     everything = training_sentences(files, 10**6, seed=1)
     assert max(map(len, everything)) == 1000 and len(everything) == 5000 + 3  # long lines cut into pieces
+
+
+def test_unigram_model_round_trips_too(tmp_path, shared_data):
+    text = ((shared_data / EN).read_text(encoding="utf-8")[:60_000]
+            + (shared_data / ZH).read_text(encoding="utf-8")[:1500])
+    unigram = train_tokenizer([l for l in text.split("\n") if l], tmp_path, vocab_size=1500, model_type="unigram")
+    assert unigram.sp.get_piece_size() == 1500 and unigram.eos_id == 3
+    docs = paragraphs(text)
+    assert [unigram.decode(ids) for ids in unigram.encode_batch(docs)] == docs

@@ -12,7 +12,6 @@ writes bytes, the workers decode, split and encode, and memory stays flat as the
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import multiprocessing
@@ -26,12 +25,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from rich.console import Console
 from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from mtnlg_cli.config import Config, DataSource
 from mtnlg_cli.data.atomic import write_bytes_atomically
-from mtnlg_cli.data.corpus import DocumentSpec, chunk_documents, expand_paths, file_format, read_chunks, training_sentences
+from mtnlg_cli.data.corpus import (Chunk, DocumentSpec, chunk_documents, expand_paths, file_format, read_chunks,
+                                   training_sentences)
 from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 from mtnlg_cli.data.tokenizer import MODEL_FILE, Tokenizer, file_hash, train_tokenizer
 from mtnlg_cli.errors import MtnlgError
@@ -85,7 +86,7 @@ def plan_sources(workspace: Workspace, config: Config, sources: Optional[list[Da
         plan = SourcePlan(index, dataset_name(source), source)
         if plan.name in seen:
             raise MtnlgError(f"{plan.key} and data.sources.{seen[plan.name]} are both named {plan.name!r}; "
-                             f"set a distinct name: for one of them")
+                             "give one of them its own name: key")
         seen[plan.name] = index
         path = workspace.resolve(source.path)
         if path.suffix in PREBUILT_SUFFIXES:
@@ -123,9 +124,9 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
         if not target.is_file() or file_hash(target) != given.hash:
             target.parent.mkdir(parents=True, exist_ok=True)
             write_bytes_atomically(target, given.path.read_bytes())
+            given.save_info(workspace.tokenizer_dir)
             say(f"Tokenizer: using {given.path} ({given.vocab_size} pieces)")
         tokenizer = Tokenizer.load(target)
-        tokenizer.save_info(workspace.tokenizer_dir)
     elif target.is_file() and not force:
         tokenizer = Tokenizer.load(target)
     else:
@@ -163,14 +164,6 @@ def _settings(plan: SourcePlan) -> dict:
     return {"files": [{"path": str(f), "spec": vars(spec)} for f, spec in zip(plan.files, plan.specs)]}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
-
-
 def _input_files(plan: SourcePlan, previous: Optional[dict]) -> list[dict]:
     """Size, mtime and hash of each input; the hash is reused from `previous` when size and mtime match."""
     known = {f["path"]: f for f in (previous or {}).get("inputs", [])}
@@ -180,7 +173,7 @@ def _input_files(plan: SourcePlan, previous: Optional[dict]) -> list[dict]:
         entry = {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         old = known.get(str(path))
         same = old and old["bytes"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns
-        entry["sha256"] = old["sha256"] if same else _sha256(path)
+        entry["sha256"] = old["sha256"] if same else file_hash(path)
         entries.append(entry)
     return entries
 
@@ -209,19 +202,18 @@ def _init_worker(model_path: str) -> None:
     _worker_tokenizer = Tokenizer.load(Path(model_path))
 
 
-def encode_chunk(chunk, spec: DocumentSpec, tokenizer: Tokenizer, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
+def encode_chunk(chunk: Chunk, spec: DocumentSpec, tokenizer: Tokenizer,
+                 dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
     """(tokens of the chunk's documents, each followed by eos; document lengths; malformed lines skipped)."""
     docs, bad = chunk_documents(chunk, spec)
-    ids = tokenizer.encode_batch(docs)
-    for doc in ids:
-        doc.append(tokenizer.eos_id)
+    ids = tokenizer.encode_batch(docs, add_eos=True)
     lengths = np.fromiter(map(len, ids), np.int32, count=len(ids))
     # chain + fromiter converts at C speed; this is a few percent of the encode time
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, count=int(lengths.sum(dtype=np.int64)))
     return tokens, lengths, bad
 
 
-def _encode_in_worker(chunk, spec: DocumentSpec, dtype: np.dtype):
+def _encode_in_worker(chunk: Chunk, spec: DocumentSpec, dtype: np.dtype):
     return encode_chunk(chunk, spec, _worker_tokenizer, dtype)
 
 
@@ -247,8 +239,6 @@ def preprocess(workspace: Workspace, config: Config, sources: Optional[list[Data
                workers: Optional[int] = None, model_file: Optional[str] = None, force: bool = False,
                console=None) -> list[SourceResult]:
     """Trains or installs the tokenizer, then tokenizes every source that is not up to date."""
-    from rich.console import Console
-
     console = console or Console(stderr=True)
     plans = plan_sources(workspace, config, sources)
     tokenizer = prepare_tokenizer(workspace, config, plans, model_file or config.tokenizer.model_file, force,
@@ -344,4 +334,4 @@ class RateColumn(ProgressColumn):
         elapsed = task.elapsed or 0.0
         rate = task.fields["tokens"] / elapsed if elapsed else 0.0
         megabytes = task.completed / elapsed / 1e6 if elapsed else 0.0
-        return Text(f"{task.fields['documents']:,} docs  {rate / 1e6:.2f} M tok/s  {megabytes:.1f} MB/s")
+        return Text(f"{task.fields['documents']:,} docs {rate / 1e6:.2f}M tok/s {megabytes:.1f}MB/s", no_wrap=True)

@@ -181,7 +181,8 @@ def _open_datasets(workspace: Workspace, config: Config) -> list[tuple[str, floa
     return opened
 
 
-def _split_parts(workspace: Workspace, config: Config, split: str) -> list[tuple[str, float, IndexedDataset, np.ndarray]]:
+def _split_parts(workspace: Workspace, config: Config,
+                 split: str) -> list[tuple[str, float, IndexedDataset, np.ndarray]]:
     if split not in SPLITS:
         raise MtnlgError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
     which = SPLITS.index(split)

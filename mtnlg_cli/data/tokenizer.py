@@ -26,7 +26,12 @@ INFO_FILE = "tokenizer.json"
 
 
 def file_hash(path: Path) -> str:
-    return "sha256:" + hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """"sha256:<hex>" of a file's content, read in blocks (corpus files can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 @dataclass
@@ -88,8 +93,8 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        return self.sp.encode(list(texts), num_threads=num_threads)
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1, add_eos: bool = False) -> list[list[int]]:
+        return self.sp.encode(list(texts), num_threads=num_threads, add_eos=add_eos)
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
