@@ -5,7 +5,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import re
 
 import pytest
 
@@ -16,10 +15,7 @@ from mtnlg_cli.data.preprocess import preprocess
 from mtnlg_cli.data.tokenizer import Tokenizer, train_tokenizer
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.workspace import init_workspace
-
-
-def paragraphs(text: str) -> list[str]:
-    return [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()]
+from test_tokenizer import paragraphs
 
 
 @pytest.fixture(scope="module")
