@@ -76,6 +76,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
     Returns the final path. Points `latest` at it, then prunes all but the newest `keep_last` checkpoints.
     """
     root.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(root)
     final = root / step_dir_name(step)
     staging = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -90,7 +91,7 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
         _write_bytes_durably(staging / STATE_FILE, json.dumps(full_state, indent=2, sort_keys=True).encode())
         _fsync_dir(staging)
         if final.exists():  # an earlier save of the same step (a resumed run that saved it again)
-            shutil.rmtree(final)
+            remove_checkpoint(final)
         os.rename(staging, final)
         _fsync_dir(root)
     except BaseException:
@@ -128,7 +129,37 @@ def prune(root: Path, keep_last: int) -> None:
     latest = latest_checkpoint(root)
     for path in list_checkpoints(root)[:-keep_last]:
         if latest is None or path.resolve() != latest.resolve():
+            remove_checkpoint(path)
+
+
+def remove_checkpoint(path: Path) -> None:
+    """Deletes a checkpoint folder after renaming it out of sight: a crash half-way through deleting must not
+    leave a folder that still has its state.json but not all its tensors."""
+    doomed = path.with_name(f".tmp-remove-{path.name}-{os.getpid()}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def remove_stale_temporaries(root: Path) -> None:
+    """Deletes the `.tmp-*-PID` folders and links that saves killed half-way (SIGKILL, power loss) left behind."""
+    for path in root.glob(".tmp-*"):
+        pid = path.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid() or _process_exists(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        pass
+    return True
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
