@@ -1,7 +1,7 @@
 """Starting a multi-process run through Accelerate's launcher, and living as one of its processes.
 
 `mtnlg train --num-processes N` re-runs `mtnlg train` as N processes with `accelerate launch --multi_gpu`
-(CPU processes over gloo where there is no GPU: `ACCELERATE_USE_CPU=1`, NCCL on GPUs). Runs started directly with
+(CPU processes over gloo where there is no GPU, NCCL on GPUs). Runs started directly with
 `accelerate launch -m mtnlg_cli train` or `torchrun -m mtnlg_cli train` behave the same way, because each process
 recognises the launcher's environment.
 
@@ -37,9 +37,6 @@ def launch(command_args: list[str], num_processes: int, num_machines: int = 1, m
            main_process_ip: Optional[str] = None, main_process_port: Optional[int] = None,
            mixed_precision: str = "no") -> int:
     """Runs `mtnlg COMMAND_ARGS` as `num_processes` processes (over all machines); returns the exit code."""
-    import torch
-
-    use_cpu = not torch.cuda.is_available()
     local_processes = max(1, num_processes // num_machines)
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                 "--num_processes", str(num_processes), "--num_machines", str(num_machines),
@@ -49,19 +46,19 @@ def launch(command_args: list[str], num_processes: int, num_machines: int = 1, m
     if main_process_port:
         launcher += ["--main_process_port", str(main_process_port)]
     with tempfile.TemporaryDirectory(prefix="mtnlg-ranks-") as errors, tempfile.TemporaryFile() as stderr:
+        # (each rank picks CPU processes over gloo itself when it finds no GPU, see parallel.make_runtime; the
+        # launcher is not asked, so that this process need not import torch)
         env = {**os.environ, ERROR_DIR_ENV: errors}
-        if use_cpu:
-            env["ACCELERATE_USE_CPU"] = "1"
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
         # its own session: a Ctrl-C reaches this process only, which passes one signal on to the launcher (and it
         # to each rank), so the ranks save a checkpoint instead of seeing two signals and aborting
         process = subprocess.Popen([*launcher, "-m", "mtnlg_cli", *command_args], env=env, stderr=stderr,
                                    start_new_session=True)
         signalled = _wait_passing_signals(process)
-        failures = _rank_failures(Path(errors))
-        if failures:
-            raise MtnlgError(failures[0])
-        if process.returncode and not signalled:
+        failure = _first_failure(Path(errors))
+        if failure:
+            raise MtnlgError(failure)
+        if not signalled:  # warnings, or the tracebacks of a crash that was not an MtnlgError
             stderr.seek(0)
             sys.stderr.write(stderr.read().decode(errors="replace"))
     return process.returncode
@@ -87,10 +84,16 @@ def _wait_passing_signals(process: subprocess.Popen) -> bool:
     return bool(received)
 
 
-def _rank_failures(folder: Path) -> list[str]:
-    """Messages the ranks left, earliest first."""
-    found = sorted(folder.glob("rank*.txt"), key=lambda p: (p.stat().st_mtime, int(p.stem[4:])))
-    return [p.read_text(encoding="utf-8") for p in found]
+def _first_failure(folder: Path) -> Optional[str]:
+    """The message of the rank that failed first, naming the rank unless every failed rank said the same."""
+    found = sorted((p.stat().st_mtime, int(p.stem[4:]), p.read_text(encoding="utf-8"))
+                   for p in folder.glob("rank*.txt"))
+    if not found:
+        return None
+    _, rank, message = found[0]
+    if rank == 0 or len({text for _, _, text in found}) == 1:
+        return message
+    return f"rank {rank}: {message}"
 
 
 def run_as_rank(rank: int, body: Callable[[], Optional[int]]) -> None:
@@ -119,16 +122,14 @@ def run_as_rank(rank: int, body: Callable[[], Optional[int]]) -> None:
 
 
 def _report_failure(rank: int, message: str) -> None:
-    if rank:
-        message = f"rank {rank}: {message}"
     folder = os.environ.get(ERROR_DIR_ENV)
     if folder and Path(folder).is_dir():
         path = Path(folder) / f"rank{rank}.txt"
         partial = path.with_suffix(f".tmp{os.getpid()}")
         partial.write_text(message, encoding="utf-8")
         os.replace(partial, path)  # the starting process never reads half a message
-    else:
-        print(f"error: {message}", file=sys.stderr)
+    else:  # started by a launcher directly: each failing rank says so itself
+        print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
 
 
 def _exit(code: int) -> None:

@@ -1,9 +1,11 @@
 """Every parallel layout computes the same model as one process (fp32, CPU, gloo).
 
-Starting processes dominates the cost, so one 2-process job runs all the 2-rank layouts in turn and one 4-process
-job the 2-D ones; each writes its losses, gradient norms and final weights, and the tests compare them with a
-single-process run of the same steps. SGD with momentum keeps the comparison tight: Adam's first steps turn
-rounding-level gradient differences into whole learning-rate steps.
+The runs go through the trainer's runtime (`make_runtime`: Accelerate, the layout's plans, the step's forward and
+backward, clipping, full state gathering). Starting processes dominates the cost, so one 2-process job runs all the
+2-rank layouts in turn and one 4-process job the 2-D ones; each writes its losses, gradient norms, final weights and
+optimizer state, and the tests compare them with a single-process run of the same steps. The runs use SGD with
+momentum instead of AdamW: Adam's first steps turn rounding-level gradient differences into whole learning-rate
+steps, which would force loose weight comparisons.
 
 This file is also the worker those jobs run (`python -m torch.distributed.run ... tests/test_parallel.py`).
 """
@@ -14,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ BASE = {
     "train": {"micro_batch_size": 2, "global_batch_size": 8, "clip_grad": 0.5},
 }
 TWO_RANKS = {
+    "ddp": [],
     "fsdp": ["parallel.fsdp=true"],
     "tp": ["parallel.tensor_parallel=2"],
     "tp_sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
@@ -41,51 +43,50 @@ FOUR_RANKS = {
 }
 
 
-def train_steps(overrides: list[str], world_size: int):
-    """(losses, gradient norms, full weights, full momentum) after STEPS SGD steps under the layout."""
+def train_steps(overrides: list[str]):
+    """(layout, losses, gradient norms, full weights, full optimizer state) after STEPS steps under the layout."""
     import torch
 
+    import mtnlg_cli.model.parallel as parallel
     from mtnlg_cli.config import load_config
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
-    from mtnlg_cli.model.parallel_plans import ParallelModel, resolve_layout
+    from mtnlg_cli.model.gpt import GPTConfig
 
     config = load_config(BASE, overrides)
     train = config.train
-    layout = resolve_layout(config, world_size)
+    runtime = parallel.make_runtime(config)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_config(config.model))
-    model.activation_checkpointing = train.activation_checkpointing
-    parallel = ParallelModel(model, layout, torch.device("cpu"))
-    optimizer = torch.optim.SGD(parallel.parameter_groups(0.0), lr=0.5, momentum=0.9)
+    runtime.build_model(GPTConfig.from_model_config(config.model))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(parallel, "build_adamw", lambda groups, train, fused: torch.optim.SGD(groups, lr=0.5,
+                                                                                            momentum=0.9))
+        runtime.build_optimizer()
     data = torch.Generator().manual_seed(1)
-    share = train.global_batch_size // layout.data_parallel
-    first = share * (parallel.mesh["dp"].get_local_rank() if parallel.mesh is not None else 0)
     losses, norms = [], []
-    for _ in range(STEPS):
+    for step in range(STEPS):
         batch = torch.randint(0, config.model.vocab_size, (train.global_batch_size, config.model.seq_length + 1),
-                              generator=data)[first:first + share]
-        loss = parallel.forward_backward(batch[:, :-1], batch[:, 1:], train.micro_batch_size)
-        norms.append(parallel.clip_grad_norm_(train.clip_grad).item())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    momentum = {f"{name}.momentum_buffer": state["momentum_buffer"]
-                for name, state in parallel.full_optimizer_state(optimizer).items()}
-    return losses, norms, parallel.full_model_state(), momentum
+                              generator=data)
+        first = step * train.global_batch_size
+        rows = [i - first for i in runtime.local_sample_indices(first)]
+        losses.append(runtime.forward_backward(batch[rows]))
+        norms.append(runtime.clip_grad_norm(train.clip_grad))
+        runtime.optimizer_step()
+    optimizer_tensors, _ = runtime.optimizer_state()
+    return runtime.layout.describe(), losses, norms, runtime.model_state(), optimizer_tensors
 
 
 def worker(out_dir: Path, names: list[str]) -> None:
+    """One rank of a launched job: Accelerate joins the process group (with a timeout, so a dead rank fails the
+    job instead of hanging it) when the first runtime is made."""
     import torch.distributed as dist
     from safetensors.torch import save_file
 
     layouts = {**TWO_RANKS, **FOUR_RANKS}
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     for name in names:
-        losses, norms, weights, momentum = train_steps(layouts[name], dist.get_world_size())
+        layout, losses, norms, weights, momentum = train_steps(layouts[name])
         if dist.get_rank() == 0:
             save_file(weights, str(out_dir / f"{name}.weights.safetensors"))
             save_file(momentum, str(out_dir / f"{name}.momentum.safetensors"))
-            (out_dir / f"{name}.json").write_text(json.dumps({"losses": losses, "norms": norms}))
+            (out_dir / f"{name}.json").write_text(json.dumps({"layout": layout, "losses": losses, "norms": norms}))
     # ending this way avoids an occasional abort at exit after a finished run (see FACTS.md)
     dist.barrier()
     dist.destroy_process_group()
@@ -103,7 +104,7 @@ def launch(processes: int, names: list[str], out_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def one_process():
-    return train_steps([], 1)
+    return train_steps([])
 
 
 @pytest.fixture(scope="module")
@@ -124,8 +125,9 @@ def assert_same_training(out: Path, name: str, one_process) -> None:
     import torch
     from safetensors.torch import load_file
 
-    losses, norms, weights, momentum = one_process
+    _, losses, norms, weights, momentum = one_process
     run = json.loads((out / f"{name}.json").read_text())
+    assert run["layout"] != "single process"
     assert len(set(losses)) == STEPS  # the loss moves, so a wrong update would show
     assert run["losses"] == pytest.approx(losses, abs=1e-5)
     assert run["norms"] == pytest.approx(norms, abs=1e-5)

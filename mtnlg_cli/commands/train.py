@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.errors import MtnlgError
 
 INTERRUPTED_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -19,25 +20,58 @@ def train_command(
                                                    "of the workspace's latest.", show_default=False)] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Start over at step 1; earlier checkpoints "
                                                "are moved to checkpoints/archive-<time>/.")] = False,
+    num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Processes in all (over all "
+                                               "machines), laid out by the config's parallel section; started "
+                                               "with Accelerate's launcher.")] = 1,
+    num_machines: Annotated[int, typer.Option("--num-machines", min=1, help="Machines taking part.")] = 1,
+    machine_rank: Annotated[int, typer.Option("--machine-rank", min=0, help="This machine's index.")] = 0,
+    main_process_ip: Annotated[Optional[str], typer.Option("--main-process-ip", help="Address of machine 0.",
+                                                           show_default=False)] = None,
+    main_process_port: Annotated[Optional[int], typer.Option("--main-process-port", help="Port on machine 0.",
+                                                             show_default=False)] = None,
 ) -> None:
     """Train the model on the workspace's data, resuming from the latest checkpoint.
 
     Tokenizes the corpus first if needed. Ctrl-C or SIGTERM saves a checkpoint at the next step boundary
-    (a second Ctrl-C aborts at once); run `mtnlg train` again to continue.
+    (a second Ctrl-C aborts at once); run `mtnlg train` again to continue. With --num-processes N the run is N
+    processes (data, fully sharded, tensor and pipeline parallel as the parallel section says); runs started by
+    `accelerate launch -m mtnlg_cli train` or `torchrun -m mtnlg_cli train` work the same way.
     """
     found, config = open_workspace(workspace, overrides)  # config errors come before the slow torch import
+    from mtnlg_cli.launch import launch, launched_rank, run_as_rank
 
+    rank = launched_rank()
+    if num_processes > 1 or num_machines > 1:
+        if rank is not None:
+            raise MtnlgError("--num-processes starts a run; this process is already one of a launched run")
+        from mtnlg_cli.model.layout import resolve_layout
+
+        resolve_layout(config, num_processes)  # a layout that does not fit fails before any process starts
+        args = ["train", "--workspace", str(found.root), *[f"--set={o}" for o in overrides or []],
+                *(["--resume", str(resume)] if resume else []), *(["--from-scratch"] if from_scratch else [])]
+        raise typer.Exit(launch(args, num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
+                                config.train.mixed_precision))
+    if rank is not None:
+        run_as_rank(rank, lambda: _train(found, config, resume, from_scratch, show=rank == 0))
+    code = _train(found, config, resume, from_scratch, show=True)
+    if code:
+        raise typer.Exit(code)
+
+
+def _train(found, config, resume: Optional[Path], from_scratch: bool, show: bool) -> int:
+    """Trains; returns the exit code (that of the signal when a signal stopped the run)."""
     from rich.console import Console
 
     from mtnlg_cli.model.trainer import train
 
-    console = Console()
+    console = Console(quiet=not show)  # only rank 0 of a launched run prints
     result = train(found, config, resume=resume, from_scratch=from_scratch, console=console)
     where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
     if result.interrupted:
         console.print(f"Stopped by {result.interrupted} after step {result.final_step}{where}. "
                       "Run mtnlg train again to continue.")
-        raise typer.Exit(INTERRUPTED_EXIT_CODES.get(result.interrupted, 130))
+        return INTERRUPTED_EXIT_CODES.get(result.interrupted, 130)
     if result.final_step > result.start_step:
         val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
         console.print(f"Trained to step {result.final_step}{val}{where}; metrics in {result.run_dir}/metrics.jsonl")
+    return 0

@@ -94,6 +94,10 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
             remove_checkpoint(final)
         os.rename(staging, final)
         _fsync_dir(root)
+    except (OSError, SafetensorError) as exc:  # a full disk or quota: the user's to fix, and nothing is lost
+        shutil.rmtree(staging, ignore_errors=True)
+        raise MtnlgError(f"cannot write checkpoint {final.name} in {root} ({exc}); the earlier checkpoints are "
+                         "untouched: free some space and run again") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -209,6 +213,13 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copies `weights` into `model`, naming any tensor that is missing, unexpected or of another shape."""
+    check_weights(model, weights, source)
+    model.load_state_dict(weights, strict=True)
+
+
+def check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Refuses `weights` with a missing, unexpected or differently shaped tensor (shapes of the whole model, also
+    when its parameters are sharded DTensors)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -218,7 +229,6 @@ def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], sourc
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise MtnlgError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(expected[name].shape)}")
-    model.load_state_dict(weights, strict=True)
 
 
 def resolve_checkpoint(checkpoints_dir: Path, explicit: Optional[Path] = None) -> Checkpoint:

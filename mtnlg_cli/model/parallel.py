@@ -11,7 +11,7 @@ The trainer (`mtnlg_cli/model/trainer.py`) is written once, against `ParallelRun
   `named_parameters()` names are the checkpoint's names;
 - the optimizer: `build_optimizer()` (AdamW groups; a layout may split groups by tensor kind), `set_lr(lr)`,
   `clip_grad_norm(max_norm)` (the global norm, before clipping), `optimizer_step()`, `zero_grad()`;
-- the data each rank reads: `local_sample_indices(step)`. Global batch `step` is samples
+- the data each rank reads: `local_sample_indices(first_sample)`. Global batch `step` is samples
   [step * global_batch_size, (step + 1) * global_batch_size), so sample order never depends on the layout;
 - one global batch's work: `forward_backward(batch)` runs this rank's micro-batches (a pipeline schedule owns
   this) and returns the mean loss of the whole global batch, the same on every rank;
@@ -20,9 +20,10 @@ The trainer (`mtnlg_cli/model/trainer.py`) is written once, against `ParallelRun
   `GPT.state_dict()`; `optimizer_state()` / `load_optimizer_state()` are tensors keyed `<param name>.<state key>`
   plus JSON scalars. Every rank calls these (a sharded layout gathers or scatters); only the main rank writes.
 
-`ParallelRuntime` below is the single-process runtime, which also runs plain data parallelism (DDP) when Accelerate
-launched several processes. Parallel layouts subclass it and override what they change; `make_runtime(config)`
-picks one.
+`ParallelRuntime` below is the single-process runtime, which also runs plain data parallelism (Accelerate's DDP)
+when several processes were launched. `LayoutRuntime` runs the fully sharded, tensor (+sequence) and pipeline
+parallel layouts and their 2-D combinations with the plans of `parallel_plans`, overriding what they change.
+`make_runtime(config)` checks the `parallel` section against the process count and picks one.
 """
 
 from __future__ import annotations
@@ -35,32 +36,34 @@ import torch
 
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.checkpoint import check_weights, load_weights
 from mtnlg_cli.model.gpt import GPT, GPTConfig
 from mtnlg_cli.model.optim import build_adamw, param_groups
+from mtnlg_cli.model.layout import Layout, resolve_layout
+from mtnlg_cli.model.parallel_plans import PROCESS_GROUP_TIMEOUT, ParallelModel
 
 
 def make_runtime(config: Config) -> "ParallelRuntime":
     """The runtime for the config's `parallel` section and the processes this one was launched with."""
-    return ParallelRuntime(config)
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps its state in a process-wide singleton; a second run in the same Python process (the
+    # library API, tests) may ask for another precision, so start each runtime from a clean slate.
+    AcceleratorState._reset_state()
+    # On a machine without GPUs the processes are CPU processes over gloo (a plain Accelerator() would not join
+    # them into one run); the timeout ends a run whose peer died instead of letting it hang.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision,
+                              kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
+    layout = resolve_layout(config, accelerator.num_processes)
+    runtime = ParallelRuntime if layout.plain_data_parallel else LayoutRuntime
+    return runtime(config, accelerator, layout)
 
 
 class ParallelRuntime:
-    def __init__(self, config: Config):
-        from accelerate import Accelerator
-        from accelerate.state import AcceleratorState
-
-        self.config = config
-        # Accelerate keeps its state in a process-wide singleton; a second run in the same Python process (the
-        # library API, tests) may ask for another precision, so start each runtime from a clean slate.
-        AcceleratorState._reset_state()
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                                       mixed_precision=config.train.mixed_precision)
-        train = config.train
-        self.data_parallel = self.world_size
-        if train.global_batch_size % (train.micro_batch_size * self.data_parallel):
-            raise MtnlgError(f"train.global_batch_size={train.global_batch_size} must be divisible by "
-                             f"train.micro_batch_size={train.micro_batch_size} x {self.data_parallel} "
-                             "data-parallel processes")
+    def __init__(self, config: Config, accelerator, layout: Layout):
+        self.config, self.accelerator, self.layout = config, accelerator, layout
+        self.data_parallel = layout.data_parallel
         self.model: GPT | None = None
         self.wrapped: torch.nn.Module | None = None  # what forward runs through (DDP, compiled, ...)
         self.optimizer: torch.optim.Optimizer | None = None
@@ -140,10 +143,15 @@ class ParallelRuntime:
 
     # --- one global batch ---------------------------------------------------------------------------------------
 
-    def local_sample_indices(self, step: int) -> range:
-        """The global sample indices that this rank reads for global batch `step` (a contiguous slice)."""
+    @property
+    def data_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (the rows of each global batch it reads)."""
+        return self.rank
+
+    def local_sample_indices(self, first_sample: int) -> range:
+        """The global sample indices this rank reads of the global batch that starts at `first_sample`."""
         per_rank = self.config.train.global_batch_size // self.data_parallel
-        start = step * self.config.train.global_batch_size + self.rank * per_rank
+        start = first_sample + self.data_rank * per_rank
         return range(start, start + per_rank)
 
     def forward_backward(self, batch: torch.Tensor) -> float:
@@ -177,8 +185,6 @@ class ParallelRuntime:
         return {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
 
     def load_model_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        from mtnlg_cli.model.checkpoint import load_weights
-
         load_weights(self.model, tensors, source)
 
     def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -197,19 +203,94 @@ class ParallelRuntime:
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], source: str) -> None:
         """Restores the optimizer's per-parameter state (hyperparameters come from the current config)."""
         names = dict(self.model.named_parameters())
-        by_param: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            name, _, state_key = key.rpartition(".")
-            if name not in names:
-                raise MtnlgError(f"{source}: optimizer state for {name!r}, which the model does not have")
-            by_param.setdefault(name, {})[state_key] = tensor
-        for name, state in by_param.items():
+        for name, state in optimizer_state_by_name(self.model, tensors, source).items():
             param = names[name]
-            for state_key, tensor in state.items():
-                if state_key != "step" and tensor.shape != param.shape:
-                    raise MtnlgError(f"{source}: optimizer state {name}.{state_key} has shape "
-                                     f"{tuple(tensor.shape)}, the model expects {tuple(param.shape)}")
             self.optimizer.state[param] = {k: v.to(param.device, copy=True) for k, v in state.items()}
         scaler = self.accelerator.scaler
         if scaler is not None and "grad_scaler" in scalars:
             scaler.load_state_dict({**scaler.state_dict(), **scalars["grad_scaler"]})
+
+
+def optimizer_state_by_name(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict]:
+    """Checkpoint optimizer tensors (`<param name>.<state key>`) as {param name: {state key: full tensor}},
+    checked against the model's parameter names and (full) shapes."""
+    names = dict(model.named_parameters())
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, state_key = key.rpartition(".")
+        if name not in names:
+            raise MtnlgError(f"{source}: optimizer state for {name!r}, which the model does not have")
+        if state_key != "step" and tensor.shape != names[name].shape:
+            raise MtnlgError(f"{source}: optimizer state {name}.{state_key} has shape "
+                             f"{tuple(tensor.shape)}, the model expects {tuple(names[name].shape)}")
+        by_param.setdefault(name, {})[state_key] = tensor
+    return by_param
+
+
+class LayoutRuntime(ParallelRuntime):
+    """Fully sharded, tensor (+sequence) and pipeline parallel layouts, and their 2-D combinations.
+
+    The plans of `parallel_plans` are applied over a device mesh to the unchanged GPT; Accelerate still launches,
+    joins the process group, places the device and provides bf16 autocast. `self.model` is the whole GPT (its
+    parameters DTensors where they are sharded); under pipeline parallelism this rank trains only its stage of it.
+    """
+
+    def __init__(self, config: Config, accelerator, layout: Layout):
+        super().__init__(config, accelerator, layout)
+        train = config.train
+        if train.mixed_precision == "fp16":
+            raise MtnlgError(f"train.mixed_precision=fp16 needs a gradient scaler, which the {layout.describe()} "
+                             "layout does not have; use bf16")
+        if train.compile:
+            raise MtnlgError(f"train.compile=true is not supported with the {layout.describe()} layout yet; "
+                             "set train.compile=false")
+        self.parallel: ParallelModel | None = None
+
+    @property
+    def data_rank(self) -> int:
+        return self.parallel.mesh["dp"].get_local_rank()
+
+    def build_model(self, gpt_config: GPTConfig) -> GPT:
+        self.model = GPT(gpt_config)
+        self.model.activation_checkpointing = self.config.train.activation_checkpointing
+        param_dtype = torch.bfloat16 if self.config.train.mixed_precision == "bf16" else None
+        self.parallel = ParallelModel(self.model, self.layout, self.device, param_dtype)
+        self.wrapped = self.parallel.module
+        return self.model
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        train = self.config.train
+        self.optimizer = build_adamw(self.parallel.parameter_groups(train.weight_decay), train, fused=True)
+        self.prepared_optimizer = self.optimizer
+        return self.optimizer
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        return self.parallel.clip_grad_norm_(max_norm).item()
+
+    def forward_backward(self, batch: torch.Tensor) -> float:
+        self.parallel.train()
+        batch = batch.to(self.device)
+        return self.parallel.forward_backward(batch[:, :-1], batch[:, 1:], self.config.train.micro_batch_size,
+                                              self.accelerator.autocast).item()
+
+    def eval_loss(self, batches: Iterable[torch.Tensor]) -> float:
+        self.parallel.train(False)
+        losses = [self.parallel.eval_loss(batch[:, :-1].to(self.device), batch[:, 1:].to(self.device),
+                                          self.config.train.micro_batch_size, self.accelerator.autocast).item()
+                  for batch in batches]
+        return sum(losses) / len(losses)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        return self.parallel.full_model_state()
+
+    def load_model_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        check_weights(self.model, tensors, source)
+        self.parallel.load_model_state(tensors)
+
+    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"{name}.{key}": value for name, state in self.parallel.full_optimizer_state(self.optimizer).items()
+                   for key, value in state.items()}
+        return tensors, {"layout": self.layout.describe()}
+
+    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], source: str) -> None:
+        self.parallel.load_optimizer_state(self.optimizer, optimizer_state_by_name(self.model, tensors, source))
