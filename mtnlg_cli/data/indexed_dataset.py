@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
 from mtnlg_cli.data.atomic import temp_beside
@@ -37,12 +39,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def dataset_paths(prefix: Path) -> tuple[Path, Path]:
     prefix = Path(prefix)
     return prefix.with_name(prefix.name + ".bin"), prefix.with_name(prefix.name + ".idx")
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
 
 
 class IndexedDatasetWriter:
@@ -70,9 +66,11 @@ class IndexedDatasetWriter:
         self._lengths.append(np.asarray(lengths, dtype=np.int32))
         self.tokens += len(tokens)
 
-    def finish(self) -> None:
-        """Writes the index and moves both files into place (.bin first: the .idx names a complete .bin)."""
-        self._bin.close()
+    def finish(self, before_install: Callable[[], None] = lambda: None) -> None:
+        """Writes the index, then moves both files into place (.bin first: the .idx names a complete .bin).
+
+        `before_install` runs once both files are complete on disk, just before the first rename.
+        """
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int32)
         pointers = np.zeros(len(lengths), np.int64)
         np.cumsum(lengths[:-1], out=pointers[1:])
@@ -85,23 +83,44 @@ class IndexedDatasetWriter:
                 f.write(lengths.tobytes())
                 f.write(pointers.tobytes())
                 f.write(document_indices.tobytes())
-            _fsync_replace(self._bin_tmp, self.bin_path)
-            _fsync_replace(idx_tmp, self.idx_path)
+                f.flush()
+                os.fsync(f.fileno())
+            self._bin.flush()
+            os.fsync(self._bin.fileno())
+            self._bin.close()
+            before_install()
+            os.replace(self._bin_tmp, self.bin_path)
+            os.replace(idx_tmp, self.idx_path)
+        except OSError as exc:  # a full disk or quota
+            raise self._write_error(exc) from None
         finally:
             idx_tmp.unlink(missing_ok=True)
 
+    def _write_error(self, exc: OSError) -> MtnlgError:
+        return MtnlgError(f"cannot write {self.bin_path.with_suffix('')}.bin/.idx ({exc}); an earlier dataset of "
+                          "that name is untouched: free some space and run again")
+
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:  # a full disk cannot take the buffered rest; the file is deleted anyway
+            pass
         self._bin_tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.finish()
-        else:
+        if exc_type is None and not self._bin.closed:
+            try:
+                self.finish()
+            except BaseException:
+                self.abort()
+                raise
+        elif exc_type is not None:
             self.abort()
+            if isinstance(exc, OSError):
+                raise self._write_error(exc) from None
 
 
 class IndexedDataset:

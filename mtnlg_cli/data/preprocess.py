@@ -305,9 +305,9 @@ def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], t
         if documents == 0:
             raise MtnlgError(f"{plan.key} ({plan.source.path}) holds no documents"
                              + (f" ({bad_lines} malformed lines skipped)" if bad_lines else ""))
-        # The old dataset stays whole until here; from now until the new manifest is written it has none,
-        # so a crash in between leaves a dataset that is known to be incomplete.
-        manifest_path(workspace, plan.name).unlink(missing_ok=True)
+        # The old dataset stays whole and listed until the new files are complete on disk; from then until the
+        # new manifest is written it has none, so a crash in between leaves a dataset known to be incomplete.
+        writer.finish(before_install=lambda: manifest_path(workspace, plan.name).unlink(missing_ok=True))
     seconds = time.perf_counter() - started
     _write_json_atomically(manifest_path(workspace, plan.name), {
         "version": MANIFEST_VERSION,
