@@ -101,18 +101,16 @@ def ws(prepared, tmp_path) -> Workspace:
     return Workspace(target)
 
 
-def reference_run(ws: Workspace, tmp_path: Path):
-    """An uninterrupted run on a copy of `ws`, in this process with one thread, as the subprocesses run."""
+def train_here(ws: Workspace, *overrides: str):
+    """Trains in this process with one thread, as the subprocesses do (so that losses match bit for bit)."""
     from rich.console import Console
 
     from mtnlg_cli.model.trainer import train
 
-    other = Workspace(tmp_path / "reference")
-    shutil.copytree(ws.root, other.root, symlinks=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(other, other.load_config(), console=Console(quiet=True))
+        return train(ws, ws.load_config(list(overrides)), console=Console(quiet=True))
     finally:
         torch.set_num_threads(threads)
 
@@ -168,7 +166,9 @@ def assert_resumable(ws: Workspace) -> int:
 
 
 def test_training_killed_ten_times_resumes_to_the_uninterrupted_losses(ws, tmp_path):
-    reference = reference_run(ws, tmp_path)
+    reference_ws = Workspace(tmp_path / "reference")
+    shutil.copytree(ws.root, reference_ws.root, symlinks=True)
+    reference = train_here(reference_ws)  # uninterrupted
     assert reference.final_step == TRAIN_ITERS
     rng = random.Random(20240611)
     # external kills at random moments, external kills as soon as a save starts, and kills at exact points
@@ -214,3 +214,127 @@ def test_training_killed_ten_times_resumes_to_the_uninterrupted_losses(ws, tmp_p
     leftovers = [p.name for p in ws.checkpoints_dir.glob(".tmp-*")]
     assert not leftovers, f"what killed saves left behind was not cleaned up: {leftovers}"
     print(f"{caught_mid_save} of 3 external kills landed inside a checkpoint write")
+
+
+def file_size_limit(limit: int):
+    """A preexec_fn: files may not grow past `limit` bytes, and writing past it fails with EFBIG (not SIGXFSZ)."""
+    def apply() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(ws):
+    train_here(ws, "train.train_iters=2")
+    before = {p.name: p.read_bytes() for p in (ws.checkpoints_dir / "step_0000002").iterdir()}
+    # model.safetensors (0.7 MB) fits, optimizer.safetensors (1.3 MB) does not
+    full = subprocess.run([sys.executable, "-m", "mtnlg_cli", "train", "-w", str(ws.root), "--set",
+                           "train.train_iters=4"], env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit(1_000_000))
+    assert full.returncode == 2, full.stdout + full.stderr
+    assert full.stderr.startswith("error: cannot write checkpoint step_0000003") and full.stderr.count("\n") == 1
+    assert "File too large" in full.stderr and "Traceback" not in full.stdout + full.stderr
+    assert latest_checkpoint(ws.checkpoints_dir).name == "step_0000002"
+    assert {p.name: p.read_bytes() for p in (ws.checkpoints_dir / "step_0000002").iterdir()} == before
+    assert load_checkpoint(latest_checkpoint(ws.checkpoints_dir)).step == 2
+    assert sorted(p.name for p in ws.checkpoints_dir.iterdir()) == [".train.lock", "latest", "step_0000001",
+                                                                     "step_0000002"]
+
+
+def test_a_second_trainer_on_the_same_workspace_is_refused(ws, capsys, monkeypatch):
+    from mtnlg_cli.cli import main
+
+    first = start_train(ws, "--set", "train.train_iters=100000", "--set", "train.save_interval=100000")
+    try:
+        assert wait_until(lambda: metric_lines(ws) > 0, first), first.communicate()[0]
+        monkeypatch.setattr("sys.argv", ["mtnlg", "train", "-w", str(ws.root), "--set", "train.train_iters=3"])
+        with pytest.raises(SystemExit) as exit_info:
+            main()  # the second trainer, in this process
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1
+        assert err.startswith(f"error: another mtnlg train (pid {first.pid}) is already training in this workspace")
+        assert list_checkpoints(ws.checkpoints_dir) == [], "the refused trainer wrote a checkpoint"
+        assert first.poll() is None, "the first trainer stopped"
+        first.send_signal(signal.SIGTERM)  # the first saves at the step boundary and stops
+        output = first.communicate(timeout=120)[0]
+    finally:
+        first.kill()
+    assert first.returncode == 143, output
+    assert [p.name for p in list_checkpoints(ws.checkpoints_dir)] == [latest_checkpoint(ws.checkpoints_dir).name]
+
+
+DATASETS = ("pride", "sense")
+
+
+@pytest.fixture
+def corpus_ws(tmp_path, shared_data) -> Workspace:
+    """An untokenized workspace with two English sources (0.2 and 1.3 MB), so that a preprocess run lasts long
+    enough to be killed in each of its phases: tokenizer training, encoding, writing."""
+    import yaml
+
+    workspace = init_workspace(tmp_path / "corpus", overrides=["model.vocab_size=1024"])
+    shutil.copy(shared_data / "en_austen_pride_sense.txt", workspace.raw_dir)
+    config = yaml.safe_load(workspace.config_path.read_text())
+    config["data"]["sources"] = [{"path": "data/raw/en_austen_pride.txt", "name": "pride"},
+                                 {"path": "data/raw/en_austen_pride_sense.txt", "name": "sense"}]
+    workspace.config_path.write_text(yaml.safe_dump(config))
+    return workspace
+
+
+def start_preprocess(ws: Workspace, *args: str) -> subprocess.Popen:
+    # a session of its own, so that a kill takes the encoding workers too, as a crash of the machine would
+    return subprocess.Popen([sys.executable, "-m", "mtnlg_cli", "preprocess", "-w", str(ws.root), "-j", "2", *args],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def dataset_files(ws: Workspace) -> dict[str, bytes]:
+    files = [ws.tokenizer_dir / "tokenizer.model"]
+    files += [ws.tokenized_dir / f"{name}{suffix}" for name in DATASETS for suffix in (".bin", ".idx")]
+    return {path.name: path.read_bytes() for path in files if path.exists()}
+
+
+def listed_datasets(ws: Workspace) -> dict[str, tuple[int, int]]:
+    """(documents, tokens) of every dataset that has a manifest, i.e. that claims to be complete."""
+    from mtnlg_cli.data.preprocess import read_manifest
+
+    manifests = {name: read_manifest(ws, name) for name in DATASETS}
+    return {name: (m["documents"], m["tokens"]) for name, m in manifests.items() if m is not None}
+
+
+def test_preprocessing_killed_ten_times_never_leaves_a_complete_looking_partial_dataset(corpus_ws, tmp_path):
+    reference_ws = Workspace(tmp_path / "reference")
+    shutil.copytree(corpus_ws.root, reference_ws.root)
+    started = time.monotonic()
+    reference = start_preprocess(reference_ws)
+    output = reference.communicate(timeout=300)[0]
+    duration = time.monotonic() - started
+    assert reference.returncode == 0, output
+    expected_files, expected_datasets = dataset_files(reference_ws), listed_datasets(reference_ws)
+    assert len(expected_files) == 5 and expected_datasets.keys() == set(DATASETS)
+
+    rng = random.Random(7)
+    killed = 0
+    for round_ in range(10):
+        # first runs that go on from what the killed ones left, then rebuilds over a complete set
+        process = start_preprocess(corpus_ws, *(["--force"] if round_ >= 5 else []))
+        time.sleep(rng.uniform(0.05, 0.95) * duration)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            killed += 1
+        output = process.communicate(timeout=120)[0]
+        assert process.returncode in (0, -signal.SIGKILL), output
+        files = dataset_files(corpus_ws)
+        if "tokenizer.model" in files:
+            assert files["tokenizer.model"] == expected_files["tokenizer.model"]
+        for name, counts in listed_datasets(corpus_ws).items():  # listed means whole, and the same as before
+            assert counts == expected_datasets[name]
+            for suffix in (".bin", ".idx"):
+                assert files[name + suffix] == expected_files[name + suffix], f"round {round_}: {name}{suffix}"
+    assert killed >= 5, f"only {killed} of 10 runs were still running when their kill came"
+
+    process = start_preprocess(corpus_ws)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 0 and "Traceback" not in output, output
+    assert dataset_files(corpus_ws) == expected_files
+    assert listed_datasets(corpus_ws) == expected_datasets
