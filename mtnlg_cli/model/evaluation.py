@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mtnlg_cli.errors import MtnlgError
 
@@ -90,9 +89,9 @@ def score_spans(model: torch.nn.Module, spans: Sequence[Span], batch_size: int =
             inputs[row, :n], targets[row, :n] = tokens[:-1], tokens[1:]
             scored[row, spans[index].score_from - 1:n] = True
         logits = model(inputs.to(device)).float()
-        logprobs = F.log_softmax(logits, dim=-1)
         targets, scored = targets.to(device), scored.to(device)
-        target_logprobs = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        # log-softmax at the targets only: a full log-softmax would be one more (batch, length, vocab) tensor
+        target_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
         is_greedy = logits.argmax(dim=-1) == targets
         results[0, batch] = (target_logprobs.double() * scored).sum(dim=1).cpu()
         results[1, batch] = (is_greedy | ~scored).all(dim=1).double().cpu()
