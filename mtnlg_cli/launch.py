@@ -54,18 +54,19 @@ def launch(command_args: list[str], num_processes: int, num_machines: int = 1, m
         # to each rank), so the ranks save a checkpoint instead of seeing two signals and aborting
         process = subprocess.Popen([*launcher, "-m", "mtnlg_cli", *command_args], env=env, stderr=stderr,
                                    start_new_session=True)
-        signalled = _wait_passing_signals(process)
+        signal_received = _wait_passing_signals(process)
         failure = _first_failure(Path(errors))
         if failure:
             raise MtnlgError(failure)
-        if not signalled:  # warnings, or the tracebacks of a crash that was not an MtnlgError
-            stderr.seek(0)
-            sys.stderr.write(stderr.read().decode(errors="replace"))
+        if signal_received:  # the ranks saved and said so; the launcher's complaints about them are noise
+            return 128 + signal_received
+        stderr.seek(0)  # warnings, or the tracebacks of a crash that was not an MtnlgError
+        sys.stderr.write(stderr.read().decode(errors="replace"))
     return process.returncode
 
 
-def _wait_passing_signals(process: subprocess.Popen) -> bool:
-    """Waits for `process`; a first SIGINT/SIGTERM is passed on, a second one kills it. True if signalled."""
+def _wait_passing_signals(process: subprocess.Popen) -> int:
+    """Waits for `process`; a first SIGINT/SIGTERM is passed on, a second one kills it. The first signal, or 0."""
     received: list[int] = []
 
     def handle(signum, frame):
@@ -81,7 +82,7 @@ def _wait_passing_signals(process: subprocess.Popen) -> bool:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return bool(received)
+    return received[0] if received else 0
 
 
 def _first_failure(folder: Path) -> Optional[str]:

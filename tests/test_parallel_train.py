@@ -114,6 +114,8 @@ def test_tensor_parallel_run_resumes_fully_sharded_then_in_one_process(prepared,
     (["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "model.seq_length=33"], 2,
      "model.seq_length=33 must be divisible by parallel.tensor_parallel=2"),
     (["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"], 4, "is not supported"),
+    (["parallel.fsdp=true", "train.mixed_precision=fp16"], 2, "use bf16"),
+    (["parallel.tensor_parallel=2", "train.compile=true"], 2, "set train.compile=false"),
 ])
 def test_layouts_that_do_not_fit_are_one_line_errors(overrides, processes, message):
     config = load_config({}, [*TINY, "model.vocab_size=4000", *overrides])

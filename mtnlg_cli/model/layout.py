@@ -81,6 +81,13 @@ def resolve_layout(config: Config, world_size: int) -> Layout:
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise MtnlgError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                          f"train.micro_batch_size={t.micro_batch_size} x {dp} data-parallel ranks")
+    if not (tp == pp == 1 and not p.fsdp):
+        if t.mixed_precision == "fp16":
+            raise MtnlgError("train.mixed_precision=fp16 needs a gradient scaler, which fully sharded, tensor and "
+                             "pipeline parallel layouts do not have; use bf16")
+        if t.compile:
+            raise MtnlgError("train.compile=true is supported for single-process and data-parallel runs only; "
+                             "set train.compile=false with fully sharded, tensor or pipeline parallelism")
     microbatches = 1
     if pp > 1:
         per_rank = t.global_batch_size // dp

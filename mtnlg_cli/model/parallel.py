@@ -237,13 +237,6 @@ class LayoutRuntime(ParallelRuntime):
 
     def __init__(self, config: Config, accelerator, layout: Layout):
         super().__init__(config, accelerator, layout)
-        train = config.train
-        if train.mixed_precision == "fp16":
-            raise MtnlgError(f"train.mixed_precision=fp16 needs a gradient scaler, which the {layout.describe()} "
-                             "layout does not have; use bf16")
-        if train.compile:
-            raise MtnlgError(f"train.compile=true is not supported with the {layout.describe()} layout yet; "
-                             "set train.compile=false")
         self.parallel: ParallelModel | None = None
 
     @property
