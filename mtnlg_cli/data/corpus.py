@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator, Literal
+from typing import BinaryIO, Iterator, Literal, Optional
 
 from mtnlg_cli.errors import MtnlgError
 
@@ -183,8 +183,12 @@ def _jsonl_documents(text: str, chunk: Chunk, spec: DocumentSpec) -> tuple[list[
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             problem = f"malformed JSON ({exc.msg} at column {exc.colno})"
+        except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; nesting too deep to parse
+            problem = f"JSON that Python cannot read ({str(exc).split(';')[0]})"
         else:
             value = record.get(spec.text_key) if isinstance(record, dict) else None
+            if isinstance(value, str) and "\\u" in line:  # only a \u escape can make a lone surrogate
+                value = _unicode_or_none(value, spec.errors)
             if isinstance(value, str):
                 if value and not value.isspace():
                     docs.append(value)
@@ -194,12 +198,25 @@ def _jsonl_documents(text: str, chunk: Chunk, spec: DocumentSpec) -> tuple[list[
             elif spec.text_key not in record:
                 keys = ", ".join(list(record)[:8])
                 problem = f"no {spec.text_key!r} key (keys: {keys}); set the source's text_key"
+            elif isinstance(record[spec.text_key], str):
+                problem = (f"{spec.text_key!r} holds a lone surrogate escape (\\ud800-\\udfff), which is not text; "
+                           "use --errors replace to replace it")
             else:
                 problem = f"{spec.text_key!r} is not a string"
         if not spec.skip_bad_lines:
             raise MtnlgError(f"{chunk.path}:{number}: {problem}; use --skip-bad-lines to skip such lines")
         bad += 1
     return docs, bad
+
+
+def _unicode_or_none(value: str, errors: str) -> Optional[str]:
+    """`value` if it is Unicode text; if it holds a lone surrogate, None, or with errors="replace" the text with
+    U+FFFD in the surrogate's place (as invalid UTF-8 bytes are replaced)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace") if errors == "replace" else None
+    return value
 
 
 def training_sentences(files: list[tuple[Path, DocumentSpec]], max_sentences: int, seed: int) -> list[str]:
