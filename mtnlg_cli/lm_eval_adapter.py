@@ -22,9 +22,14 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
 
+try:
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError:
+    raise ImportError("the lm-evaluation-harness adapter needs lm-eval: pip install 'mtnlg-cli[eval]'") from None
+
+from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model import evaluation as ev
 
 
@@ -32,7 +37,7 @@ from mtnlg_cli.model import evaluation as ev
 class MtnlgLM(LM):
     def __init__(self, workspace: Optional[str] = None, checkpoint: Optional[str] = None, batch_size: int | str = 8,
                  device: Optional[str] = None, max_length: Optional[int] = None, stride: Optional[int] = None,
-                 **_ignored) -> None:
+                 max_batch_size: Optional[int] = None) -> None:  # the harness passes max_batch_size; unused
         super().__init__()
         from mtnlg_cli.model.checkpoint import load_for_inference
         from mtnlg_cli.workspace import find_workspace
@@ -95,7 +100,11 @@ def main(argv: Optional[list[str]] = None) -> None:
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except MtnlgError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":
