@@ -304,6 +304,7 @@ def test_eval_command_bad_input_is_a_one_line_error(trained, tmp_path):
     cases = [
         (["--task", "choice", "--data", str(bad)], "bad.jsonl:2: label 5 is outside the 2 choices"),
         (["--task", "cloze"], "--task cloze needs a task file"),
+        (["--task", "choice", "--split", "valid", "--data", str(bad)], "--split applies to --task perplexity only"),
         (["--data", str(bad)], "bad.jsonl:1: missing key 'text'"),
         (["--data", str(bad), "--run", "nope"], "no run 'nope'"),
         (["--data", str(tmp_path / "missing.txt")], "no such file"),

@@ -93,8 +93,8 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     ws, config = open_workspace(workspace, overrides)
     rank, process_device = _start_processes()
     console = Console(quiet=rank != 0)
-    if task is not Task.perplexity and stride is not None:
-        raise MtnlgError("--stride applies to --task perplexity only")
+    if task is not Task.perplexity and (stride is not None or split):
+        raise MtnlgError(f"--{'stride' if stride is not None else 'split'} applies to --task perplexity only")
     if build_from is not None and task is not Task.cloze:
         raise MtnlgError("--from builds a cloze set; use it with --task cloze")
     if task is not Task.perplexity and not data and build_from is None:
