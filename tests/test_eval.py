@@ -156,6 +156,9 @@ def test_build_cloze_items_from_text():
     ('{"context": "a", "choices": ["x", "y"], "label": true}', "'label' must be a int"),
     ('{"context": "a", "choices": ["x", "y"], "label": 0', "not valid JSON"),
     ('[1, 2]', "expected a JSON object"),
+    ('{"context": "\\ud800", "choices": ["x", "y"], "label": 0}', "lone surrogate"),
+    ('{"context": "a", "choices": ["x", "y"], "label": 1' + "0" * 5000 + '}', "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "not valid JSON"),
 ])
 def test_bad_choice_lines_name_file_and_line(tmp_path, line, message):
     path = tmp_path / "task.jsonl"

@@ -301,8 +301,16 @@ def read_jsonl(path: Path) -> list[tuple[str, dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise MtnlgError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; nesting too deep to parse
+            raise MtnlgError(f"{where}: not valid JSON ({type(exc).__name__})") from None
         if not isinstance(record, dict):
             raise MtnlgError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if "\\u" in line:  # only a \u escape can make a lone surrogate, which is not text
+            try:
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise MtnlgError(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not "
+                                 "text") from None
         records.append((where, record))
     if not records:
         raise MtnlgError(f"{path} is empty")
