@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -130,15 +130,16 @@ class IndexedDataset:
     mapped `.bin` on demand.
     """
 
-    def __init__(self, prefix: Path) -> None:
+    def __init__(self, prefix: Path, vocab_size: Optional[int] = None) -> None:
         self.prefix = Path(prefix)
+        self.vocab_size = vocab_size  # when given, every read checks that its token ids are below it
         bin_path, idx_path = dataset_paths(self.prefix)
         for path in (idx_path, bin_path):
             if not path.is_file():
                 raise MtnlgError(f"missing {path}; run mtnlg preprocess")
-        index = np.memmap(idx_path, dtype=np.uint8, mode="r")
-        if len(index) < HEADER.size:
+        if idx_path.stat().st_size < HEADER.size:
             raise MtnlgError(f"{idx_path} is not a Megatron index (too short)")
+        index = np.memmap(idx_path, dtype=np.uint8, mode="r")
         magic, version, code, sequences, document_entries = HEADER.unpack(index[:HEADER.size].tobytes())
         if magic != MAGIC or version != VERSION or code not in DTYPES:
             raise MtnlgError(f"{idx_path} is not a Megatron MMIDIDX version 1 index")
@@ -150,17 +151,28 @@ class IndexedDataset:
         self.sequence_lengths = np.frombuffer(index, np.int32, sequences, offset)
         self.sequence_pointers = np.frombuffer(index, np.int64, sequences, offset + 4 * sequences)
         self.document_indices = np.frombuffer(index, np.int64, document_entries, offset + 12 * sequences)
-        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_path.stat().st_size else \
-            np.zeros(0, self.dtype)
-        total = int(self.sequence_pointers[-1] // self.dtype.itemsize + self.sequence_lengths[-1]) if sequences else 0
+        bin_bytes = bin_path.stat().st_size
+        if bin_bytes % self.dtype.itemsize:
+            raise MtnlgError(f"{bin_path} is {bin_bytes} bytes, not a whole number of {self.dtype} tokens; "
+                             "rebuild it with mtnlg preprocess --force")
+        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if bin_bytes else np.zeros(0, self.dtype)
+        total = int(self.sequence_pointers[-1]) // self.dtype.itemsize + int(self.sequence_lengths[-1]) \
+            if sequences else 0
         if total > len(self.tokens):
             raise MtnlgError(f"{bin_path} holds {len(self.tokens)} tokens but {idx_path} indexes {total}; "
+                             "rebuild it with mtnlg preprocess --force")
+        if ((self.document_indices < 0) | (self.document_indices > sequences)).any():
+            raise MtnlgError(f"{idx_path} is damaged (document indices outside 0-{sequences}); "
                              "rebuild it with mtnlg preprocess --force")
         # Sequences are contiguous, so a document is the token range from its first sequence's start to the
         # start of the next document's first sequence.
         sequence_starts = np.append(self.sequence_pointers // self.dtype.itemsize, total)
         self.document_starts = sequence_starts[self.document_indices[:-1]]
         self.document_lengths = sequence_starts[self.document_indices[1:]] - self.document_starts
+        starts, lengths = self.document_starts, self.document_lengths
+        if ((starts < 0) | (lengths < 0) | (lengths > len(self.tokens) - starts)).any():
+            raise MtnlgError(f"{idx_path} is damaged (documents outside {bin_path.name} or of negative length); "
+                             "rebuild it with mtnlg preprocess --force")
 
     def __len__(self) -> int:
         """The number of documents."""
@@ -172,9 +184,18 @@ class IndexedDataset:
 
     def document(self, index: int) -> np.ndarray:
         start = self.document_starts[index]
-        return self.tokens[start:start + self.document_lengths[index]]
+        return self._checked(self.tokens[start:start + self.document_lengths[index]])
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length) of the concatenated `.bin`."""
-        return self.tokens[start:start + length]
+        return self._checked(self.tokens[start:start + length])
+
+    def _checked(self, tokens: np.ndarray) -> np.ndarray:
+        """`tokens`, if they are ids of the vocabulary: a damaged .bin must not reach the model's embedding."""
+        if self.vocab_size is not None and len(tokens) and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            bad = int(tokens.max()) if tokens.max() >= self.vocab_size else int(tokens.min())
+            raise MtnlgError(f"{self.prefix}.bin holds token id {bad}, not one of the tokenizer's {self.vocab_size}: "
+                             "it is damaged or was made with another tokenizer; rebuild it with mtnlg preprocess "
+                             "--force")
+        return tokens
 

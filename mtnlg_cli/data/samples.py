@@ -177,7 +177,8 @@ def _open_datasets(workspace: Workspace, config: Config) -> list[tuple[str, floa
                 raise MtnlgError(f"dataset {plan.name!r} was built with a different tokenizer than the workspace's "
                                  f"({manifest.get('tokenizer_hash', '?')[:19]} vs {tokenizer.hash[:19]}); "
                                  "rebuild it with mtnlg preprocess --force")
-        opened.append((plan.name, plan.source.weight, IndexedDataset(dataset_prefix(workspace, plan))))
+        opened.append((plan.name, plan.source.weight,
+                       IndexedDataset(dataset_prefix(workspace, plan), tokenizer.vocab_size)))
     return opened
 
 
