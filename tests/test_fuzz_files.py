@@ -1,0 +1,251 @@
+"""Fuzzing the files mtnlg reads: JSONL corpora, .idx/.bin datasets, checkpoints (model.safetensors, state.json)
+and tokenizer.model. Whatever the bytes, the outcome is a result or one `error: ...` line with exit code 2: never a
+traceback, never a hang.
+
+Most examples call the core or `mtnlg_cli.cli.main` in this process (a subprocess costs seconds of torch import);
+`test_real_cli_on_damaged_files` runs the real CLI on one damaged file of each kind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from conftest import run_cli
+from mtnlg_cli.cli import main
+from mtnlg_cli.data.corpus import DocumentSpec, chunk_documents, read_chunks
+from mtnlg_cli.data.indexed_dataset import HEADER, IndexedDataset
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.workspace import Workspace, init_workspace
+
+TINY = ["data.sources.0.path=data/raw/en_austen_pride.txt", "model.vocab_size=1024", "model.num_layers=2",
+        "model.hidden_size=32", "model.num_heads=2", "model.seq_length=32", "model.max_position_embeddings=64",
+        "train.micro_batch_size=4", "train.global_batch_size=4", "train.train_iters=2", "train.save_interval=2",
+        "train.eval_interval=1000", "train.eval_iters=1", "train.log_interval=1", "train.peak_tflops=1",
+        "generate.max_new_tokens=4"]
+DATASET = "en_austen_pride"
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+class Hang(BaseException):
+    """Raised by `time_limit`; a BaseException so that no `except Exception` in the code under test eats it."""
+
+
+@contextmanager
+def time_limit(seconds: float):
+    """Turns a hang into a failure: generous, since a hang is forever and a busy machine is only slow."""
+    def expire(signum, frame):
+        raise Hang(f"still running after {seconds}s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def assert_one_line(exc: MtnlgError) -> None:
+    message = str(exc)
+    assert message and "\n" not in message and "Traceback" not in message, message
+
+
+def cli(capsys, monkeypatch, *args: str, seconds: float = 60) -> tuple[int, str]:
+    """(exit code, stderr) of `mtnlg ARGS` run in this process; a failure must be one `error:` line, code 2."""
+    monkeypatch.setattr("sys.argv", ["mtnlg", *args])
+    code = 0
+    with time_limit(seconds):
+        try:
+            main()
+        except SystemExit as exit_info:
+            code = exit_info.code or 0
+    err = capsys.readouterr().err
+    if code:
+        assert code == 2, err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    return code, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Workspace:
+    """A tiny workspace with its tokenizer, dataset and a checkpoint of step 2, made once."""
+    from rich.console import Console
+
+    from mtnlg_cli.model.trainer import train
+
+    workspace = init_workspace(tmp_path_factory.mktemp("fuzz") / "ws", overrides=TINY)
+    train(workspace, workspace.load_config(), console=Console(quiet=True))
+    return workspace
+
+
+@pytest.fixture
+def ws(trained, tmp_path) -> Workspace:
+    target = tmp_path / "ws"
+    shutil.copytree(trained.root, target, symlinks=True)
+    return Workspace(target)
+
+
+@contextmanager
+def replaced(path: Path, data: bytes):
+    """`path` holds `data` for the duration, then its own bytes again."""
+    original = path.read_bytes()
+    path.write_bytes(data)
+    try:
+        yield
+    finally:
+        path.write_bytes(original)
+
+
+def mutations(original: bytes) -> st.SearchStrategy[bytes]:
+    """Bytes like `original`, damaged: truncated, extended, with bytes overwritten, or wholly random."""
+    def overwrite(data: bytes, edits: list[tuple[int, int]]) -> bytes:
+        out = bytearray(data)
+        for position, value in edits:
+            out[position % len(out)] = value
+        return bytes(out)
+
+    return st.one_of(
+        st.integers(0, len(original) - 1).map(lambda n: original[:n]),
+        st.binary(min_size=1, max_size=64).map(lambda tail: original + tail),
+        st.lists(st.tuples(st.integers(0, len(original) - 1), st.integers(0, 255)), min_size=1,
+                 max_size=8).map(lambda edits: overwrite(original, edits)),
+        st.binary(max_size=256),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# JSONL corpora.
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner,
+                                                                                       max_size=3), max_leaves=6)
+jsonl_lines = st.one_of(
+    st.builds(lambda text, extra: json.dumps({**extra, "text": text}, ensure_ascii=False), st.text(max_size=40),
+              st.dictionaries(st.text(max_size=4), json_values, max_size=2)),  # a document (or a blank one)
+    json_values.map(json.dumps),  # JSON, mostly not an object with a text
+    st.text(max_size=30),  # mostly not JSON
+    st.integers(1, 3000).map(lambda depth: "[" * depth + "]" * depth),  # nested deeper than the parser recurses
+    st.integers(4000, 5000).map(lambda digits: '{"text": "x", "n": ' + "7" * digits + "}"),  # int too long
+    st.sampled_from([r'{"text": "a\ud800b"}', r'{"text": "\udfff"}', r'{"text": "\ud83d\ude00 ok"}']),  # surrogates
+).map(lambda line: line.encode("utf-8", errors="surrogatepass"))
+jsonl_files = st.lists(jsonl_lines | st.binary(max_size=20), max_size=12).map(lambda lines: b"\n".join(lines))
+
+
+@settings(FUZZ, max_examples=300)
+@given(data=jsonl_files, errors=st.sampled_from(["strict", "replace"]), skip_bad_lines=st.booleans(),
+       chunk_bytes=st.integers(1, 300))
+def test_random_jsonl_becomes_documents_or_one_error_line(trained, tmp_path, data, errors, skip_bad_lines,
+                                                          chunk_bytes):
+    from mtnlg_cli.data.preprocess import encode_chunk
+    from mtnlg_cli.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(trained.tokenizer_dir)
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(data)
+    spec = DocumentSpec("jsonl", errors=errors, skip_bad_lines=skip_bad_lines)
+    try:
+        with time_limit(30):
+            documents = [d for chunk in read_chunks(path, spec, chunk_bytes) for d in chunk_documents(chunk, spec)[0]]
+            encoded = [encode_chunk(chunk, spec, tokenizer, np.dtype(np.uint16))
+                       for chunk in read_chunks(path, spec, chunk_bytes)]
+    except MtnlgError as exc:
+        assert_one_line(exc)
+        assert not (skip_bad_lines and errors == "replace"), f"nothing is an error in this mode: {exc}"
+        return
+    # chunk boundaries change nothing; every document is text that round-trips through the tokenizer
+    whole = [d for chunk in read_chunks(path, spec) for d in chunk_documents(chunk, spec)[0]]
+    assert documents == whole
+    assert sum(len(lengths) for _, lengths, _ in encoded) == len(documents)
+    for document in documents:
+        assert document.strip() and tokenizer.decode(tokenizer.encode(document)) == document
+
+
+@settings(FUZZ, max_examples=12)
+@given(data=jsonl_files)
+def test_cli_preprocess_of_random_jsonl_is_a_dataset_or_one_error_line(ws, capsys, monkeypatch, data):
+    path = ws.root / "fuzz.jsonl"
+    path.write_bytes(data)
+    code, _ = cli(capsys, monkeypatch, "preprocess", str(path), "-w", str(ws.root), "-j", "1", "--force")
+    if code == 0:
+        dataset = IndexedDataset(ws.tokenized_dir / "fuzz")
+        assert len(dataset) > 0 and dataset.token_count > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Datasets: .idx and .bin.
+
+MAGIC = b"MMIDIDX\x00\x00"
+
+
+@st.composite
+def index_files(draw) -> bytes:
+    """A Megatron index whose header and arrays say anything: counts that lie, negative lengths, wild pointers."""
+    sequences, documents = draw(st.integers(0, 6)), draw(st.integers(0, 8))
+    anything = st.integers(-2**31, 2**31 - 1)
+    lengths = draw(st.lists(st.integers(-2, 40) | anything, min_size=sequences, max_size=sequences))
+    pointers = draw(st.lists(st.integers(-4, 300) | st.integers(-2**63, 2**63 - 1), min_size=sequences,
+                             max_size=sequences))
+    document_indices = draw(st.lists(st.integers(-2, 8) | st.integers(-2**63, 2**63 - 1), min_size=documents,
+                                     max_size=documents))
+    declared = draw(st.tuples(st.just(sequences) | st.integers(0, 2**64 - 1),
+                              st.just(documents) | st.integers(0, 2**64 - 1)))
+    code = draw(st.sampled_from([8, 8, 8, 1, 4, 5, 6, 0, 9]))
+    return (HEADER.pack(MAGIC, 1, code, *declared) + np.array(lengths, np.int32).tobytes()
+            + np.array(pointers, np.int64).tobytes() + np.array(document_indices, np.int64).tobytes())
+
+
+def read_everything(dataset: IndexedDataset) -> None:
+    """Reads every document; each must be exactly as long as the index says (numpy would clip silently)."""
+    assert (dataset.document_lengths >= 0).all()
+    for i in range(len(dataset)):
+        assert len(dataset.document(i)) == dataset.document_lengths[i]
+
+
+@settings(FUZZ, max_examples=300)
+@given(index=index_files() | st.binary(max_size=120), bin_data=st.binary(max_size=400))
+def test_any_index_and_bin_open_consistently_or_are_refused(tmp_path, index, bin_data):
+    prefix = tmp_path / "fuzz"
+    Path(f"{prefix}.idx").write_bytes(index)
+    Path(f"{prefix}.bin").write_bytes(bin_data)
+    try:
+        with time_limit(30):
+            read_everything(IndexedDataset(prefix))
+    except MtnlgError as exc:
+        assert_one_line(exc)
+
+
+@settings(FUZZ, max_examples=60)
+@given(data=st.data())
+def test_damaged_dataset_files_train_and_evaluate_or_are_refused(trained, data):
+    """The workspace's own .idx or .bin, damaged, read as training and validation samples and as eval documents."""
+    from mtnlg_cli.data.samples import open_split, split_documents
+
+    which = data.draw(st.sampled_from([".idx", ".bin"]))
+    path = trained.tokenized_dir / f"{DATASET}{which}"
+    original = path.read_bytes()
+    random_tokens = st.integers(0, 2**32 - 1).map(  # a .bin of the right size holding any ids at all
+        lambda seed: np.random.default_rng(seed).integers(0, 2**16, len(original) // 2, np.uint16).tobytes())
+    damaged = data.draw(mutations(original) | (index_files() if which == ".idx" else random_tokens))
+    config = trained.load_config()
+    with replaced(path, damaged):
+        try:
+            with time_limit(30):
+                for split in ("train", "valid"):
+                    samples = open_split(trained, config, split)
+                    batch = samples.batch(range(0, 64, 3))
+                    assert batch.shape == (22, config.model.seq_length + 1)
+                    assert (0 <= batch).all() and (batch < config.model.vocab_size).all()
+                for document in split_documents(trained, config, "valid"):
+                    assert ((0 <= document) & (document < config.model.vocab_size)).all()
+        except MtnlgError as exc:
+            assert_one_line(exc)
