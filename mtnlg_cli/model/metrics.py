@@ -64,6 +64,33 @@ def measure_matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device
             return flops_per_round / best
 
 
+def peak_matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device | str, dtype: torch.dtype) -> float:
+    """The best matmul rate seen on this machine for these shapes: measured now, and remembered.
+
+    A measurement taken while other work shares the machine reads low and would inflate MFU, so the fastest
+    rate ever measured is kept in `$XDG_CACHE_HOME/mtnlg/matmul_rates.json` (by device, dtype and shapes).
+    """
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t"
+    key = f"{name}|{dtype}|{sorted(set(shapes))}"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtnlg" / "matmul_rates.json"
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8"))
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    best = max(measure_matmul_rate(shapes, device, dtype, min_seconds=0.3), float(known.get(key, 0) or 0))
+    known[key] = best
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home only costs the memory of earlier measurements
+    return best
+
+
 class MetricsLog:
     """Appends one JSON object per line to `runs/<run>/metrics.jsonl`, and to TensorBoard when it is installed."""
 

@@ -35,8 +35,7 @@ from mtnlg_cli.model.checkpoint import (Checkpoint, check_tokenizer, latest_chec
                                         load_checkpoint, save_checkpoint)
 from mtnlg_cli.model.gpt import GPTConfig
 from mtnlg_cli.model.lock import TrainLock
-from mtnlg_cli.model.metrics import (MetricsLog, measure_matmul_rate, model_matmul_shapes,
-                                     training_flops_per_token)
+from mtnlg_cli.model.metrics import MetricsLog, model_matmul_shapes, peak_matmul_rate, training_flops_per_token
 from mtnlg_cli.model.optim import learning_rate
 from mtnlg_cli.model.parallel import ParallelRuntime, make_runtime
 from mtnlg_cli.workspace import Workspace
@@ -282,8 +281,7 @@ class Trainer:
             return self.config.train.peak_tflops * 1e12
         tokens = self.config.train.micro_batch_size * self.config.model.seq_length
         dtype = PRECISION_DTYPES[self.config.train.mixed_precision]
-        return measure_matmul_rate(model_matmul_shapes(self.gpt_config, tokens), self.runtime.device, dtype,
-                                   min_seconds=0.3)
+        return peak_matmul_rate(model_matmul_shapes(self.gpt_config, tokens), self.runtime.device, dtype)
 
     def evaluate(self, step: int, display: "TrainDisplay") -> Optional[float]:
         if self.valid_data is None:
@@ -364,8 +362,8 @@ class TrainDisplay:
             self.console.print(f"{step} | [cyan]val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}")
             return
         self.console.print(f"{step} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                           f"grad norm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tokens/s | "
-                           f"MFU {100 * record['mfu']:.1f}% | {record['elapsed_s']:.0f}s")
+                           f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
+                           f"MFU {100 * record['mfu']:.1f}%")
 
     def note(self, text: str) -> None:
         self.console.print(f"[dim]{text}")
