@@ -98,8 +98,8 @@ class Generator:
     def __init__(self, model: GPT, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self._decoder_key = None
-        self._decoder: Optional[GPT] = None
+        self._weights_version = None
+        self._decoders: dict[bool, GPT] = {}  # CPU decoding copies, by "batched"
 
     @property
     def context_length(self) -> int:
@@ -177,16 +177,19 @@ class Generator:
         return ids[-self.context_length:]
 
     def _decoding_model(self, batch_size: int) -> GPT:
-        """The model to decode with: on CPU a copy laid out for fast small-batch products, rebuilt whenever the
-        weights change (an optimizer step or a load bumps their version counters)."""
+        """The model to decode with: on CPU a copy laid out for fast small-batch products (one for batch 1, one
+        for larger batches), rebuilt whenever the weights change (a load or an optimizer step bumps their
+        version counters)."""
         if self._device.type != "cpu" or self.model.wte.weight.dtype != torch.float32:
             return self.model
-        key = (batch_size == 1, tuple((id(p), p._version) for p in self.model.parameters()))
-        if key != self._decoder_key:
-            self._decoder = None  # free the old copy before building the new one
-            self._decoder = cpu_decoding_copy(self.model, batch_size)
-            self._decoder_key = key
-        return self._decoder
+        version = tuple((id(p), p._version) for p in self.model.parameters())
+        if version != self._weights_version:
+            self._decoders = {}
+            self._weights_version = version
+        batched = batch_size > 1
+        if batched not in self._decoders:
+            self._decoders[batched] = cpu_decoding_copy(self.model, batch_size)
+        return self._decoders[batched]
 
 
 class LeftPaddedBatch:
@@ -354,10 +357,10 @@ class TextStream:
 def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
     """A copy of `model` whose matrix products suit decoding `batch_size` rows on a CPU; other tensors are shared.
 
-    Measured with benchmarks/bench_generate.py on the project's CPU (MKL and oneDNN inside torch): at batch 1 a
-    matrix-vector product reads a weight stored [in, out] about a quarter faster than one stored [out, in] (the
-    tied output head included); at larger batches oneDNN's prepacked weights run about twice as fast as MKL's
-    small matrix products. The copy costs one more copy of the linear weights.
+    Measured on the project's CPU (MKL and oneDNN inside torch 2.13): at batch 1 a matrix-vector product reads a
+    weight stored [in, out] about a quarter faster than one stored [out, in] (the tied output head included); at
+    larger batches oneDNN's prepacked weights run two to three times as fast as MKL's small matrix products.
+    The copy costs one more copy of the linear weights.
     """
     shared = {id(p): p for p in model.parameters()}
     shared.update({id(b): b for b in model.buffers()})
@@ -367,10 +370,12 @@ def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 if pack:
-                    setattr(module, name, PrepackedLinear(child, batch_size))
+                    setattr(module, name, PrepackedLinear(child.weight, child.bias, batch_size))
                 else:
                     child.weight = _stored_in_by_out(child.weight)
-    if not pack:
+    if pack:  # the tied head is a method, not a module: an instance attribute shadows it
+        decoder.__dict__["output_head"] = PrepackedLinear(model.wte.weight, None, batch_size)
+    else:
         decoder.wte.weight = _stored_in_by_out(decoder.wte.weight)
     return decoder.eval()
 
@@ -385,12 +390,12 @@ def _can_prepack() -> bool:
 
 
 class PrepackedLinear(nn.Module):
-    """nn.Linear for inference with its weight reordered once into oneDNN's blocked layout."""
+    """A linear layer for inference with its weight reordered once into oneDNN's blocked layout."""
 
-    def __init__(self, linear: nn.Linear, batch_size: int):
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], batch_size: int):
         super().__init__()
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), batch_size)
-        self.bias = linear.bias.detach() if linear.bias is not None else None
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size)
+        self.bias = bias.detach() if bias is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")

@@ -196,10 +196,15 @@ class GPT(nn.Module):
         if targets is not None and type(weight) in (nn.Parameter, torch.Tensor) and not torch.is_autocast_enabled(
                 x.device.type):  # a sharded (DTensor) head or mixed precision takes the plain path below
             return linear_cross_entropy(x.flatten(0, 1), weight, targets.reshape(-1))
-        logits = F.linear(x, weight)
+        logits = self.output_head(x)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+
+    def output_head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states: the output projection, tied to the token embedding. Generation's
+        CPU decoding copy replaces it with a prepacked product (an instance attribute shadows the method)."""
+        return F.linear(x, self.wte.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

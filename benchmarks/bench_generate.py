@@ -1,0 +1,169 @@
+"""Greedy decoding speed: mtnlg's engine against transformers' `generate()` and against the matrix-vector limit.
+
+A 23.6M-parameter fp32 GPT (6 layers, hidden 512, 8 heads, vocabulary 8192, 1024 positions) with random weights;
+transformers gets the very same weights in a GPT2LMHeadModel (checked: equal logits and equal greedy tokens).
+Everything runs in one process, alternating, with the same thread count:
+
+- tokens/s of `generate` from a 64-token prompt at batch 1 and batch 8 (prompt processing included), mtnlg
+  against transformers;
+- decode time per token (the prompt's cost removed: generating N+1 tokens minus generating 1, over N) at batch
+  1, against the limit: one matrix-vector product through every weight matrix per token, timed with whichever
+  of the two layouts ([out, in] or [in, out]) is faster here;
+- decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.common import Result, timed
+
+SHAPE = dict(vocab_size=8192, max_position_embeddings=1024, num_layers=6, hidden_size=512, num_heads=8,
+             ffn_hidden_size=2048)
+
+
+class _IdTokenizer:
+    """Just what the engine asks of a tokenizer, for a model whose ids mean nothing."""
+
+    vocab_size, pad_id, eos_id = SHAPE["vocab_size"], 0, 3
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError("the benchmark passes token ids")
+
+    def decode(self, ids) -> str:
+        return " ".join(map(str, ids))
+
+
+def gpt2_with_same_weights(model):
+    """A transformers GPT2LMHeadModel computing what `model` computes.
+
+    GPT-2's c_attn is a Conv1D ([in, out] weight) whose outputs are all q, then all k, then all v; ours is a
+    Linear ([out, in]) whose rows are per head q, k, v. GPT-2's "gelu_new" is GeLU's tanh approximation.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_position_embeddings, n_embd=c.hidden_size,
+                        n_layer=c.num_layers, n_head=c.num_heads, n_inner=c.ffn_hidden_size,
+                        activation_function="gelu_new", layer_norm_epsilon=c.layernorm_epsilon, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=None,
+                        eos_token_id=None, pad_token_id=0)
+    peer = GPT2LMHeadModel(config).eval()
+    ours = model.state_dict()
+
+    def heads_last(t: torch.Tensor) -> torch.Tensor:  # [head, q|k|v, head_dim, ...] -> [q|k|v, head, head_dim, ...]
+        return t.view(c.num_heads, 3, c.head_dim, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+
+    theirs = {"transformer.wte.weight": ours["wte.weight"], "transformer.wpe.weight": ours["wpe.weight"],
+              "transformer.ln_f.weight": ours["ln_f.weight"], "transformer.ln_f.bias": ours["ln_f.bias"],
+              "lm_head.weight": ours["wte.weight"]}
+    for i in range(c.num_layers):
+        a, b = f"layers.{i}.", f"transformer.h.{i}."
+        theirs.update({
+            b + "ln_1.weight": ours[a + "ln_1.weight"], b + "ln_1.bias": ours[a + "ln_1.bias"],
+            b + "ln_2.weight": ours[a + "ln_2.weight"], b + "ln_2.bias": ours[a + "ln_2.bias"],
+            b + "attn.c_attn.weight": heads_last(ours[a + "attn.qkv.weight"]).t(),
+            b + "attn.c_attn.bias": heads_last(ours[a + "attn.qkv.bias"]),
+            b + "attn.c_proj.weight": ours[a + "attn.proj.weight"].t(), b + "attn.c_proj.bias": ours[a + "attn.proj.bias"],
+            b + "mlp.c_fc.weight": ours[a + "mlp.fc.weight"].t(), b + "mlp.c_fc.bias": ours[a + "mlp.fc.bias"],
+            b + "mlp.c_proj.weight": ours[a + "mlp.proj.weight"].t(), b + "mlp.c_proj.bias": ours[a + "mlp.proj.bias"],
+        })
+    peer.load_state_dict({k: v.contiguous() for k, v in theirs.items()}, strict=False)
+    return peer
+
+
+def matvec_limit(model):
+    """A function timing one matrix-vector product through every weight matrix (the tied head once), in the
+    faster of the two layouts: the time a decoded token cannot beat when the weights stream from memory."""
+    weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name != "wpe.weight"]
+    layouts = [weights, [w.t().contiguous().t() for w in weights]]  # [out, in] and [in, out] storage
+    vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
+
+    def one_token() -> float:
+        with torch.inference_mode():
+            return min(timed(lambda: [F.linear(vectors[w.shape[1]], w) for w in layout]) for layout in layouts)
+    return one_token
+
+
+def run(quick: bool = False) -> list[Result]:
+    from mtnlg_cli.model.generation import Generator, SamplingSettings
+    from mtnlg_cli.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SHAPE)).eval()
+    peer = gpt2_with_same_weights(model)
+    generator = Generator(model, _IdTokenizer())
+    repeats, new_tokens = (3, 16) if quick else (7, 64)
+
+    def prompt(batch: int, length: int) -> torch.Tensor:
+        return torch.randint(8, SHAPE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1))
+
+    def ours(ids: torch.Tensor, count: int) -> list[list[int]]:
+        settings = SamplingSettings(max_new_tokens=count, temperature=0.0)
+        return [c.tokens for c in generator.generate(ids.tolist(), settings, stop_token_ids=())]
+
+    def theirs(ids: torch.Tensor, count: int) -> list[list[int]]:
+        with torch.inference_mode():
+            out = peer.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=count,
+                                min_new_tokens=count, do_sample=False)
+        return out[:, ids.shape[1]:].tolist()
+
+    check = prompt(2, 32)
+    with torch.inference_mode():
+        torch.testing.assert_close(peer(check).logits, model(check), rtol=1e-4, atol=1e-4)
+    assert ours(check, 16) == theirs(check, 16), "transformers and mtnlg disagree on greedy tokens"
+
+    def per_token(fn, ids: torch.Tensor, count: int = new_tokens) -> float:
+        """Seconds per decoded token, the prompt's cost removed."""
+        return (timed(lambda: fn(ids, count + 1)) - timed(lambda: fn(ids, 1))) / count
+
+    limit = matvec_limit(model)
+    short, long_ = prompt(1, 64), prompt(1, 1000)
+    batch8 = prompt(8, 64)
+    figures: dict[str, list[float]] = {}
+    measurements = {
+        "ours b1 tok/s": lambda: new_tokens / timed(lambda: ours(short, new_tokens)),
+        "theirs b1 tok/s": lambda: new_tokens / timed(lambda: theirs(short, new_tokens)),
+        "ours b8 tok/s": lambda: 8 * new_tokens / timed(lambda: ours(batch8, new_tokens)),
+        "theirs b8 tok/s": lambda: 8 * new_tokens / timed(lambda: theirs(batch8, new_tokens)),
+        "ours ms/token ctx64": lambda: 1e3 * per_token(ours, short),
+        "limit ms/token": lambda: 1e3 * limit(),
+        "theirs ms/token ctx64": lambda: 1e3 * per_token(theirs, short),
+        "ours ms/token ctx1000": lambda: 1e3 * per_token(ours, long_, 16),  # 1000 + 17 positions of 1024
+        "theirs ms/token ctx1000": lambda: 1e3 * per_token(theirs, long_, 16),
+    }
+    for round_ in range(repeats + 1):  # round 0 warms up
+        for name, measure in measurements.items():
+            value = measure()
+            print(f"round {round_} {name}: {value:.2f}", file=sys.stderr, flush=True)
+            if round_:
+                figures.setdefault(name, []).append(value)
+
+    threads = f"{torch.get_num_threads()} thread(s); shared machine, noisy"
+    at_limit = [1e3 / ms for ms in figures["limit ms/token"]]
+    ours_decode = [1e3 / ms for ms in figures["ours ms/token ctx64"]]
+    return [
+        Result("greedy generate tokens/s, batch 1 (64-token prompt)", "tokens/s", figures["ours b1 tok/s"],
+               figures["theirs b1 tok/s"], "transformers generate()", notes=threads),
+        Result("greedy generate tokens/s, batch 8 (64-token prompts)", "tokens/s", figures["ours b8 tok/s"],
+               figures["theirs b8 tok/s"], "transformers generate()", goal=">= 1.5x transformers", notes=threads),
+        Result("decode tokens/s at batch 1 vs one matvec per weight", "tokens/s", ours_decode, at_limit,
+               "matrix-vector limit", goal=">= 0.95x the limit",
+               notes=f"prompt cost removed; limit: fastest layout; {threads}"),
+        Result("decode time per token, 64 tokens of context", "ms/token", figures["ours ms/token ctx64"],
+               figures["theirs ms/token ctx64"], "transformers generate()", higher_is_better=False),
+        Result("decode time per token, 1000 tokens of context", "ms/token", figures["ours ms/token ctx1000"],
+               figures["theirs ms/token ctx1000"], "transformers generate()", higher_is_better=False,
+               goal="flat as the context grows",
+               notes=f"mtnlg 1000/64: {statistics.median(figures['ours ms/token ctx1000']) / statistics.median(figures['ours ms/token ctx64']):.2f}x"),
+    ]
+
+
+if __name__ == "__main__":
+    from benchmarks.run import print_results
+
+    print_results(run(quick="--quick" in sys.argv))
