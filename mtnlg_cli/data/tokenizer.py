@@ -47,7 +47,7 @@ class Tokenizer:
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(self.path))
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, UnicodeDecodeError) as exc:  # the last: a damaged piece
             raise MtnlgError(f"{self.path} is not a SentencePiece model ({str(exc).splitlines()[0]})") from None
         for name in (PAD, UNK, BOS, EOS, *ROLE_TOKENS):
             if self.sp.piece_to_id(name) == self.sp.unk_id() and name != UNK:
