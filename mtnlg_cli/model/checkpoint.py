@@ -202,12 +202,14 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
 
     try:
         config = GPTConfig(**checkpoint.state["model_config"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{checkpoint.path / STATE_FILE} has no valid model_config ({exc})") from None
     with torch.device("meta"):
         model = GPT(config)
+    weights = checkpoint.tensors("model", device)
+    check_weights(model, weights, str(checkpoint.path))  # before allocating what a damaged model_config asks for
     model = model.to_empty(device=device)
-    load_weights(model, checkpoint.tensors("model", device), str(checkpoint.path))
+    model.load_state_dict(weights, strict=True)
     return model.eval()
 
 
@@ -245,7 +247,7 @@ def check_tokenizer(checkpoint: Checkpoint, tokenizer_hash: str) -> None:
     """Refuses a checkpoint trained with another tokenizer than the one at hand."""
     trained_with = checkpoint.state.get("tokenizer_hash")
     if trained_with and trained_with != tokenizer_hash:
-        raise MtnlgError(f"checkpoint {checkpoint.path.name} was trained with tokenizer {trained_with[:19]}, "
+        raise MtnlgError(f"checkpoint {checkpoint.path.name} was trained with tokenizer {str(trained_with)[:19]}, "
                          f"but the workspace's tokenizer is {tokenizer_hash[:19]}")
 
 

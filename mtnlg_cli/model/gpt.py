@@ -38,6 +38,20 @@ class GPTConfig:
     init_method_std: float = 0.02
     layernorm_epsilon: float = 1e-5
 
+    def __post_init__(self) -> None:
+        """Refuses what no model has (a config read from a damaged state.json must not reach torch)."""
+        for name in ("vocab_size", "max_position_embeddings", "num_layers", "hidden_size", "num_heads",
+                     "ffn_hidden_size"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name}={value!r} is not a positive integer")
+        for name in ("dropout", "init_method_std", "layernorm_epsilon"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not 0 <= value < math.inf or (name == "dropout" and value >= 1):
+                raise ValueError(f"{name}={value!r} is out of range")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

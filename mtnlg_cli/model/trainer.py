@@ -181,6 +181,16 @@ class Trainer:
         check_tokenizer(checkpoint, self.tokenizer_hash)
         if "consumed_samples" not in checkpoint.state:
             raise MtnlgError(f"{checkpoint.path} has no consumed_samples; it is not a training checkpoint")
+        state, damaged = checkpoint.state, f"{checkpoint.path / 'state.json'} is damaged"
+        for key in ("step", "consumed_samples", "skipped_steps"):  # the counts the resumed run goes on from
+            if type(state.get(key, 0)) is not int or state.get(key, 0) < 0:
+                raise MtnlgError(f"{damaged}: {key}={state[key]!r} is not a count")
+        run_name = state.get("run_name")
+        if run_name is not None and (not isinstance(run_name, str) or run_name in ("", ".", "..")
+                                     or any(c in run_name for c in "/\\\0")):  # a folder name under runs/
+            raise MtnlgError(f"{damaged}: run_name={run_name!r} is not a folder name")
+        if not isinstance(state.get("optimizer", {}), dict):
+            raise MtnlgError(f"{damaged}: optimizer is not a mapping")
 
     def restore(self, checkpoint: Checkpoint) -> tuple[int, int, int]:
         """Loads model, optimizer and RNG state; returns (step, consumed samples, skipped steps)."""

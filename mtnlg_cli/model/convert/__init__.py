@@ -38,7 +38,7 @@ def weights_from_checkpoint(checkpoint: Checkpoint, tokenizer_path: Optional[Pat
     """An mtnlg checkpoint's model weights (the optimizer state stays behind), checked against its config."""
     try:
         config = GPTConfig(**checkpoint.state["model_config"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{checkpoint.path / 'state.json'} has no valid model_config ({exc})") from None
     tensors = checkpoint.tensors("model")
     check_shapes(tensors, expected_shapes(config), f"checkpoint {checkpoint.path}", "its model_config")

@@ -56,7 +56,7 @@ def read_plain(directory: Path) -> Weights:
     description = read_json(directory / CONFIG_FILE)
     try:
         config = GPTConfig(**description["model_config"])
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{directory / CONFIG_FILE} has no valid model_config ({exc})") from None
     tensors, _ = read_safetensors(directory)
     check_shapes(tensors, expected_shapes(config), str(directory), CONFIG_FILE)
