@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from conftest import run_cli
@@ -249,3 +249,73 @@ def test_damaged_dataset_files_train_and_evaluate_or_are_refused(trained, data):
                     assert ((0 <= document) & (document < config.model.vocab_size)).all()
         except MtnlgError as exc:
             assert_one_line(exc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints and the tokenizer.
+
+json_documents = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12)
+
+
+@st.composite
+def damaged_states(draw, original: bytes) -> bytes:
+    """The checkpoint's state.json with keys removed or given other JSON values, or not JSON at all."""
+    state = json.loads(original)
+    for key in draw(st.lists(st.sampled_from(sorted(state)), min_size=1, max_size=3, unique=True)):
+        if draw(st.booleans()):
+            del state[key]
+        else:
+            state[key] = draw(json_documents)
+    config = state.get("model_config")
+    if isinstance(config, dict) and config and draw(st.booleans()):  # the model's shape, the likeliest to hurt
+        config[draw(st.sampled_from(sorted(config)))] = draw(json_documents | st.integers(-3, 5000))
+    return json.dumps(state).encode()
+
+
+@settings(FUZZ, max_examples=150)
+@given(data=st.data())
+def test_damaged_checkpoint_files_load_or_are_refused(trained, data):
+    from mtnlg_cli.model.checkpoint import latest_checkpoint, load_for_inference
+
+    folder = latest_checkpoint(trained.checkpoints_dir)
+    name = data.draw(st.sampled_from(["model.safetensors", "state.json", "tokenizer"]))
+    path = trained.tokenizer_dir / "tokenizer.model" if name == "tokenizer" else folder / name
+    original = path.read_bytes()
+    damaged = data.draw(st.one_of(damaged_states(original), damaged_states(original), mutations(original))
+                        if name == "state.json" else mutations(original))
+    with replaced(path, damaged):
+        try:
+            with time_limit(30):
+                model, tokenizer, _ = load_for_inference(trained)
+                ids = tokenizer.encode("It is a truth")
+                assert model(__import__("torch").tensor([ids])).shape[:2] == (1, len(ids))
+        except MtnlgError as exc:
+            assert_one_line(exc)
+
+
+@settings(FUZZ, max_examples=60)
+@given(data=st.data())
+def test_training_resumes_from_a_damaged_state_json_or_refuses(ws, data):
+    from rich.console import Console
+
+    from mtnlg_cli.model.checkpoint import latest_checkpoint
+    from mtnlg_cli.model.trainer import train
+
+    path = latest_checkpoint(ws.checkpoints_dir) / "state.json"
+    with replaced(path, data.draw(damaged_states(path.read_bytes()))):
+        try:
+            with time_limit(60):
+                result = train(ws, ws.load_config(["train.train_iters=3", "train.save_interval=1000"]),
+                               console=Console(quiet=True))
+            assert result.final_step == 3
+            assert result.run_dir.parent == ws.runs_dir
+            event("resumed")
+        except MtnlgError as exc:
+            assert_one_line(exc)
+            event(f"refused: {str(exc)[:60]}")
+        finally:
+            for saved in ws.checkpoints_dir.glob("step_0000003"):
+                shutil.rmtree(saved)
