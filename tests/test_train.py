@@ -207,6 +207,17 @@ def test_cli_ctrl_c_saves_at_a_step_boundary_and_train_resumes(ws):
     assert f"Trained to step {saved.step + 1}" in resumed.stdout
 
 
+def test_a_signal_asks_for_a_stop_and_a_second_ctrl_c_aborts_at_once():
+    from mtnlg_cli.model.trainer import GracefulStop
+
+    with GracefulStop(quiet()) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 def test_cli_bad_input_is_one_line_and_exit_code_2(ws):
     result = run_cli("train", "--set", "model.num_heads=3", cwd=ws.root)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
