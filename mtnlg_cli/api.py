@@ -242,8 +242,7 @@ class MegatronLM:
         model, tokenizer, checkpoint = self._inference()
         texts = [text] if isinstance(text, str) else list(text)
         documents = [Document(ids, len(t.encode("utf-8"))) for t, ids in zip(texts, tokenizer.encode_batch(texts))]
-        context = context or checkpoint.state.get("config", {}).get("model", {}).get(
-            "seq_length", self.config.model.seq_length)
+        context = context or checkpoint.config_int("model", "seq_length", self.config.model.seq_length)
         if not 1 <= context <= model.config.max_position_embeddings:
             raise MtnlgError(f"context={context} must be between 1 and the model's "
                              f"max_position_embeddings={model.config.max_position_embeddings}")

@@ -78,8 +78,8 @@ def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_pat
         tokenizer = Tokenizer.load(ws.tokenizer_dir)
         check_tokenizer(checkpoint, tokenizer.hash)
         weights = weights_from_checkpoint(checkpoint, tokenizer.path, tokenizer.vocab_size)
-    vocab_multiple = checkpoint.state.get("config", {}).get("model", {}).get(
-        "make_vocab_size_divisible_by", config.model.make_vocab_size_divisible_by)
+    vocab_multiple = checkpoint.config_int("model", "make_vocab_size_divisible_by",
+                                           config.model.make_vocab_size_divisible_by)
     with console.status(f"Writing {out_dir}..."):
         files = export_weights(weights, out_dir, to, dtype, max_shard_size, tensor_parallel, pipeline_parallel,
                                vocab_multiple, force)

@@ -43,6 +43,14 @@ class Checkpoint:
     def step(self) -> int:
         return int(self.state["step"])
 
+    def config_int(self, section: str, key: str, default: Optional[int] = None) -> Optional[int]:
+        """The positive integer `section.key` of the config this checkpoint was trained with, else `default`
+        (also when state.json's config is missing or damaged)."""
+        value = self.state.get("config")
+        for name in (section, key):
+            value = value.get(name) if isinstance(value, dict) else None
+        return value if type(value) is int and value > 0 else default
+
     def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The tensors of `name.safetensors` in this checkpoint (e.g. "model", "optimizer", "rng")."""
         path = self.path / f"{name}.safetensors"
@@ -208,6 +216,10 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
         model = GPT(config)
     weights = checkpoint.tensors("model", device)
     check_weights(model, weights, str(checkpoint.path))  # before allocating what a damaged model_config asks for
+    damaged = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
+    if damaged is not None:  # training never saves such weights; they would only make NaN logits
+        raise MtnlgError(f"{checkpoint.path / 'model.safetensors'} is damaged: tensor {damaged} holds NaN or "
+                         "infinite values")
     model = model.to_empty(device=device)
     model.load_state_dict(weights, strict=True)
     return model.eval()

@@ -108,7 +108,7 @@ def score_spans(model: torch.nn.Module, spans: Sequence[Span], batch_size: int =
 
 def context_length(checkpoint, model, requested: Optional[int] = None) -> int:
     """The tokens the model sees at once: `requested`, else the sequence length the checkpoint was trained with."""
-    trained = checkpoint.state.get("config", {}).get("model", {}).get("seq_length")
+    trained = checkpoint.config_int("model", "seq_length")
     limit = model.config.max_position_embeddings
     context = requested if requested is not None else trained or limit
     if not 1 <= context <= limit:
