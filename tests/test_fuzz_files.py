@@ -319,3 +319,63 @@ def test_training_resumes_from_a_damaged_state_json_or_refuses(ws, data):
         finally:
             for saved in ws.checkpoints_dir.glob("step_0000003"):
                 shutil.rmtree(saved)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The commands, on damaged files.
+
+DAMAGEABLE = {  # file -> the commands that read it
+    "model.safetensors": ["generate", "eval", "info"],
+    "state.json": ["generate", "eval", "info"],
+    "tokenizer.model": ["generate", "eval", "info", "preprocess"],
+    f"{DATASET}.idx": ["eval", "info"],
+    f"{DATASET}.bin": ["eval", "info"],
+}
+COMMANDS = {"generate": ["generate", "It is a truth"], "eval": ["eval", "--split", "valid"], "info": ["info"],
+            "preprocess": ["preprocess"]}
+
+
+def damageable_path(ws: Workspace, name: str) -> Path:
+    from mtnlg_cli.model.checkpoint import latest_checkpoint
+
+    if name == "tokenizer.model":
+        return ws.tokenizer_dir / name
+    if name.startswith(DATASET):
+        return ws.tokenized_dir / name
+    return latest_checkpoint(ws.checkpoints_dir) / name
+
+
+@settings(FUZZ, max_examples=40)
+@given(data=st.data())
+def test_commands_on_a_damaged_file_succeed_or_print_one_error_line(trained, capsys, monkeypatch, data):
+    name = data.draw(st.sampled_from(sorted(DAMAGEABLE)))
+    command = data.draw(st.sampled_from(DAMAGEABLE[name]))
+    path = damageable_path(trained, name)
+    original = path.read_bytes()
+    damaged = data.draw(damaged_states(original) | mutations(original) if name == "state.json"
+                        else mutations(original))
+    with replaced(path, damaged):
+        code, err = cli(capsys, monkeypatch, *COMMANDS[command], "-w", str(trained.root))
+    event(f"{command} {name}: exit {code}")
+
+
+@pytest.mark.parametrize("name, command", [("model.safetensors", "generate"), ("tokenizer.model", "eval"),
+                                           (f"{DATASET}.idx", "train"), ("state.json", "info"),
+                                           ("corpus.jsonl", "preprocess")])
+def test_real_cli_on_a_damaged_file(ws, name, command):
+    """The installed entry point in a subprocess: one `error:` line (or success for info), within a time limit."""
+    args = {**COMMANDS, "train": ["train", "--set", "train.train_iters=3"]}[command]
+    if name == "corpus.jsonl":
+        (ws.root / name).write_text('{"text": "fine"}\n{"text": "\\ud800"}\n' + "[" * 5000 + "\n")
+        args = ["preprocess", name]
+    else:
+        path = damageable_path(ws, name)
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2] + bytes(reversed(data[len(data) // 2:])))
+    result = run_cli(*args, "-w", str(ws.root), timeout=120)
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+    if command == "info":
+        assert result.returncode == 0 and "state.json" in result.stdout.replace("\n", ""), result.stdout
+    else:
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, \
+            result.stderr
