@@ -11,21 +11,7 @@ import pytest
 
 from conftest import REPO, run_cli
 from mtnlg_cli.errors import MtnlgError
-from test_generation import CONTEXT, make_trained_workspace
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory):
-    return make_trained_workspace(tmp_path_factory.mktemp("chat"))
-
-
-@pytest.fixture(scope="module")
-def generator(ws):
-    from mtnlg_cli.model.checkpoint import load_for_inference
-    from mtnlg_cli.model.generation import Generator
-
-    model, tokenizer, _ = load_for_inference(ws)
-    return Generator(model, tokenizer)
+from test_generation import CONTEXT, generator, ws  # noqa: F401  (the fixtures: a workspace with a checkpoint)
 
 
 def session(generator, ws, **options):

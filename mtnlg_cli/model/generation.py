@@ -9,7 +9,7 @@ One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks an
     completions = generator.generate(["Once upon a time", "It is a truth"], settings,
                                      on_text=lambda row, text: print(text, end=""))
     completions[0].text           # the continuation, without the prompt and without any stop string
-    completions[0].tokens         # its token ids (a stop token itself is not included)
+    completions[0].tokens         # its token ids (a stop token is left out; a stop string's tokens stay in)
     completions[0].finish_reason  # "eos" (a stop token), "stop" (a stop string) or "length" (max_new_tokens)
 
 - Prompts are strings or lists of token ids, of any lengths: they are left-padded into one batch with per-row
@@ -24,6 +24,8 @@ One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks an
   UTF-8 character, is held back until it is decided. The pieces of a row add up to its `Completion.text`.
 - A prompt longer than the context window keeps its last tokens (a `GenerationWarning` says so). Generation past
   the window slides: the cache is rebuilt from the last half window of tokens and decoding goes on.
+- On CPU the generator decodes with a copy of the model whose weights are laid out for small batches (see
+  `cpu_decoding_copy`); the copy is rebuilt when the model's weights change.
 """
 
 from __future__ import annotations
