@@ -14,7 +14,7 @@ from mtnlg_cli.commands.generate import (CheckpointOption, MaxNewTokensOption, R
 
 def chat_command(
     system: Annotated[Optional[str], typer.Option(
-        "--system", help="System prompt [config: generate.system_prompt].", show_default=False)] = None,
+        "--system", help="System prompt (config: generate.system_prompt).", show_default=False)] = None,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
     top_k: TopKOption = None,

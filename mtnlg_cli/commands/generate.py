@@ -19,23 +19,23 @@ from mtnlg_cli.errors import MtnlgError
 CheckpointOption = Annotated[Optional[Path], typer.Option(
     "--checkpoint", "-c", help="Checkpoint folder to use (default: the workspace's latest).", show_default=False)]
 MaxNewTokensOption = Annotated[Optional[int], typer.Option(
-    "--max-new-tokens", "-n", help="Tokens to generate at most [config: generate.max_new_tokens].",
+    "--max-new-tokens", "-n", help="Tokens to generate at most (config: generate.max_new_tokens).",
     show_default=False)]
 TemperatureOption = Annotated[Optional[float], typer.Option(
-    "--temperature", "-t", help="Sampling temperature; 0 is greedy [config: generate.temperature].",
+    "--temperature", "-t", help="Sampling temperature; 0 is greedy (config: generate.temperature).",
     show_default=False)]
 TopKOption = Annotated[Optional[int], typer.Option(
-    "--top-k", help="Sample among the k likeliest tokens; 0 is off [config: generate.top_k].", show_default=False)]
+    "--top-k", help="Sample among the k likeliest tokens; 0 is off (config: generate.top_k).", show_default=False)]
 TopPOption = Annotated[Optional[float], typer.Option(
     "--top-p", help="Sample among the likeliest tokens holding this much probability, in (0, 1] "
-    "[config: generate.top_p].", show_default=False)]
+    "(config: generate.top_p).", show_default=False)]
 RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(
-    "--repetition-penalty", help="Penalty for tokens already present; 1 is off [config: "
-    "generate.repetition_penalty].", show_default=False)]
+    "--repetition-penalty", help="Penalty for tokens already present; 1 is off (config: "
+    "generate.repetition_penalty).", show_default=False)]
 SeedOption = Annotated[Optional[int], typer.Option(
-    "--seed", help="Seed for reproducible sampling [config: generate.seed].", show_default=False)]
+    "--seed", help="Seed for reproducible sampling (config: generate.seed).", show_default=False)]
 StopOption = Annotated[Optional[list[str]], typer.Option(
-    "--stop", help="Stop at this string (repeatable) [config: generate.stop].", show_default=False)]
+    "--stop", help="Stop at this string (repeatable) (config: generate.stop).", show_default=False)]
 
 
 def sampling_settings(config, **options):
