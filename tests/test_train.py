@@ -83,6 +83,14 @@ def test_weight_decay_applies_to_matrices_only():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_each_step_reads_the_next_global_batch_of_samples():
+    from mtnlg_cli.config import load_config
+    from mtnlg_cli.model.parallel import make_runtime
+
+    runtime = make_runtime(load_config({"train": {"micro_batch_size": 4, "global_batch_size": 8}}))
+    assert list(runtime.local_sample_indices(16)) == list(range(16, 24))  # one process reads the whole batch
+
+
 def test_resume_is_bit_identical_to_an_uninterrupted_run(ws, prepared, tmp_path):
     # dropout makes the run depend on the RNG state, which the checkpoint must carry too
     # the same schedule in both (decay over 20 steps); only where the first run stops differs
