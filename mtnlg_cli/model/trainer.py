@@ -431,4 +431,6 @@ def tensorboard_tracker(run_dir: Path):
         return None
     from accelerate.tracking import TensorBoardTracker
 
-    return TensorBoardTracker(run_dir.name, run_dir.parent)
+    tracker = TensorBoardTracker(run_dir.name, run_dir.parent)
+    tracker.start()  # Accelerator.init_trackers would do this; the run folder is known only after resuming
+    return tracker
