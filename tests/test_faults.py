@@ -338,3 +338,18 @@ def test_preprocessing_killed_ten_times_never_leaves_a_complete_looking_partial_
     assert process.returncode == 0 and "Traceback" not in output, output
     assert dataset_files(corpus_ws) == expected_files
     assert listed_datasets(corpus_ws) == expected_datasets
+
+
+def test_a_full_disk_during_preprocessing_keeps_the_previous_datasets(corpus_ws):
+    first = start_preprocess(corpus_ws)
+    assert first.wait(timeout=300) == 0, first.communicate()[0]
+    before, listed = dataset_files(corpus_ws), listed_datasets(corpus_ws)
+    # the rebuilt sense.bin (1 MB) outgrows the limit; pride.bin (0.15 MB) and everything else fit
+    full = subprocess.run([sys.executable, "-m", "mtnlg_cli", "preprocess", "-w", str(corpus_ws.root), "-j", "2",
+                           "--force"], env=ENV, capture_output=True, text=True, timeout=300,
+                          preexec_fn=file_size_limit(500_000))
+    assert full.returncode == 2, full.stderr
+    assert full.stderr.splitlines()[-1].startswith(f"error: cannot write {corpus_ws.tokenized_dir / 'sense'}.bin")
+    assert "File too large" in full.stderr and "Traceback" not in full.stderr
+    assert dataset_files(corpus_ws) == before and listed_datasets(corpus_ws) == listed  # still listed, still whole
+    assert not list(corpus_ws.tokenized_dir.glob(".*.tmp")), "temporary files were left behind"
