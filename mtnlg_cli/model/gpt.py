@@ -256,18 +256,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros_like(weight)
+        grad_weight = torch.empty_like(weight)
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
             rows = slice(start, start + LOSS_CHUNK_ROWS)
             chunk, chunk_targets = hidden[rows], targets[rows, None]
             logits = torch.mm(chunk, weight.t()).float()
-            log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (log_normalizer - logits.gather(1, chunk_targets)).sum()
-            grad_logits = logits.sub_(log_normalizer).exp_()  # softmax, in place
+            target_logits = logits.gather(1, chunk_targets)
+            peak = logits.amax(dim=1, keepdim=True)
+            grad_logits = logits.sub_(peak).exp_()  # in place, every pass over the chunk counts
+            sums = grad_logits.sum(dim=1, keepdim=True)
+            total += (sums.log() + peak - target_logits).sum()
+            grad_logits.div_(sums)  # softmax
             grad_logits.scatter_add_(1, chunk_targets, grad_logits.new_full(chunk_targets.shape, -1.0))
             grad_logits = grad_logits.to(hidden.dtype)
             torch.mm(grad_logits, weight, out=grad_hidden[rows])
-            grad_weight.addmm_(grad_logits.t(), chunk)
+            if start == 0:
+                torch.mm(grad_logits.t(), chunk, out=grad_weight)
+            else:
+                grad_weight.addmm_(grad_logits.t(), chunk)
         count = hidden.shape[0]
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.count = count
