@@ -30,7 +30,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeR
 from rich.text import Text
 
 from mtnlg_cli.config import Config, DataSource
-from mtnlg_cli.data.atomic import write_bytes_atomically
+from mtnlg_cli.data.atomic import remove_stale_temporaries, write_bytes_atomically
 from mtnlg_cli.data.corpus import (Chunk, DocumentSpec, chunk_documents, expand_paths, file_format, read_chunks,
                                    training_sentences)
 from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter, token_dtype
@@ -241,6 +241,9 @@ def preprocess(workspace: Workspace, config: Config, sources: Optional[list[Data
     """Trains or installs the tokenizer, then tokenizes every source that is not up to date."""
     console = console or Console(stderr=True)
     plans = plan_sources(workspace, config, sources)
+    for directory in (workspace.tokenizer_dir, workspace.tokenized_dir):
+        if directory.is_dir():
+            remove_stale_temporaries(directory)
     tokenizer = prepare_tokenizer(workspace, config, plans, model_file or config.tokenizer.model_file, force,
                                   console.print)
     workspace.tokenized_dir.mkdir(parents=True, exist_ok=True)

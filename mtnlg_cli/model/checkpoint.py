@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mtnlg_cli.data.atomic import process_exists
 from mtnlg_cli.errors import MtnlgError
 
 STATE_FILE = "state.json"
@@ -156,22 +157,12 @@ def remove_stale_temporaries(root: Path) -> None:
     """Deletes the `.tmp-*-PID` folders and links that saves killed half-way (SIGKILL, power loss) left behind."""
     for path in root.glob(".tmp-*"):
         pid = path.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _process_exists(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or process_exists(int(pid)):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        pass
-    return True
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
