@@ -338,6 +338,8 @@ def test_preprocessing_killed_ten_times_never_leaves_a_complete_looking_partial_
     assert process.returncode == 0 and "Traceback" not in output, output
     assert dataset_files(corpus_ws) == expected_files
     assert listed_datasets(corpus_ws) == expected_datasets
+    leftovers = [p.name for d in (corpus_ws.tokenized_dir, corpus_ws.tokenizer_dir) for p in d.glob(".*.tmp")]
+    assert not leftovers, f"the temporary files of killed runs were not cleaned up: {leftovers}"
 
 
 def test_a_full_disk_during_preprocessing_keeps_the_previous_datasets(corpus_ws):
