@@ -134,7 +134,7 @@ def test_validation_loss_falls_well_below_the_unigram_entropy(ws):
     p = np.bincount(tokens) / len(tokens)
     unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())  # nats: the best loss without context
     result = run_train(ws, *overrides)
-    assert result.val_loss < unigram_entropy - 0.5, (result.val_loss, unigram_entropy)
+    assert result.val_loss < unigram_entropy - 0.75, (result.val_loss, unigram_entropy)  # measured: 4.89 vs 5.84
 
 
 def test_token_budget_stops_early_and_from_scratch_archives(ws):
