@@ -16,15 +16,17 @@ from typing import Any, Optional
 
 import torch
 
+from mtnlg_cli.config import ModelConfig
 from mtnlg_cli.model.gpt import GPTConfig
+from mtnlg_cli.model.planner import training_flops
 
 
 def training_flops_per_token(config: GPTConfig, seq_length: int) -> float:
-    """Forward and backward FLOPs per trained token: 6 x matrix parameters (output head included) + attention."""
-    h, layers = config.hidden_size, config.num_layers
-    matrix_params = layers * (4 * h * h + 2 * h * config.ffn_hidden_size) + config.vocab_size * h
-    attention = 12 * layers * h * seq_length  # QK^T and (softmax)V, forward and backward, counted unmasked
-    return 6.0 * matrix_params + attention
+    """Forward and backward FLOPs per trained token, without recomputation: the planner's count, for MFU."""
+    model = ModelConfig(num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
+                        ffn_hidden_size=config.ffn_hidden_size, max_position_embeddings=config.max_position_embeddings,
+                        seq_length=seq_length, vocab_size=config.vocab_size, make_vocab_size_divisible_by=1)
+    return training_flops(model, seq_length, recompute=False) / seq_length
 
 
 def model_matmul_shapes(config: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
