@@ -60,7 +60,7 @@ def print_results(results: list[Result]) -> None:
     table = Table(*HEADER, title="mtnlg benchmarks")
     for row in rows(results):
         table.add_row(*row)
-    Console().print(table)
+    Console(width=max(Console().width, 200)).print(table)  # a log file gets the whole table, not an 80-column squeeze
 
 
 def machine_description() -> str:
