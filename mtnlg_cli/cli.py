@@ -54,12 +54,12 @@ def _main(
 
 
 def main() -> None:
-    """The console script: user errors become one line on stderr and exit code 2, never a traceback."""
+    """The console script: user errors become one line on stderr and exit code 2, never a traceback.
+
+    Ctrl-C that a command does not handle itself ends with exit code 130 (Typer turns it into Exit(130)).
+    """
     try:
         app()
     except MtnlgError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
