@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,14 @@ def workspace(tmp_path: Path):
     from mtnlg_cli.workspace import init_workspace
 
     return init_workspace(tmp_path / "ws")
+
+
+def copy_workspace(source: Path, target: Path):
+    """A private copy of a prepared workspace, so that each test starts from the same files."""
+    from mtnlg_cli.workspace import Workspace
+
+    shutil.copytree(source, target, symlinks=True)
+    return Workspace(target)
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, input: str | None = None,

@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, copy_workspace
 from mtnlg_cli.model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model
 from mtnlg_cli.workspace import Workspace, init_workspace
 
@@ -96,9 +96,7 @@ def prepared(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def ws(prepared, tmp_path) -> Workspace:
-    target = tmp_path / "ws"
-    shutil.copytree(prepared, target, symlinks=True)
-    return Workspace(target)
+    return copy_workspace(prepared, tmp_path / "ws")
 
 
 def train_here(ws: Workspace, *overrides: str):

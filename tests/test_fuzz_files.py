@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli
+from conftest import copy_workspace, run_cli
 from mtnlg_cli.cli import main
 from mtnlg_cli.data.corpus import DocumentSpec, chunk_documents, read_chunks
 from mtnlg_cli.data.indexed_dataset import HEADER, IndexedDataset
@@ -95,9 +95,7 @@ def trained(tmp_path_factory) -> Workspace:
 
 @pytest.fixture
 def ws(trained, tmp_path) -> Workspace:
-    target = tmp_path / "ws"
-    shutil.copytree(trained.root, target, symlinks=True)
-    return Workspace(target)
+    return copy_workspace(trained.root, tmp_path / "ws")
 
 
 @contextmanager

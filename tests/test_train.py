@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, copy_workspace, run_cli
 from mtnlg_cli.config import TrainConfig
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.checkpoint import latest_checkpoint, load_checkpoint
@@ -45,9 +44,7 @@ def prepared(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def ws(prepared, tmp_path) -> Workspace:
-    target = tmp_path / "ws"
-    shutil.copytree(prepared, target, symlinks=True)
-    return Workspace(target)
+    return copy_workspace(prepared, tmp_path / "ws")
 
 
 def quiet():
