@@ -411,10 +411,12 @@ class TextStream:
 def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
     """A copy of `model` whose matrix products suit decoding `batch_size` rows on a CPU; other tensors are shared.
 
-    Measured on the project's CPU (MKL and oneDNN inside torch 2.13): at batch 1 a matrix-vector product reads a
-    weight stored [in, out] about a quarter faster than one stored [out, in] (the tied output head included); at
-    larger batches oneDNN's prepacked weights run two to three times as fast as MKL's small matrix products.
-    The copy costs one more copy of the linear weights.
+    Measured on the project's CPU (MKL and oneDNN inside torch 2.13), timing each product while all the weights
+    stream from memory: at batch 1 a matrix-vector product reads a weight stored [in, out] about a quarter faster
+    than one stored [out, in] when it has at least as many outputs as inputs (qkv, the MLP's first layer, the tied
+    output head), but a weight with more inputs than outputs (the MLP's output projection) reads faster as stored,
+    [out, in]; at larger batches oneDNN's prepacked weights run two to three times as fast as MKL's small matrix
+    products. The copy costs one more copy of the linear weights.
     """
     shared = {id(p): p for p in model.parameters()}
     shared.update({id(b): b for b in model.buffers()})
@@ -425,7 +427,7 @@ def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
             if isinstance(child, nn.Linear):
                 if pack:
                     setattr(module, name, PrepackedLinear(child.weight, child.bias, batch_size))
-                else:
+                elif child.in_features <= child.out_features:
                     child.weight = _stored_in_by_out(child.weight)
     # the tied head is a method, not a module: an instance attribute shadows it. The embedding keeps its rows
     # whole: looking up a token in an [in, out] copy would gather one float from each of `hidden` pages.
