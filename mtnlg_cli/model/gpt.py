@@ -257,10 +257,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.empty_like(weight)
+        # one logits buffer for every chunk: a fresh (rows x vocab) tensor each time is page-faulted in anew
+        buffer = hidden.new_empty(min(LOSS_CHUNK_ROWS, hidden.shape[0]), weight.shape[0])
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
             rows = slice(start, start + LOSS_CHUNK_ROWS)
             chunk, chunk_targets = hidden[rows], targets[rows, None]
-            logits = torch.mm(chunk, weight.t()).float()
+            logits = torch.mm(chunk, weight.t(), out=buffer[:chunk.shape[0]]).float()
             target_logits = logits.gather(1, chunk_targets)
             peak = logits.amax(dim=1, keepdim=True)
             grad_logits = logits.sub_(peak).exp_()  # in place, every pass over the chunk counts
@@ -283,4 +285,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output / ctx.count
-        return grad_hidden * scale.to(grad_hidden.dtype), grad_weight * scale.to(grad_weight.dtype), None
+        # in place: no fresh (vocab x hidden) tensor; a second backward through this graph fails autograd's
+        # version check on the saved tensors instead of scaling them twice
+        return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight.mul_(scale.to(grad_weight.dtype)), None
