@@ -29,7 +29,6 @@ parallel layouts and their 2-D combinations with the plans of `parallel_plans`, 
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Any, Iterable
 
 import torch
@@ -131,7 +130,13 @@ class ParallelRuntime:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The global gradient norm before clipping; clips to `max_norm` unless it is 0."""
-        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
+        self.accelerator.unscale_gradients()  # fp16: the norm and the limit are in true units
+        parameters = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        # torch's clip_grad_norm_ multiplies every gradient by min(1, coefficient); skip that pass over all
+        # gradients when the coefficient is 1 (multiplying by 1 changes nothing)
+        if max_norm > 0 and max_norm / (norm + 1e-6) < 1:
+            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
         return float(norm)
 
     def optimizer_step(self) -> None:
