@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
@@ -255,8 +254,10 @@ class OneRowStep:
     At batch 1 a token costs one matrix-vector product per weight (about 6 ms here, bound by memory bandwidth);
     the general forward added about 1.5 ms of small ops around them (module calls, views, the cache update, SDPA's
     dispatch), each slow because streaming the weights evicts the caches between them. Here each layer is about
-    twenty ops: products with the weights as stored ([in, out] in the CPU decoding copy), residual adds in place,
-    and attention of the one query over the cache as two batched products around a softmax. Same arithmetic as
+    fifteen ops: products with the weights as stored (see `cpu_decoding_copy`), residual adds in place, and the
+    one query's attention over the cache without a mask. Attention stays one fused op rather than two batched
+    products around a softmax (as fast on one thread): each op that splits its work across threads waits for all
+    of them, and on a busy machine every such wait can cost a scheduler time slice. Same arithmetic as
     `GPT.forward`, so greedy tokens are the same.
     """
 
@@ -264,7 +265,6 @@ class OneRowStep:
         config = model.config
         self.model, self.cache = model, cache
         self.heads, self.head_dim = config.num_heads, config.head_dim
-        self.scale = 1.0 / math.sqrt(config.head_dim)
         self.layers = [(layer.ln_1, layer.attn.qkv.bias, layer.attn.qkv.weight.t(), layer.attn.proj.bias,
                         layer.attn.proj.weight.t(), layer.ln_2, layer.mlp.fc.bias, layer.mlp.fc.weight.t(),
                         layer.mlp.proj.bias, layer.mlp.proj.weight.t()) for layer in model.layers]
@@ -283,8 +283,7 @@ class OneRowStep:
             keys, values = self.keys[i], self.values[i]
             keys.select(1, position).copy_(k[:, 0])
             values.select(1, position).copy_(v[:, 0])
-            scores = torch.bmm(q, keys[:, :end].transpose(1, 2)).mul_(self.scale).softmax(dim=-1)
-            y = torch.bmm(scores, values[:, :end]).view(1, -1)
+            y = F.scaled_dot_product_attention(q[None], keys[None, :, :end], values[None, :, :end]).view(1, -1)
             x = torch.addmm(proj_bias, y, proj_weight).add_(x)
             hidden = F.gelu(torch.addmm(fc_bias, _layer_norm(x, ln_2), fc_weight), approximate="tanh")
             x = torch.addmm(out_bias, hidden, out_weight).add_(x)
