@@ -194,7 +194,7 @@ def run(quick: bool = False) -> list[Result]:
         Result("decode tokens/s at batch 1 vs one matvec per weight", "tokens/s", ours_decode, at_limit,
                "matrix-vector limit", goal=">= 0.95x the limit",
                notes=f"best rounds: {max(ours_decode) / max(at_limit):.2f}x; median time between tokens; "
-               f"limit: faster layout; {threads}"),
+               f"limit: each weight in its faster layout; {threads}"),
         Result("decode time per token, 64 tokens of context", "ms/token", figures["ours ms/token ctx64"],
                figures["theirs ms/token ctx64"], "transformers generate()", higher_is_better=False),
         Result("decode time per token, 1000 tokens of context", "ms/token", figures["ours ms/token ctx1000"],
