@@ -126,6 +126,17 @@ def test_changed_input_is_rebuilt_and_a_touch_is_not(ws, model_file, tmp_path):
     assert run(ws, model_file, [{"path": str(source), "document": "line"}])[0].status == "built"
 
 
+def test_a_rewrite_within_one_clock_tick_is_rebuilt(ws, model_file, tmp_path):
+    source = tmp_path / "s.txt"
+    source.write_text("first\n\nsecond\n", encoding="utf-8")
+    assert run(ws, model_file, [{"path": str(source)}])[0].status == "built"
+    stat = source.stat()
+    source.write_text("FIRST\n\nSECOND\n", encoding="utf-8")  # same size; coarse clocks can keep the mtime
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert run(ws, model_file, [{"path": str(source)}])[0].status == "built"
+    assert decoded_documents(ws, "s", model_file) == ["FIRST", "SECOND"]
+
+
 def test_invalid_utf8_names_file_and_byte_and_keeps_the_old_dataset(ws, model_file, tmp_path):
     source = tmp_path / "s.txt"
     source.write_text("good text\n\nmore\n", encoding="utf-8")

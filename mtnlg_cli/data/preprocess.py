@@ -164,15 +164,23 @@ def _settings(plan: SourcePlan) -> dict:
     return {"files": [{"path": str(f), "spec": vars(spec)} for f, spec in zip(plan.files, plan.specs)]}
 
 
+# File times tick coarsely: a file rewritten this soon after it was hashed can keep its size and mtime (git's
+# "racily clean" problem), so its old hash is not trusted.
+RACY_NS = 2_000_000_000
+
+
 def _input_files(plan: SourcePlan, previous: Optional[dict]) -> list[dict]:
-    """Size, mtime and hash of each input; the hash is reused from `previous` when size and mtime match."""
+    """Size, mtime and hash of each input; the hash is reused from `previous` when size and mtime match and the
+    file had not been modified just before that hash was taken."""
     known = {f["path"]: f for f in (previous or {}).get("inputs", [])}
     entries = []
     for path in plan.files:
         stat = path.stat()
         entry = {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         old = known.get(str(path))
-        same = old and old["bytes"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns
+        same = (old and old["bytes"] == stat.st_size and old["mtime_ns"] == stat.st_mtime_ns
+                and stat.st_mtime_ns < old.get("hashed_ns", 0) - RACY_NS)
+        entry["hashed_ns"] = old["hashed_ns"] if same else time.time_ns()
         entry["sha256"] = old["sha256"] if same else file_hash(path)
         entries.append(entry)
     return entries
@@ -181,8 +189,8 @@ def _input_files(plan: SourcePlan, previous: Optional[dict]) -> list[dict]:
 def _is_up_to_date(previous: Optional[dict], inputs: list[dict], settings: dict, tokenizer: Tokenizer) -> bool:
     if not previous or previous.get("version") != MANIFEST_VERSION:
         return False
-    strip = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in inputs]
-    old = [{k: v for k, v in f.items() if k != "mtime_ns"} for f in previous.get("inputs", [])]
+    strip = [{k: v for k, v in f.items() if k not in ("mtime_ns", "hashed_ns")} for f in inputs]
+    old = [{k: v for k, v in f.items() if k not in ("mtime_ns", "hashed_ns")} for f in previous.get("inputs", [])]
     return previous.get("tokenizer_hash") == tokenizer.hash and previous.get("settings") == settings and strip == old
 
 
