@@ -83,11 +83,11 @@ def assert_same_weights(expected: torch.nn.Module, got: dict[str, torch.Tensor])
 
 
 def test_expected_shapes_are_the_models():
-    from mtnlg_cli.model.convert.common import expected_shapes
+    from mtnlg_cli.model.gpt import state_dict_shapes
 
     config = GPTConfig(vocab_size=256, max_position_embeddings=32, num_layers=3, hidden_size=16, num_heads=2,
                        ffn_hidden_size=40)
-    assert list(expected_shapes(config).items()) == [(k, tuple(v.shape)) for k, v in GPT(config).state_dict().items()]
+    assert list(state_dict_shapes(config).items()) == [(k, tuple(v.shape)) for k, v in GPT(config).state_dict().items()]
 
 
 def test_hf_export_loads_in_transformers_with_our_logits_generation_and_token_ids(source, tmp_path):

@@ -197,43 +197,47 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
     """The GPT stored in a checkpoint (its `model_config` and `model.safetensors`), in eval mode."""
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.gpt import GPT, GPTConfig, state_dict_shapes
 
     try:
         config = GPTConfig(**checkpoint.state["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{checkpoint.path / STATE_FILE} has no valid model_config ({exc})") from None
-    with torch.device("meta"):
-        model = GPT(config)
     weights = checkpoint.tensors("model", device)
-    check_weights(model, weights, str(checkpoint.path))  # before allocating what a damaged model_config asks for
+    check_weights(state_dict_shapes(config), weights, str(checkpoint.path))  # before allocating the model
     damaged = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
     if damaged is not None:  # training never saves such weights; they would only make NaN logits
         raise MtnlgError(f"{checkpoint.path / 'model.safetensors'} is damaged: tensor {damaged} holds NaN or "
                          "infinite values")
-    model = model.to_empty(device=device)
+    # built and initialised for real, then overwritten: at the sizes CPU inference serves this is cheaper than
+    # the meta device, whose first use costs about a second per process
+    with torch.device(device):
+        model = GPT(config)
     model.load_state_dict(weights, strict=True)
     return model.eval()
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
     """Copies `weights` into `model`, naming any tensor that is missing, unexpected or of another shape."""
-    check_weights(model, weights, source)
+    check_weights(shapes_of(model), weights, source)
     model.load_state_dict(weights, strict=True)
 
 
-def check_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Refuses `weights` with a missing, unexpected or differently shaped tensor (shapes of the whole model, also
-    when its parameters are sharded DTensors)."""
-    expected = model.state_dict()
+def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The whole model's state-dict shapes, also when its parameters are sharded DTensors."""
+    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+
+
+def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], source: str) -> None:
+    """Refuses `weights` with a missing, unexpected or differently shaped tensor."""
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
     if missing or unexpected:
         raise MtnlgError(f"{source} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     for name, tensor in weights.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
+        if tuple(tensor.shape) != expected[name]:
             raise MtnlgError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {tuple(expected[name].shape)}")
+                             f"the model expects {expected[name]}")
 
 
 def resolve_checkpoint(checkpoints_dir: Path, explicit: Optional[Path] = None) -> Checkpoint:

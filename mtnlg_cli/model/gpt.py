@@ -74,6 +74,25 @@ class GPTConfig:
         return asdict(self)
 
 
+def state_dict_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """`GPT(config).state_dict()`'s names and shapes, in its order, without building the model.
+
+    Spelled out rather than read from a model on the meta device, whose first use costs about a second of set-up
+    per process; loading checks weights against these shapes before allocating anything.
+    """
+    hidden, ffn = config.hidden_size, config.ffn_hidden_size
+    block = {"ln_1.weight": (hidden,), "ln_1.bias": (hidden,),
+             "attn.qkv.weight": (3 * hidden, hidden), "attn.qkv.bias": (3 * hidden,),
+             "attn.proj.weight": (hidden, hidden), "attn.proj.bias": (hidden,),
+             "ln_2.weight": (hidden,), "ln_2.bias": (hidden,),
+             "mlp.fc.weight": (ffn, hidden), "mlp.fc.bias": (ffn,),
+             "mlp.proj.weight": (hidden, ffn), "mlp.proj.bias": (hidden,)}
+    shapes = {"wte.weight": (config.vocab_size, hidden), "wpe.weight": (config.max_position_embeddings, hidden)}
+    for i in range(config.num_layers):
+        shapes.update({f"layers.{i}.{name}": shape for name, shape in block.items()})
+    return {**shapes, "ln_f.weight": (hidden,), "ln_f.bias": (hidden,)}
+
+
 class KVCache:
     """Keys and values of every layer for `max_length` positions, allocated once for a whole generation."""
 

@@ -35,7 +35,7 @@ import torch
 
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.checkpoint import check_weights, load_weights
+from mtnlg_cli.model.checkpoint import check_weights, load_weights, shapes_of
 from mtnlg_cli.model.gpt import GPT, GPTConfig
 from mtnlg_cli.model.optim import build_adamw, param_groups
 from mtnlg_cli.model.layout import Layout, resolve_layout
@@ -282,7 +282,7 @@ class LayoutRuntime(ParallelRuntime):
         return self.parallel.full_model_state()
 
     def load_model_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        check_weights(self.model, tensors, source)
+        check_weights(shapes_of(self.model), tensors, source)
         self.parallel.load_model_state(tensors)
 
     def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -17,12 +17,12 @@ import torch
 
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.checkpoint import Checkpoint, save_checkpoint, step_dir_name
-from mtnlg_cli.model.convert.common import (DTYPES, Weights, check_shapes, expected_shapes, folder_summary,
+from mtnlg_cli.model.convert.common import (DTYPES, Weights, check_shapes, folder_summary,
                                             parse_size, staged_output)
 from mtnlg_cli.model.convert.hf import export_hf, is_hf, read_hf
 from mtnlg_cli.model.convert.megatron import export_megatron, is_megatron, read_megatron
 from mtnlg_cli.model.convert.plain import export_plain, is_plain, read_plain
-from mtnlg_cli.model.gpt import GPTConfig
+from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
 
 __all__ = ["DTYPES", "EXPORT_FORMATS", "IMPORT_FORMATS", "Weights", "detect_format", "export_weights",
            "import_weights", "parse_size", "read_weights", "weights_from_checkpoint"]
@@ -41,7 +41,7 @@ def weights_from_checkpoint(checkpoint: Checkpoint, tokenizer_path: Optional[Pat
     except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{checkpoint.path / 'state.json'} has no valid model_config ({exc})") from None
     tensors = checkpoint.tensors("model")
-    check_shapes(tensors, expected_shapes(config), f"checkpoint {checkpoint.path}", "its model_config")
+    check_shapes(tensors, state_dict_shapes(config), f"checkpoint {checkpoint.path}", "its model_config")
     if vocab_size > config.vocab_size:
         raise MtnlgError(f"the tokenizer has {vocab_size} pieces but checkpoint {checkpoint.path.name} embeds only "
                          f"{config.vocab_size}")
@@ -131,7 +131,7 @@ def import_weights(workspace, weights: Weights, step: Optional[int] = None, sour
     gpt_config = GPTConfig.from_model_config(model)
     tensors = {name: t.to(torch.float32) for name, t in weights.tensors.items()}
     tensors["wte.weight"] = _fit_vocabulary(tensors["wte.weight"], gpt_config.vocab_size)
-    check_shapes(tensors, expected_shapes(gpt_config), source or "the imported weights", "the model config")
+    check_shapes(tensors, state_dict_shapes(gpt_config), source or "the imported weights", "the model config")
 
     step = weights.step if step is None else step
     if (workspace.checkpoints_dir / step_dir_name(step)).exists():

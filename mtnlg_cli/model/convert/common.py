@@ -40,25 +40,6 @@ class Weights:
     consumed_samples: int = 0
 
 
-def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """mtnlg's state-dict names and shapes for `config`, in `GPT.state_dict()` order.
-
-    Spelled out rather than read from a model on the meta device: initialising a meta embedding costs a
-    one-off import of seconds per process.
-    """
-    hidden, ffn = config.hidden_size, config.ffn_hidden_size
-    block = {"ln_1.weight": (hidden,), "ln_1.bias": (hidden,),
-             "attn.qkv.weight": (3 * hidden, hidden), "attn.qkv.bias": (3 * hidden,),
-             "attn.proj.weight": (hidden, hidden), "attn.proj.bias": (hidden,),
-             "ln_2.weight": (hidden,), "ln_2.bias": (hidden,),
-             "mlp.fc.weight": (ffn, hidden), "mlp.fc.bias": (ffn,),
-             "mlp.proj.weight": (hidden, ffn), "mlp.proj.bias": (hidden,)}
-    shapes = {"wte.weight": (config.vocab_size, hidden), "wpe.weight": (config.max_position_embeddings, hidden)}
-    for i in range(config.num_layers):
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in block.items()})
-    return {**shapes, "ln_f.weight": (hidden,), "ln_f.bias": (hidden,)}
-
-
 def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str,
                  described_by: str) -> None:
     """Refuses missing, unexpected or misshapen tensors, naming the tensor and both shapes."""

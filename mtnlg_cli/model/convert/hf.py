@@ -20,11 +20,11 @@ import torch
 
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
-                                            expected_shapes, has_safetensors, load_torch_file, qkv_blocks_to_heads,
+                                            has_safetensors, load_torch_file, qkv_blocks_to_heads,
                                             qkv_heads_to_blocks, read_json, read_safetensors, write_json,
                                             write_safetensors)
 from mtnlg_cli.model.convert.hf_tokenizer import tokenizer_json
-from mtnlg_cli.model.gpt import GPTConfig
+from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
 
 ARCHITECTURE = "GPT2LMHeadModel"
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one formula, constants rounded differently
@@ -137,7 +137,7 @@ def read_hf(directory: Path) -> Weights:
     if head is not None and "wte.weight" in tensors and not torch.equal(head, tensors["wte.weight"]):
         raise MtnlgError(f"{directory}: unsupported architecture: an output head (lm_head.weight) that is not "
                          "tied to the token embedding (transformer.wte.weight)")
-    shapes = expected_shapes(config)
+    shapes = state_dict_shapes(config)
     expected = {theirs: shapes[ours][::-1] if layout and len(shapes[ours]) == 2 else shapes[ours]
                 for ours, theirs, layout in _names(config)}
     check_shapes(tensors, expected, str(directory), config_path.name)

@@ -29,8 +29,8 @@ import torch
 
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
-                                            expected_shapes, folder_summary, load_torch_file, qkv_blocks_to_heads)
-from mtnlg_cli.model.gpt import GPTConfig
+                                            folder_summary, load_torch_file, qkv_blocks_to_heads)
+from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILES = ("model_optim_rng.pt", "model_rng.pt")
@@ -233,7 +233,7 @@ def read_megatron(directory: Path) -> Weights:
     flat = {path: _flat_model(state["model"], path) for path, state in zip(rank_files, states)}
     ranks = [_join_stages([flat[grid[stage][rank]] for stage in range(pipeline_parallel)])
              for rank in range(tensor_parallel)]
-    shapes = expected_shapes(config)
+    shapes = state_dict_shapes(config)
     local_shapes = {theirs: _split_shape(shapes[ours], dim, tensor_parallel) for ours, theirs, dim in _names(config)}
     for rank, tensors in enumerate(ranks):
         source = grid[0][rank] if pipeline_parallel == 1 else f"{iteration_dir}/mp_rank_{rank:02d}_*"

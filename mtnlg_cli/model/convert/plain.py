@@ -14,9 +14,9 @@ import torch
 
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
-                                            dtype_name, expected_shapes, read_json, read_safetensors,
+                                            dtype_name, read_json, read_safetensors,
                                             write_json, write_safetensors)
-from mtnlg_cli.model.gpt import GPTConfig
+from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
 
 FORMAT = "mtnlg-export/1"
 CONFIG_FILE = "config.json"
@@ -59,6 +59,6 @@ def read_plain(directory: Path) -> Weights:
     except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{directory / CONFIG_FILE} has no valid model_config ({exc})") from None
     tensors, _ = read_safetensors(directory)
-    check_shapes(tensors, expected_shapes(config), str(directory), CONFIG_FILE)
+    check_shapes(tensors, state_dict_shapes(config), str(directory), CONFIG_FILE)
     return Weights(tensors, config, description.get("vocab_size"), int(description.get("step") or 0),
                    bundled_tokenizer(directory), int(description.get("consumed_samples") or 0))
