@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import safetensors.torch
 import torch
 
 from mtnlg_cli.config import load_config
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model import checkpoint as ckpt
 from mtnlg_cli.model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from mtnlg_cli.model.gpt import GPTConfig
 
@@ -18,7 +18,7 @@ def tensors(value: float) -> dict[str, dict[str, torch.Tensor]]:
 
 def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_as_latest(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 1, tensors(1.0), {"loss": 1.0})
-    real_save, calls = ckpt.save_file, []
+    real_save, calls = safetensors.torch.save_file, []
 
     def crash_on_second_file(group, path):
         calls.append(path)
@@ -27,7 +27,7 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_as_lates
             raise OSError("No space left on device")
         real_save(group, path)
 
-    monkeypatch.setattr(ckpt, "save_file", crash_on_second_file)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash_on_second_file)
     with pytest.raises(MtnlgError, match=r"cannot write checkpoint step_0000002 .*No space left.* earlier checkpoints"):
         save_checkpoint(tmp_path, 2, tensors(2.0), {"loss": 2.0})
 

@@ -44,20 +44,21 @@ FAULTY_MTNLG = r"""
 import os, signal, sys, types
 fault, nth = sys.argv[1], int(sys.argv[2])
 import mtnlg_cli.model.checkpoint as ck
+import safetensors.torch
 
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
 calls = 0
 if fault == "after-save_file":  # a staging folder holding some of the checkpoint's files
-    real_save_file = ck.save_file
+    real_save_file = safetensors.torch.save_file
     def save_file(*args, **kwargs):
         global calls
         real_save_file(*args, **kwargs)
         calls += 1
         if calls == nth:
             die()
-    ck.save_file = save_file
+    safetensors.torch.save_file = save_file  # checkpoint.py imports it at each save
 elif fault == "before-point_latest":  # the new folder in place, `latest` still naming the one before
     real_point_latest = ck.point_latest
     def point_latest(*args):

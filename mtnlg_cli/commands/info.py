@@ -112,20 +112,17 @@ def dataset_summaries(workspace: Workspace, config: Config) -> list[dict[str, An
 
 def checkpoint_summaries(workspace: Workspace) -> list[dict[str, Any]]:
     """Complete checkpoints (step_*/ with state.json), oldest first, with step, loss and size on disk."""
+    from mtnlg_cli.model.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+
     root = workspace.checkpoints_dir
-    if not root.is_dir():
-        return []
-    latest = (root / "latest").resolve() if (root / "latest").is_symlink() else None
+    latest = latest_checkpoint(root)
     found = []
-    for path in sorted(root.glob("step_*")):
-        state_path = path / "state.json"
-        if not state_path.is_file():
-            continue  # not a complete checkpoint
+    for path in list_checkpoints(root):
         entry: dict[str, Any] = {"name": path.name, "bytes": sum(f.stat().st_size for f in path.iterdir()
                                                                   if f.is_file()),
-                                 "latest": latest == path.resolve()}
+                                 "latest": latest is not None and latest.resolve() == path.resolve()}
         try:
-            state = json.loads(state_path.read_text(encoding="utf-8"))
+            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
             entry.update(step=state.get("step"), loss=state.get("loss"),
                          consumed_samples=state.get("consumed_samples"))
         except (OSError, ValueError) as exc:

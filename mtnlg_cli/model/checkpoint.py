@@ -16,14 +16,16 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any, Optional
 
 from mtnlg_cli.data.atomic import process_exists
 from mtnlg_cli.errors import MtnlgError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported where tensors are read or written, so that listing checkpoints and reading
+# their state (`mtnlg info`) stays free of torch's import cost
 
 STATE_FILE = "state.json"
 LATEST = "latest"
@@ -54,6 +56,9 @@ class Checkpoint:
 
     def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The tensors of `name.safetensors` in this checkpoint (e.g. "model", "optimizer", "rng")."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         path = self.path / f"{name}.safetensors"
         if not path.is_file():
             raise MtnlgError(f"checkpoint {self.path} has no {path.name}")
@@ -84,6 +89,9 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
 
     Returns the final path. Points `latest` at it, then prunes all but the newest `keep_last` checkpoints.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(root)
     final = root / step_dir_name(step)
@@ -197,6 +205,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
 
 def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
     """The GPT stored in a checkpoint (its `model_config` and `model.safetensors`), in eval mode."""
+    import torch
+
     from mtnlg_cli.model.gpt import GPT, GPTConfig, state_dict_shapes
 
     try:
