@@ -206,9 +206,7 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
                       f"special tokens {special}", highlight=False)
 
     if summary["datasets"]:
-        table = Table(title="datasets (data/tokenized)", title_justify="left")
-        for column in ("name", "documents", "tokens", "train/valid/test docs", "size"):
-            table.add_column(column, justify="left" if column == "name" else "right")
+        table = _table("datasets (data/tokenized)", ("name", "documents", "tokens", "train/valid/test docs", "size"))
         for entry in summary["datasets"]:
             if "error" in entry:
                 table.add_row(entry["name"], "[red]unreadable[/]", entry["error"], "", _size(entry["bytes"]))
@@ -221,9 +219,7 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
         console.print("[bold]datasets[/] none yet (mtnlg preprocess tokenizes data/raw)")
 
     if summary["checkpoints"]:
-        table = Table(title="checkpoints", title_justify="left")
-        for column in ("name", "step", "loss", "size", "latest"):
-            table.add_column(column, justify="left" if column == "name" else "right")
+        table = _table("checkpoints", ("name", "step", "loss", "size", "latest"))
         for entry in summary["checkpoints"]:
             table.add_row(entry["name"], str(entry.get("step", "?")), entry.get("error") or _loss(entry.get("loss")),
                           _size(entry["bytes"]), "*" if entry["latest"] else "")
@@ -232,9 +228,7 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
         console.print("[bold]checkpoints[/] none yet (mtnlg train writes them)")
 
     if summary["runs"]:
-        table = Table(title="runs", title_justify="left")
-        for column in ("name", "last step", "loss", "val loss", "tokens/s"):
-            table.add_column(column, justify="left" if column == "name" else "right")
+        table = _table("runs", ("name", "last step", "loss", "val loss", "tokens/s"))
         for entry in summary["runs"]:
             rate = entry.get("tokens_per_s")
             table.add_row(entry["name"], str(entry.get("step", "-")), _loss(entry.get("loss")),
@@ -246,3 +240,11 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
 
 def _loss(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _table(title: str, columns: tuple[str, ...]) -> Table:
+    """A table whose first column (the name) is left-aligned and whose figures are right-aligned."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column == columns[0] else "right")
+    return table
