@@ -8,7 +8,7 @@ Everything runs in one process, alternating, with the same thread count:
   against transformers;
 - decode time per token (the median time between successive new tokens, so the prompt's cost is left out) at
   batch 1, against the limit: one matrix-vector product through every weight matrix per token, each timed the
-  fastest of three ways (MKL on either layout, oneDNN on its blocked one);
+  fastest of four ways (MKL on either layout, oneDNN on its blocked one, mtnlg's own C product);
 - decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers.
 """
 
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Result, timed
+from mtnlg_cli.model import native
 
 SHAPE = dict(vocab_size=8192, max_position_embeddings=1024, num_layers=6, hidden_size=512, num_heads=8,
              ffn_hidden_size=2048)
@@ -102,10 +103,11 @@ def gpt2_with_same_weights(model):
 
 def matvec_limit(model):
     """A function timing one matrix-vector product through every weight matrix (the tied head once): the time a
-    decoded token cannot beat when the weights stream from memory. Each weight is read in whichever of three ways
-    its product runs fastest here: MKL on the weight stored [out, in] or [in, out], or oneDNN on the weight
-    reordered into its blocked layout for one row. The choice comes from timing every product inside whole passes
-    over all the weights (alone, a few weights would sit in the cache), alternating the ways."""
+    decoded token cannot beat when the weights stream from memory. Each weight is read in whichever way its
+    product runs fastest here: MKL on the weight stored [out, in] or [in, out], oneDNN on the weight reordered into
+    its blocked layout for one row, or mtnlg's own C product (the one its decoding step runs). The choice comes
+    from timing every product inside whole passes over all the weights (alone, a few weights would sit in the
+    cache), alternating the ways."""
     weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name != "wpe.weight"]
     vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
@@ -116,9 +118,17 @@ def matvec_limit(model):
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         return lambda: torch.ops.mkldnn._linear_pointwise(vectors[w.shape[1]], packed, None, "none", [], "")
 
+    def ours(w: torch.Tensor):
+        out, laid_out = torch.empty(w.shape[0]), native.as_product_takes_it(w)
+        return lambda: library.mtnlg_matvec(laid_out.data_ptr(), vectors[w.shape[1]].data_ptr(), out.data_ptr(),
+                                            *w.shape)
+
     ways = [[mkl(w) for w in weights], [mkl(w.t().contiguous().t()) for w in weights]]
     if torch.backends.mkldnn.is_available():
         ways.append([onednn(w) for w in weights])
+    library = native.load()
+    if library is not None:
+        ways.append([ours(w) for w in weights])
     with torch.inference_mode():
         trials = [[[timed(product) for product in way] for way in ways] for _ in range(6)]  # [trial][way][weight]
 
@@ -200,7 +210,7 @@ def run(quick: bool = False) -> list[Result]:
         Result("decode tokens/s at batch 1 vs one matvec per weight", "tokens/s", ours_decode, at_limit,
                "matrix-vector limit", goal=">= 0.95x the limit",
                notes=f"best rounds: {max(ours_decode) / max(at_limit):.2f}x; median time between tokens; "
-               f"limit: each weight its fastest way (MKL either layout, oneDNN blocked); {threads}"),
+               f"limit: each weight its fastest way (MKL either layout, oneDNN blocked, mtnlg C); {threads}"),
         Result("decode time per token, 64 tokens of context", "ms/token", figures["ours ms/token ctx64"],
                figures["theirs ms/token ctx64"], "transformers generate()", higher_is_better=False),
         Result("decode time per token, 1000 tokens of context", "ms/token", figures["ours ms/token ctx1000"],

@@ -17,6 +17,13 @@ settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+@pytest.fixture(scope="session", autouse=True)
+def native_build_cache(tmp_path_factory):
+    """The C decoding step is built into a fresh folder of this run (the tests' subprocesses inherit it), not into
+    the user's ~/.cache: every run compiles the source it tests."""
+    os.environ["MTNLG_CACHE_DIR"] = str(tmp_path_factory.mktemp("native"))
+
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 

@@ -114,6 +114,64 @@ def test_decoding_copy_computes_what_the_model_computes_and_leaves_it_alone(gene
         assert p.stride() == before[name][0] and torch.equal(p, before[name][1]), name
 
 
+def test_native_step_computes_what_the_model_computes():
+    """The C step token by token against the whole sequence through the model, on shapes at its edges (rows not a
+    multiple of four or sixteen, tall and wide matrices, three heads) and with large weights, so that GeLU and
+    softmax see large inputs."""
+    from mtnlg_cli.model import native
+    from mtnlg_cli.model.gpt import GPT, GPTConfig, KVCache
+
+    library = native.load()
+    assert library is not None, "the C decoding step did not build: is a C compiler installed?"
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=37, max_position_embeddings=24, num_layers=2, hidden_size=48, num_heads=3,
+                          ffn_hidden_size=70, init_method_std=1.0)).eval()
+    tokens = torch.randint(0, 37, (1, 24))
+    largest = []
+    model.layers[0].mlp.fc.register_forward_hook(lambda module, args, out: largest.append(out.abs().max()))
+    with torch.no_grad():
+        expected = model(tokens)[0]
+        assert largest[0] > 20  # GeLU's inputs
+        cache = KVCache(model.config, 1, 24)
+        model(tokens[:, :5], cache=cache)
+        step = native.NativeStep(native.NativeWeights(library, model), cache)
+        for position in range(5, 24):
+            torch.testing.assert_close(step(int(tokens[0, position]))[0], expected[position], rtol=1e-4, atol=1e-4)
+        with pytest.raises(IndexError):
+            step(0)  # the cache is full
+
+
+def test_generation_with_and_without_the_native_step_gives_the_same_tokens(generator, monkeypatch):
+    from mtnlg_cli.model import native
+
+    calls = []
+    step = native.NativeStep.__call__
+    monkeypatch.setattr(native.NativeStep, "__call__", lambda self, token: calls.append(token) or step(self, token))
+    [fast] = generator.generate([ENGLISH], greedy(max_new_tokens=30), stop_token_ids=())
+    assert calls == fast.tokens[:-1]  # every token but the last went through the C step
+    monkeypatch.setattr(native, "load", lambda: None)
+    [plain] = generator.generate([ENGLISH], greedy(max_new_tokens=30), stop_token_ids=())
+    assert plain.tokens == fast.tokens and len(calls) == 29
+
+
+def test_native_build_is_cached_and_without_a_compiler_generation_uses_torch(tmp_path, monkeypatch):
+    from mtnlg_cli.model import native
+
+    monkeypatch.setenv("MTNLG_CACHE_DIR", str(tmp_path))
+    native.load.cache_clear()
+    try:
+        assert native.load() is not None
+        [built] = tmp_path.iterdir()
+        assert built.name.startswith("decode_step-") and built.suffix == ".so"
+        for setting in (("CC", str(tmp_path / "no-such-compiler")), ("CC", "false"), ("MTNLG_NATIVE", "0")):
+            monkeypatch.setenv(*setting)
+            native.load.cache_clear()
+            assert native.load() is None, setting
+        assert [p.name for p in tmp_path.iterdir()] == [built.name]  # no half-built library left behind
+    finally:
+        native.load.cache_clear()
+
+
 def test_stop_strings_stop_and_are_never_shown(generator):
     [free] = generator.generate([ENGLISH], greedy(max_new_tokens=40), stop_token_ids=())
     stop = free.text[10:13]

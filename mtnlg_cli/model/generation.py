@@ -24,8 +24,9 @@ One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks an
   UTF-8 character, is held back until it is decided. The pieces of a row add up to its `Completion.text`.
 - A prompt longer than the context window keeps its last tokens (a `GenerationWarning` says so). Generation past
   the window slides: the cache is rebuilt from the last half window of tokens and decoding goes on.
-- On CPU the generator decodes with a copy of the model whose weights are laid out for small batches (see
-  `cpu_decoding_copy`); the copy is rebuilt when the model's weights change.
+- On CPU the generator runs prompts and batches through a copy of the model whose weights are laid out for small
+  batches (see `cpu_decoding_copy`), rebuilt when the model's weights change; a single row of an fp32 model
+  decodes in one C call per token where a C compiler can build it (see `mtnlg_cli.model.native`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model import native
 from mtnlg_cli.model.gpt import GPT, KVCache
 
 Prompt = Union[str, Sequence[int]]
@@ -102,7 +104,7 @@ class Generator:
         self.model = model
         self.tokenizer = tokenizer
         self._weights_version = None
-        self._decoders: dict[bool, GPT] = {}  # CPU decoding copies, by "batched"
+        self._decoders: dict = {}  # CPU decoding copies by "batched", and the C step's weights as "native"
 
     @property
     def context_length(self) -> int:
@@ -130,7 +132,8 @@ class Generator:
 
         longest = max(prompt_lengths) + settings.max_new_tokens
         batch = LeftPaddedBatch(self._decoding_model(len(histories)), len(histories),
-                                min(longest, self.context_length))
+                                min(longest, self.context_length),
+                                self._native_weights() if len(histories) == 1 else None)
         logits = batch.prefill(histories, self.tokenizer.pad_id)
         for step in range(settings.max_new_tokens):
             next_tokens = sampler(logits)
@@ -181,18 +184,33 @@ class Generator:
 
     def _decoding_model(self, batch_size: int) -> GPT:
         """The model to decode with: on CPU a copy laid out for fast small-batch products (one for batch 1, one
-        for larger batches), rebuilt whenever the weights change (a load or an optimizer step bumps their
-        version counters)."""
-        if self._device.type != "cpu" or self.model.wte.weight.dtype != torch.float32:
+        for larger batches)."""
+        if not self._cpu_fp32():
             return self.model
-        version = tuple((id(p), p._version) for p in self.model.parameters())
-        if version != self._weights_version:
-            self._decoders = {}
-            self._weights_version = version
         batched = batch_size > 1
         if batched not in self._decoders:
             self._decoders[batched] = cpu_decoding_copy(self.model, batch_size)
         return self._decoders[batched]
+
+    def _native_weights(self) -> Optional[native.NativeWeights]:
+        """The weights for the C decoding step of one row, where it can be built (see `mtnlg_cli.model.native`)."""
+        library = native.load() if self._cpu_fp32() else None
+        if library is None:
+            return None
+        if "native" not in self._decoders:
+            self._decoders["native"] = native.NativeWeights(library, self.model)
+        return self._decoders["native"]
+
+    def _cpu_fp32(self) -> bool:
+        """Whether the decoding copies apply; forgets those made before the weights last changed (a load or an
+        optimizer step bumps the version counters)."""
+        if self._device.type != "cpu" or self.model.wte.weight.dtype != torch.float32:
+            return False
+        version = tuple((id(p), p._version) for p in self.model.parameters())
+        if version != self._weights_version:
+            self._decoders = {}
+            self._weights_version = version
+        return True
 
 
 class LeftPaddedBatch:
@@ -203,14 +221,14 @@ class LeftPaddedBatch:
     alone so that no softmax row is empty.
     """
 
-    def __init__(self, model: GPT, batch_size: int, capacity: int):
+    def __init__(self, model: GPT, batch_size: int, capacity: int,
+                 native_weights: Optional[native.NativeWeights] = None):
         self.model = model
         weight = model.wte.weight
         self.cache = KVCache(model.config, batch_size, capacity, device=weight.device, dtype=weight.dtype)
         self.key_mask: Optional[torch.Tensor] = None  # (batch, capacity): True at real tokens
         self.next_positions: Optional[torch.Tensor] = None  # (batch, 1)
-        prepacked = isinstance(model.output_head, PrepackedLinear)
-        self.one_row_step = OneRowStep(model, self.cache) if batch_size == 1 and prepacked else None
+        self.native_step = native.NativeStep(native_weights, self.cache) if native_weights is not None else None
 
     @property
     def full(self) -> bool:
@@ -238,8 +256,8 @@ class LeftPaddedBatch:
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feeds one new token per row (batch,); returns the next logits (batch, vocab)."""
-        if self.one_row_step is not None:
-            return self.one_row_step(int(tokens[0]))
+        if self.native_step is not None:
+            return self.native_step(int(tokens[0]))
         if self.key_mask is None:
             return self.model(tokens[:, None], cache=self.cache)[:, -1]
         end = self.cache.length + 1
@@ -247,49 +265,6 @@ class LeftPaddedBatch:
         self.next_positions = positions + 1
         return self.model(tokens[:, None], positions=positions, cache=self.cache,
                           attn_mask=self.key_mask[:, None, None, :end])[:, -1]
-
-
-class OneRowStep:
-    """The model's forward pass for one new token of a single row, written out op by op, on oneDNN's linear.
-
-    At batch 1 a token costs one matrix-vector product per weight (about 5 ms here, bound by memory bandwidth).
-    Every other op costs far more than its arithmetic: streaming the weights evicts the caches, so each op runs
-    cold (a layer norm of 512 numbers takes 14 us instead of 3). So this path runs as few ops as it can: no module
-    calls, residual adds in place, the embedding one add of two rows, and the one query's attention over the cache
-    one fused op without a mask. (oneDNN can fuse the GeLU and the residual add into its products as post-ops,
-    but measured here that is no faster: its GeLU post-op costs 40 us at this size.) Same arithmetic as
-    `GPT.forward`, so greedy tokens are the same. Needs a decoding copy with prepacked linears (see
-    `cpu_decoding_copy`).
-    """
-
-    def __init__(self, model: GPT, cache: KVCache):
-        config = model.config
-        self.model, self.cache = model, cache
-        self.heads, self.head_dim = config.num_heads, config.head_dim
-        self.layers = [(layer.ln_1, layer.attn.qkv, layer.attn.proj, layer.ln_2, layer.mlp.fc, layer.mlp.proj)
-                       for layer in model.layers]
-        # per layer (heads, capacity, head_dim) views of the cache's only row
-        self.keys, self.values = cache.keys[:, 0].unbind(0), cache.values[:, 0].unbind(0)
-
-    def __call__(self, token: int) -> torch.Tensor:
-        """Feeds `token` after what the cache holds; returns the next logits (1, vocab)."""
-        model, position = self.model, self.cache.length
-        end = position + 1
-        x = torch.add(model.wte.weight[token:token + 1], model.wpe.weight[position:end])
-        for i, (ln_1, qkv, proj, ln_2, fc, out) in enumerate(self.layers):
-            q, k, v = qkv(_layer_norm(x, ln_1)).view(self.heads, 3, 1, self.head_dim).unbind(1)
-            keys, values = self.keys[i], self.values[i]
-            keys.select(1, position).copy_(k[:, 0])
-            values.select(1, position).copy_(v[:, 0])
-            y = F.scaled_dot_product_attention(q[None], keys[None, :, :end], values[None, :, :end]).view(1, -1)
-            x = proj(y).add_(x)
-            x = out(F.gelu(fc(_layer_norm(x, ln_2)), approximate="tanh")).add_(x)
-        self.cache.length = end
-        return model.output_head(_layer_norm(x, model.ln_f))
-
-
-def _layer_norm(x: torch.Tensor, norm: nn.LayerNorm) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class Sampler:
@@ -313,6 +288,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.settings
         logits = logits[:, :self.vocab_size].float()
+        if s.temperature == 0 and self.seen is None:  # plain greedy: one op, unless it picks the banned token
+            chosen = logits.argmax(dim=-1)
+            if self.banned not in chosen.tolist():
+                return chosen
         logits[:, self.banned] = float("-inf")
         if self.seen is not None:
             # CTRL's penalty: a token already in the row is made less likely whatever its logit's sign

@@ -1,0 +1,136 @@
+"""A decoding step in C for one row on the CPU, compiled on first use with the machine's C compiler.
+
+At batch 1 a token costs one matrix-vector product per weight; the few dozen small ops between them cost 10-15 us
+each from Python, because streaming the weights evicts the caches (together about a sixth of the token's time).
+`decode_step.c` runs the whole step in one call, with OpenMP threads for the products and the attention heads.
+
+    library = load()                      # None where it cannot be built: generation then runs torch ops
+    weights = NativeWeights(library, model)  # once per model version
+    step = NativeStep(weights, cache)      # per generation, on a KVCache of one row
+    logits = step(token)                  # (1, vocab), a buffer the next call overwrites
+
+It is built with `-O3 -march=native -fopenmp` against the OpenMP runtime that torch itself loads (one thread pool,
+torch's thread count), into `$MTNLG_CACHE_DIR` (default `~/.cache/mtnlg`), named by a hash of the source, the
+compiler, the flags and the CPU's features: another machine sharing the home folder builds its own. The compiler is
+`$CC`, else `cc`. `MTNLG_NATIVE=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mtnlg_cli.model.gpt import GPT, KVCache
+
+SOURCE = Path(__file__).with_name("decode_step.c")
+
+
+@functools.lru_cache(maxsize=None)
+def load() -> Optional[ctypes.CDLL]:
+    """The compiled library, building it if needed; None when it is turned off or cannot be built."""
+    if os.environ.get("MTNLG_NATIVE", "1") == "0":
+        return None
+    try:
+        library = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    pointer, size, number = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
+    library.mtnlg_decode_step.argtypes = [pointer, size, size, size, size, size, number, pointer, pointer, size,
+                                          size, size, pointer, pointer]
+    library.mtnlg_decode_step.restype = None
+    library.mtnlg_matvec.argtypes = [pointer, pointer, pointer, size, size]
+    library.mtnlg_matvec.restype = None
+    return library
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise OSError("no C compiler")
+    flags, libraries = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"], []
+    torch_lib = Path(torch.__file__).parent / "lib"
+    if (torch_lib / "libgomp.so.1").exists():  # torch's own OpenMP runtime, so both share one thread pool
+        libraries = [f"-L{torch_lib}", "-l:libgomp.so.1", f"-Wl,-rpath,{torch_lib}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, *libraries, _cpu_features()])
+                         .encode()).hexdigest()
+    cache = Path(os.environ.get("MTNLG_CACHE_DIR") or Path.home() / ".cache" / "mtnlg")
+    target = cache / f"decode_step-{key[:16]}.so"
+    if target.exists():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=cache, prefix=target.name, suffix=".partial")
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, *libraries], check=True, capture_output=True,
+                       timeout=120)
+        os.replace(partial, target)  # whole or absent, even with two processes building at once
+    finally:
+        Path(partial).unlink(missing_ok=True)
+    return target
+
+
+def _cpu_features() -> str:
+    """What -march=native compiles for: the CPU's model and flags where Linux says them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    return platform.machine() + "".join(sorted({l for l in lines if l.startswith(("model name", "flags"))}))
+
+
+def as_product_takes_it(weight: torch.Tensor) -> torch.Tensor:
+    """A weight [out, in] laid out as the C product reads it: as stored when wide or square, transposed when tall."""
+    weight = weight.detach().float()
+    return weight.t().contiguous() if weight.shape[0] > weight.shape[1] else weight.contiguous()
+
+
+class NativeWeights:
+    """A model's weights as the C step reads them (the model's own tensors where they fit, transposed copies of the
+    tall matrices), built once per model version and shared by the steps of every generation."""
+
+    def __init__(self, library: ctypes.CDLL, model: GPT):
+        self.library, self.config = library, model.config
+        vectors = [model.wte.weight, model.wpe.weight, model.ln_f.weight, model.ln_f.bias]
+        self.tensors = [v.detach().float().contiguous() for v in vectors] + [as_product_takes_it(model.wte.weight)]
+        for layer in model.layers:
+            self.tensors += [as_product_takes_it(t) if t.dim() == 2 else t.detach().float().contiguous() for t in (
+                layer.ln_1.weight, layer.ln_1.bias, layer.attn.qkv.weight, layer.attn.qkv.bias,
+                layer.attn.proj.weight, layer.attn.proj.bias, layer.ln_2.weight, layer.ln_2.bias,
+                layer.mlp.fc.weight, layer.mlp.fc.bias, layer.mlp.proj.weight, layer.mlp.proj.bias)]
+        self.pointers = (ctypes.c_void_p * len(self.tensors))(*(t.data_ptr() for t in self.tensors))
+
+
+class NativeStep:
+    """The forward pass of one new token of a single row, in one C call.
+
+    It reads and writes `cache` (a KVCache of one row) like `GPT.forward` does, so a prompt can be prefilled by the
+    model and decoded here."""
+
+    def __init__(self, weights: NativeWeights, cache: KVCache):
+        config = weights.config
+        self.weights, self.config, self.cache = weights, config, cache
+        hidden, capacity = config.hidden_size, cache.max_length
+        self.work = torch.empty(6 * hidden + config.ffn_hidden_size + config.num_heads * capacity)
+        self.logits = torch.empty(1, config.vocab_size)
+
+    def __call__(self, token: int) -> torch.Tensor:
+        """Feeds `token` after what the cache holds; returns the next logits (1, vocab), overwritten next call."""
+        c, cache = self.config, self.cache
+        if not 0 <= token < c.vocab_size or cache.length >= cache.max_length:
+            raise IndexError(f"token {token} at position {cache.length} is outside the model or the cache")
+        self.weights.library.mtnlg_decode_step(
+            self.weights.pointers, c.num_layers, c.hidden_size, c.num_heads, c.ffn_hidden_size, c.vocab_size,
+            c.layernorm_epsilon, cache.keys.data_ptr(), cache.values.data_ptr(), cache.max_length, token,
+            cache.length, self.work.data_ptr(), self.logits.data_ptr())
+        cache.length += 1
+        return self.logits
