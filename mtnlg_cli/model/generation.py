@@ -288,10 +288,6 @@ class Sampler:
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.settings
         logits = logits[:, :self.vocab_size].float()
-        if s.temperature == 0 and self.seen is None:  # plain greedy: one op, unless it picks the banned token
-            chosen = logits.argmax(dim=-1)
-            if self.banned not in chosen.tolist():
-                return chosen
         logits[:, self.banned] = float("-inf")
         if self.seen is not None:
             # CTRL's penalty: a token already in the row is made less likely whatever its logit's sign
