@@ -136,7 +136,9 @@ def test_native_step_computes_what_the_model_computes():
         model(tokens[:, :5], cache=cache)
         step = native.NativeStep(native.NativeWeights(library, model), cache)
         for position in range(5, 24):
-            torch.testing.assert_close(step(int(tokens[0, position]))[0], expected[position], rtol=1e-4, atol=1e-4)
+            logits = step(int(tokens[0, position]))[0]
+            torch.testing.assert_close(logits, expected[position], rtol=1e-4, atol=1e-4)
+            assert step.argmax == int(logits.argmax())
         with pytest.raises(IndexError):
             step(0)  # the cache is full
 
@@ -152,6 +154,22 @@ def test_generation_with_and_without_the_native_step_gives_the_same_tokens(gener
     monkeypatch.setattr(native, "load", lambda: None)
     [plain] = generator.generate([ENGLISH], greedy(max_new_tokens=30), stop_token_ids=())
     assert plain.tokens == fast.tokens and len(calls) == 29
+
+
+def test_greedy_takes_a_given_argmax_only_where_it_may_be_picked(generator):
+    from mtnlg_cli.model.generation import Sampler
+
+    tokenizer = generator.tokenizer
+    sampler = Sampler(greedy(), tokenizer, [[5]], torch.device("cpu"))
+    logits = torch.zeros(1, tokenizer.vocab_size + 3)
+    logits[0, 7], logits[0, tokenizer.pad_id], logits[0, tokenizer.vocab_size + 1] = 1.0, 3.0, 5.0
+    assert sampler(logits, [7]) == [7]  # taken as it is: the caller vouches that it is the argmax
+    assert sampler(logits, [tokenizer.pad_id]) == sampler(logits, [tokenizer.vocab_size + 1]) == [7]
+    assert sampler(logits) == [7]
+    favoured = torch.zeros(1, tokenizer.vocab_size)
+    favoured[0, 9] = 100.0
+    for changes in ({"temperature": 1.0, "seed": 0}, {"repetition_penalty": 1.5}):  # not plain greedy: ignored
+        assert Sampler(greedy().replace(**changes), tokenizer, [[5]], torch.device("cpu"))(favoured, [7]) == [9]
 
 
 def test_native_build_is_cached_and_without_a_compiler_generation_uses_torch(tmp_path, monkeypatch):

@@ -136,8 +136,8 @@ class Generator:
                                 self._native_weights() if len(histories) == 1 else None)
         logits = batch.prefill(histories, self.tokenizer.pad_id)
         for step in range(settings.max_new_tokens):
-            next_tokens = sampler(logits)
-            for row, token in enumerate(next_tokens.tolist()):
+            next_tokens = sampler(logits, batch.argmaxes)
+            for row, token in enumerate(next_tokens):
                 if finish[row]:
                     continue
                 if token in stop_ids:
@@ -229,6 +229,7 @@ class LeftPaddedBatch:
         self.key_mask: Optional[torch.Tensor] = None  # (batch, capacity): True at real tokens
         self.next_positions: Optional[torch.Tensor] = None  # (batch, 1)
         self.native_step = native.NativeStep(native_weights, self.cache) if native_weights is not None else None
+        self.argmaxes: Optional[list[int]] = None  # each row's logits.argmax(), where the last step computed it
 
     @property
     def full(self) -> bool:
@@ -238,6 +239,7 @@ class LeftPaddedBatch:
         """Runs the prompts `rows` from an empty cache; returns the logits of their last tokens (batch, vocab)."""
         device = self.cache.keys.device
         self.cache.length = 0
+        self.argmaxes = None
         length = max(len(r) for r in rows)
         pads = torch.tensor([length - len(r) for r in rows], device=device)
         tokens = torch.tensor([[pad_id] * (length - len(r)) + r for r in rows], device=device)
@@ -254,10 +256,13 @@ class LeftPaddedBatch:
         return self.model(tokens, positions=positions, cache=self.cache, attn_mask=mask[:, None],
                           last_only=True)[:, -1]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feeds one new token per row (batch,); returns the next logits (batch, vocab)."""
+    def step(self, next_tokens: list[int]) -> torch.Tensor:
+        """Feeds one new token per row; returns the next logits (batch, vocab)."""
         if self.native_step is not None:
-            return self.native_step(int(tokens[0]))
+            logits = self.native_step(next_tokens[0])
+            self.argmaxes = None if self.native_step.argmax is None else [self.native_step.argmax]
+            return logits
+        tokens = torch.tensor(next_tokens, device=self.cache.keys.device)
         if self.key_mask is None:
             return self.model(tokens[:, None], cache=self.cache)[:, -1]
         end = self.cache.length + 1
@@ -285,8 +290,14 @@ class Sampler:
             for row, ids in enumerate(prompts):
                 self.seen[row, torch.tensor(ids, device=device)] = True
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, argmaxes: Optional[list[int]] = None) -> list[int]:
+        """The next token of each row. `argmaxes`, each row's `logits.argmax()` when the caller has it already (the
+        C step computes it), is plain greedy decoding's answer whenever it is a token that may be picked: then no
+        torch op runs, and each costs 10-30 us right after a decoding step has streamed the weights."""
         s = self.settings
+        if (argmaxes is not None and s.temperature == 0 and self.seen is None
+                and all(token < self.vocab_size and token != self.banned for token in argmaxes)):
+            return argmaxes
         logits = logits[:, :self.vocab_size].float()
         logits[:, self.banned] = float("-inf")
         if self.seen is not None:
@@ -299,7 +310,7 @@ class Sampler:
             chosen = self._sample(logits / s.temperature)
         if self.seen is not None:
             self.seen[torch.arange(len(chosen), device=chosen.device), chosen] = True
-        return chosen
+        return chosen.tolist()
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:
         s = self.settings

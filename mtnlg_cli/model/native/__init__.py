@@ -8,6 +8,7 @@ each from Python, because streaming the weights evicts the caches (together abou
     weights = NativeWeights(library, model)  # once per model version
     step = NativeStep(weights, cache)      # per generation, on a KVCache of one row
     logits = step(token)                  # (1, vocab), a buffer the next call overwrites
+    step.argmax                           # logits.argmax(), computed in the same call
 
 It is built with `-O3 -march=native -fopenmp` against the OpenMP runtime that torch itself loads (one thread pool,
 torch's thread count), into `$MTNLG_CACHE_DIR` (default `~/.cache/mtnlg`), named by a hash of the source, the
@@ -47,7 +48,7 @@ def load() -> Optional[ctypes.CDLL]:
     pointer, size, number = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
     library.mtnlg_decode_step.argtypes = [pointer, size, size, size, size, size, number, pointer, pointer, size,
                                           size, size, pointer, pointer]
-    library.mtnlg_decode_step.restype = None
+    library.mtnlg_decode_step.restype = size
     library.mtnlg_matvec.argtypes = [pointer, pointer, pointer, size, size]
     library.mtnlg_matvec.restype = None
     return library
@@ -114,11 +115,13 @@ class NativeStep:
     """The forward pass of one new token of a single row, in one C call.
 
     It reads and writes `cache` (a KVCache of one row) like `GPT.forward` does, so a prompt can be prefilled by the
-    model and decoded here."""
+    model and decoded here. Each call also leaves `logits.argmax()` in `argmax` (None if a logit is NaN or all
+    are -inf), so that greedy decoding runs no torch op per token."""
 
     def __init__(self, weights: NativeWeights, cache: KVCache):
         config = weights.config
         self.weights, self.config, self.cache = weights, config, cache
+        self.argmax: Optional[int] = None
         hidden, capacity = config.hidden_size, cache.max_length
         self.work = torch.empty(6 * hidden + config.ffn_hidden_size + config.num_heads * capacity)
         self.logits = torch.empty(1, config.vocab_size)
@@ -128,9 +131,10 @@ class NativeStep:
         c, cache = self.config, self.cache
         if not 0 <= token < c.vocab_size or cache.length >= cache.max_length:
             raise IndexError(f"token {token} at position {cache.length} is outside the model or the cache")
-        self.weights.library.mtnlg_decode_step(
+        best = self.weights.library.mtnlg_decode_step(
             self.weights.pointers, c.num_layers, c.hidden_size, c.num_heads, c.ffn_hidden_size, c.vocab_size,
             c.layernorm_epsilon, cache.keys.data_ptr(), cache.values.data_ptr(), cache.max_length, token,
             cache.length, self.work.data_ptr(), self.logits.data_ptr())
+        self.argmax = best if best >= 0 else None
         cache.length += 1
         return self.logits

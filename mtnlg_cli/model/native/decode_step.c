@@ -138,8 +138,9 @@ static void attention(const float *qkv, float *keys, float *values, float *score
  * ln_1.weight, ln_1.bias, qkv.weight, qkv.bias, proj.weight, proj.bias, ln_2.weight, ln_2.bias, fc.weight, fc.bias,
  * mlp proj.weight, mlp proj.bias; each matrix as `product` takes it.
  * keys, values: [layers, heads, capacity, head_dim]. work: 6 * hidden + ffn + heads * capacity floats.
- * logits: vocab floats (the rows of wte). */
-void mtnlg_decode_step(const float *const *weights, long layers, long hidden, long heads, long ffn, long vocab,
+ * logits: vocab floats (the rows of wte). Returns the index of the first largest logit, as torch's argmax
+ * (-1 if a logit is NaN or all are -inf): greedy decoding then needs no torch op per token. */
+long mtnlg_decode_step(const float *const *weights, long layers, long hidden, long heads, long ffn, long vocab,
                        float eps, float *keys, float *values, long capacity, long token, long position,
                        float *work, float *logits) {
     const float *wte = weights[0], *wpe = weights[1], *ln_f_weight = weights[2], *ln_f_bias = weights[3];
@@ -162,6 +163,16 @@ void mtnlg_decode_step(const float *const *weights, long layers, long hidden, lo
     }
     layer_norm(x, ln_f_weight, ln_f_bias, eps, normed, hidden);
     product(head, normed, 0, logits, vocab, hidden, STORE);
+    long best = -1;
+    float top = -INFINITY;
+    for (long i = 0; i < vocab; i++) {
+        if (isnan(logits[i])) return -1;
+        if (logits[i] > top) {
+            top = logits[i];
+            best = i;
+        }
+    }
+    return best;
 }
 
 /* One product y = W x (W as `product` takes it): what the benchmark's matrix-vector limit times. */
