@@ -10,29 +10,27 @@
 #include <stdint.h>
 #include <string.h>
 
-/* e^x within 2 ulp for x in [-87, 88] (clamped outside), branch-free so that loops over it vectorize: libm's
- * expf and tanhf do not, and a GeLU through tanhf cost 60 us per layer. */
+/* e^x within 2 ulp for x in [-87, 88] (clamped outside), written so that loops over it vectorize (built with
+ * -fno-trapping-math, which lets the clamps become vector min and max): libm's expf and tanhf do not vectorize. */
 static inline float exp_approx(float x) {
-    x = fminf(fmaxf(x, -87.0f), 88.0f);
-    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    x = x < -87.0f ? -87.0f : x > 88.0f ? 88.0f : x;
+    int32_t k = (int32_t)(x * 1.44269504088896341f + 128.5f) - 128; /* nearest; positive, so truncation floors */
+    float n = (float)k;
     float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f; /* ln 2 in two parts: r exact */
     float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720))))));
-    int32_t bits = ((int32_t)n + 127) << 23; /* 2^n */
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+    union { int32_t bits; float value; } scale = { .bits = (k + 127) << 23 }; /* 2^k */
+    return p * scale.value;
 }
 
 /* GeLU, tanh approximation: 0.5 v (1 + tanh(u)) = v / (1 + e^(-2u)), u = sqrt(2/pi) (v + 0.044715 v^3). */
-static void gelu(float *v, long n) {
-    #pragma omp simd
-    for (long i = 0; i < n; i++) {
-        float u = 0.7978845608028654f * (v[i] + 0.044715f * v[i] * v[i] * v[i]);
-        v[i] = v[i] / (1.0f + exp_approx(-2.0f * u));
-    }
+static inline float gelu(float v) {
+    float u = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+    return v / (1.0f + exp_approx(-2.0f * u));
 }
 
-enum { STORE, ADD }; /* what a product does with its result */
+/* What a product does with its result: store it, add it to what is there, or store its GeLU. The GeLU is applied
+ * by the thread that computed the numbers, while they are in its cache: as a separate pass it cost 11 us a layer. */
+enum { STORE, ADD, STORE_GELU };
 
 /* y = W x + b, stored in y or added to it. A wide or square W (rows <= cols) comes as stored, [rows, cols]: each
  * output is a dot product along a row. A tall one comes transposed, [cols, rows]: its rows are short, and the
@@ -56,6 +54,10 @@ static void product(const float *restrict W, const float *restrict x, const floa
                 const float *w = W + i * rows;
                 #pragma omp simd
                 for (long o = start; o < end; o++) y[o] += x[i] * w[o];
+            }
+            if (then == STORE_GELU) {
+                #pragma omp simd
+                for (long o = start; o < end; o++) y[o] = gelu(y[o]);
             }
         }
         return;
@@ -83,7 +85,7 @@ static void product(const float *restrict W, const float *restrict x, const floa
         }
         for (long k = 0; k < n; k++) {
             float v = sum[k] + (b ? b[r0 + k] : 0.0f);
-            y[r0 + k] = then == ADD ? y[r0 + k] + v : v;
+            y[r0 + k] = then == ADD ? y[r0 + k] + v : then == STORE_GELU ? gelu(v) : v;
         }
     }
 }
@@ -109,25 +111,52 @@ static void attention(const float *qkv, float *keys, float *values, float *score
         float *s = scores + h * capacity, *out = y + h * head_dim;
         memcpy(k + position * head_dim, q + head_dim, head_dim * sizeof(float));
         memcpy(v + position * head_dim, q + 2 * head_dim, head_dim * sizeof(float));
-        float best = -INFINITY;
-        for (long t = 0; t <= position; t++) {
+        /* Four positions at a time: four independent sums per pass over q, one pass over out per four values.
+         * The weights have evicted the cache since the last token, so the keys are fetched eight positions ahead
+         * and these positions' values at once: with the cache evicted, a layer's attention at 80 positions took
+         * 17 us instead of 23 (25 without the fetches, 21 one position at a time), and 125 us at 900 positions
+         * (140 without the fetches). */
+        long t = 0;
+        for (; t + 4 <= position + 1; t += 4) {
+            const float *k0 = k + t * head_dim, *k1 = k0 + head_dim, *k2 = k1 + head_dim, *k3 = k2 + head_dim;
+            for (long line = 0; line < 4 * head_dim; line += 16) { /* 16 floats: a 64-byte cache line */
+                if (t + 12 <= position + 1) __builtin_prefetch(k0 + 8 * head_dim + line);
+                __builtin_prefetch(v + t * head_dim + line);
+            }
+            float d0 = 0, d1 = 0, d2 = 0, d3 = 0;
+            #pragma omp simd reduction(+:d0, d1, d2, d3)
+            for (long i = 0; i < head_dim; i++) {
+                d0 += q[i] * k0[i]; d1 += q[i] * k1[i]; d2 += q[i] * k2[i]; d3 += q[i] * k3[i];
+            }
+            s[t] = d0 * scale; s[t + 1] = d1 * scale; s[t + 2] = d2 * scale; s[t + 3] = d3 * scale;
+        }
+        for (; t <= position; t++) {
             const float *kt = k + t * head_dim;
             float dot = 0;
             #pragma omp simd reduction(+:dot)
             for (long i = 0; i < head_dim; i++) dot += q[i] * kt[i];
             s[t] = dot * scale;
-            best = fmaxf(best, s[t]);
         }
+        float best = -INFINITY;
+        #pragma omp simd reduction(max:best)
+        for (t = 0; t <= position; t++) best = s[t] > best ? s[t] : best;
         float total = 0;
         #pragma omp simd reduction(+:total)
-        for (long t = 0; t <= position; t++) {
+        for (t = 0; t <= position; t++) {
             s[t] = exp_approx(s[t] - best);
             total += s[t];
         }
+        float inverse = 1.0f / total;
         for (long i = 0; i < head_dim; i++) out[i] = 0;
-        for (long t = 0; t <= position; t++) {
+        for (t = 0; t + 4 <= position + 1; t += 4) {
+            const float *v0 = v + t * head_dim, *v1 = v0 + head_dim, *v2 = v1 + head_dim, *v3 = v2 + head_dim;
+            float p0 = s[t] * inverse, p1 = s[t + 1] * inverse, p2 = s[t + 2] * inverse, p3 = s[t + 3] * inverse;
+            #pragma omp simd
+            for (long i = 0; i < head_dim; i++) out[i] += p0 * v0[i] + p1 * v1[i] + p2 * v2[i] + p3 * v3[i];
+        }
+        for (; t <= position; t++) {
             const float *vt = v + t * head_dim;
-            float p = s[t] / total;
+            float p = s[t] * inverse;
             #pragma omp simd
             for (long i = 0; i < head_dim; i++) out[i] += p * vt[i];
         }
@@ -157,8 +186,7 @@ long mtnlg_decode_step(const float *const *weights, long layers, long hidden, lo
                   position);
         product(w[4], y, w[5], x, hidden, hidden, ADD);
         layer_norm(x, w[6], w[7], eps, normed, hidden);
-        product(w[8], normed, w[9], mlp, ffn, hidden, STORE);
-        gelu(mlp, ffn);
+        product(w[8], normed, w[9], mlp, ffn, hidden, STORE_GELU);
         product(w[10], mlp, w[11], x, hidden, ffn, ADD);
     }
     layer_norm(x, ln_f_weight, ln_f_bias, eps, normed, hidden);
