@@ -8,7 +8,7 @@ Everything runs in one process, alternating, with the same thread count:
   against transformers;
 - decode time per token (the median time between successive new tokens, so the prompt's cost is left out) at
   batch 1, against the limit: one matrix-vector product through every weight matrix per token, each timed the
-  fastest of four ways (MKL on either layout, oneDNN on its blocked one, mtnlg's own C product);
+  fastest of four ways (MKL on either layout, oneDNN on its blocked one, mtnlg's own C product on huge pages);
 - decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers.
 """
 
@@ -105,7 +105,8 @@ def matvec_limit(model):
     """A function timing one matrix-vector product through every weight matrix (the tied head once): the time a
     decoded token cannot beat when the weights stream from memory. Each weight is read in whichever way its
     product runs fastest here: MKL on the weight stored [out, in] or [in, out], oneDNN on the weight reordered into
-    its blocked layout for one row, or mtnlg's own C product (the one its decoding step runs). The choice comes
+    its blocked layout for one row, or mtnlg's own C product on the weights laid out as its decoding step reads them
+    (in one block of huge pages). The choice comes
     from timing every product inside whole passes over all the weights (alone, a few weights would sit in the
     cache), alternating the ways."""
     weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name != "wpe.weight"]
@@ -118,8 +119,8 @@ def matvec_limit(model):
         packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         return lambda: torch.ops.mkldnn._linear_pointwise(vectors[w.shape[1]], packed, None, "none", [], "")
 
-    def ours(w: torch.Tensor):
-        out, laid_out = torch.empty(w.shape[0]), native.as_product_takes_it(w)
+    def ours(w: torch.Tensor, laid_out: torch.Tensor):
+        out = torch.empty(w.shape[0])
         return lambda: library.mtnlg_matvec(laid_out.data_ptr(), vectors[w.shape[1]].data_ptr(), out.data_ptr(),
                                             *w.shape)
 
@@ -128,7 +129,8 @@ def matvec_limit(model):
         ways.append([onednn(w) for w in weights])
     library = native.load()
     if library is not None:
-        ways.append([ours(w) for w in weights])
+        blocked = native.in_one_block([native.as_product_takes_it(w) for w in weights])
+        ways.append([ours(w, laid_out) for w, laid_out in zip(weights, blocked)])
     with torch.inference_mode():
         trials = [[[timed(product) for product in way] for way in ways] for _ in range(6)]  # [trial][way][weight]
 

@@ -190,6 +190,36 @@ def test_native_build_is_cached_and_without_a_compiler_generation_uses_torch(tmp
         native.load.cache_clear()
 
 
+def test_native_weights_lie_in_one_huge_page_block_that_outlives_its_sources():
+    import gc
+    from pathlib import Path
+
+    from mtnlg_cli.model import native
+
+    sources = [torch.randn(300, 7), torch.randn(5), torch.randn(7, 9).t()]
+    expected = [t.clone() for t in sources]
+    copies = native.in_one_block(sources)
+    del sources
+    gc.collect()
+    assert all(torch.equal(c, e) and c.is_contiguous() for c, e in zip(copies, expected))
+    addresses = [c.data_ptr() for c in copies]
+    assert addresses[0] % (2 << 20) == 0 and all(a % 64 == 0 for a in addresses)
+    assert addresses == sorted(addresses) and addresses[-1] - addresses[0] < 2 << 20  # in order, one block
+    smaps = Path("/proc/self/smaps")
+    if smaps.exists():  # Linux: the mapping holding the block is advised for huge pages ("hg") and private (Linux
+        # gives shared anonymous memory no huge pages)
+        mapping = None
+        for line in smaps.read_text().splitlines():
+            if "-" in line.split(" ", 1)[0] and not line.startswith("VmFlags"):
+                low, high = (int(part, 16) for part in line.split(" ", 1)[0].split("-"))
+                mapping = low <= addresses[0] < high
+            elif line.startswith("VmFlags") and mapping:
+                assert "hg" in line.split() and "sh" not in line.split(), line
+                break
+        else:
+            raise AssertionError("the block is in no mapping of /proc/self/smaps")
+
+
 def test_stop_strings_stop_and_are_never_shown(generator):
     [free] = generator.generate([ENGLISH], greedy(max_new_tokens=40), stop_token_ids=())
     stop = free.text[10:13]
