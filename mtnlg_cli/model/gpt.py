@@ -101,10 +101,7 @@ class KVCache:
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far; the model advances it after the last layer
-
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[3]
+        self.max_length = max_length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the new keys and values of `layer` and returns all of them so far."""

@@ -163,15 +163,29 @@ static void attention(const float *qkv, float *keys, float *values, float *score
     }
 }
 
-/* weights: wte, wpe, ln_f.weight, ln_f.bias, the output head (wte again, as `product` takes it), then per layer
+/* What stays the same from one token to the next of a generation.
+ * weights: wte, wpe, ln_f.weight, ln_f.bias, the output head (wte again, as `product` takes it), then per layer
  * ln_1.weight, ln_1.bias, qkv.weight, qkv.bias, proj.weight, proj.bias, ln_2.weight, ln_2.bias, fc.weight, fc.bias,
  * mlp proj.weight, mlp proj.bias; each matrix as `product` takes it.
  * keys, values: [layers, heads, capacity, head_dim]. work: 6 * hidden + ffn + heads * capacity floats.
- * logits: vocab floats (the rows of wte). Returns the index of the first largest logit, as torch's argmax
- * (-1 if a logit is NaN or all are -inf): greedy decoding then needs no torch op per token. */
-long mtnlg_decode_step(const float *const *weights, long layers, long hidden, long heads, long ffn, long vocab,
-                       float eps, float *keys, float *values, long capacity, long token, long position,
-                       float *work, float *logits) {
+ * logits: vocab floats (the rows of wte). */
+struct mtnlg_step {
+    const float *const *weights;
+    long layers, hidden, heads, ffn, vocab;
+    float eps;
+    float *keys, *values;
+    long capacity;
+    float *work, *logits;
+};
+
+/* Feeds `token` at `position` and leaves the next logits in s->logits. Returns the index of the first largest
+ * logit, as torch's argmax (-1 if a logit is NaN or all are -inf): greedy decoding then needs no torch op per
+ * token. */
+long mtnlg_decode_step(const struct mtnlg_step *s, long token, long position) {
+    const float *const *weights = s->weights;
+    long layers = s->layers, hidden = s->hidden, heads = s->heads, ffn = s->ffn, vocab = s->vocab;
+    long capacity = s->capacity;
+    float eps = s->eps, *keys = s->keys, *values = s->values, *work = s->work, *logits = s->logits;
     const float *wte = weights[0], *wpe = weights[1], *ln_f_weight = weights[2], *ln_f_bias = weights[3];
     const float *head = weights[4];
     long head_dim = hidden / heads, layer_cache = heads * capacity * head_dim;
