@@ -9,7 +9,7 @@ Everything runs in one process, alternating, with the same thread count:
 - decode time per token (the median time between successive new tokens, so the prompt's cost is left out) at
   batch 1, against the limit: one matrix-vector product through every weight matrix per token, each timed the
   fastest of four ways (MKL on either layout, oneDNN on its blocked one, mtnlg's own C product on huge pages).
-  Each decode is timed right after a limit, four pairs a round: the machine's speed drifts by more than the gap
+  Each decode is timed right after a limit, twelve pairs a round: the machine's speed drifts by more than the gap
   between the two, so besides the ratio of medians the note gives the median of each decode over its own limit;
 - decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers.
 """
@@ -104,14 +104,14 @@ def gpt2_with_same_weights(model):
     return peer
 
 
-def matvec_limit(model):
+def matvec_limit(model, with_ours: bool = True):
     """A function timing one matrix-vector product through every weight matrix (the tied head once): the time a
     decoded token cannot beat when the weights stream from memory. Each weight is read in whichever way its
     product runs fastest here: MKL on the weight stored [out, in] or [in, out], oneDNN on the weight reordered into
     its blocked layout for one row, or mtnlg's own C product on the weights laid out as its decoding step reads them
-    (in one block of huge pages). The choice comes
-    from timing every product inside whole passes over all the weights (alone, a few weights would sit in the
-    cache), alternating the ways."""
+    (in one block of huge pages; left out with `with_ours=False`, which leaves torch's own products, the ones
+    transformers runs). The choice comes from timing every product inside whole passes over all the weights (alone,
+    a few weights would sit in the cache), alternating the ways."""
     weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name != "wpe.weight"]
     vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
@@ -135,7 +135,7 @@ def matvec_limit(model):
     if torch.backends.mkldnn.is_available():
         ways.append([onednn(w) for w in weights])
     library = native.load()
-    if library is not None:
+    if library is not None and with_ours:
         blocked = native.in_one_block([native.as_product_takes_it(w) for w in weights])
         ways.append([ours(w, laid_out) for w, laid_out in zip(weights, blocked)])
     with torch.inference_mode():
@@ -148,7 +148,7 @@ def matvec_limit(model):
 
     def one_token() -> float:  # steady state, as between two decoded tokens: the median of a few passes
         with torch.inference_mode():
-            return statistics.median(timed(lambda: [product() for product in fastest]) for _ in range(8))
+            return statistics.median(timed(lambda: [product() for product in fastest]) for _ in range(16))
     return one_token
 
 
@@ -186,7 +186,7 @@ def run(quick: bool = False) -> list[Result]:
         fn(ids, count, clock)
         return clock.median_interval()
 
-    limit = matvec_limit(model)
+    limit, torch_limit = matvec_limit(model), matvec_limit(model, with_ours=False)
     short, long_ = prompt(1, 64), prompt(1, 1000)
     batch8 = prompt(8, 64)
     figures: dict[str, list[float]] = {}
@@ -196,6 +196,7 @@ def run(quick: bool = False) -> list[Result]:
         "ours b8 tok/s": lambda: 8 * new_tokens / timed(lambda: ours(batch8, new_tokens)),
         "theirs b8 tok/s": lambda: 8 * new_tokens / timed(lambda: theirs(batch8, new_tokens)),
         "ours ms/token ctx64": lambda: 1e3 * per_token(ours, short),
+        "torch limit ms/token": lambda: 1e3 * torch_limit(),
         "theirs ms/token ctx64": lambda: 1e3 * per_token(theirs, short),
         "ours ms/token ctx1000": lambda: 1e3 * per_token(ours, long_, 16),  # 1000 + 17 positions of 1024
         "theirs ms/token ctx1000": lambda: 1e3 * per_token(theirs, long_, 16),
@@ -207,7 +208,7 @@ def run(quick: bool = False) -> list[Result]:
             print(f"round {round_} {name}: {value:.2f}", file=sys.stderr, flush=True)
             if round_:
                 figures.setdefault(name, []).append(value)
-        for _ in range(4):  # the machine's speed drifts between rounds: each decode against the limit just before it
+        for _ in range(12):  # the speed drifts by ±15% within seconds: each decode against the limit before it
             pair = limit(), per_token(ours, short)
             print(f"round {round_} limit / decode ms/token: {1e3 * pair[0]:.2f} / {1e3 * pair[1]:.2f}",
                   file=sys.stderr, flush=True)
@@ -216,6 +217,7 @@ def run(quick: bool = False) -> list[Result]:
 
     threads = f"{torch.get_num_threads()} thread(s); shared machine, noisy"
     at_limit, ours_decode = [1 / limit_s for limit_s, _ in pairs], [1 / decode_s for _, decode_s in pairs]
+    torch_limit_ms, decode_ms = (statistics.median(figures[k]) for k in ("torch limit ms/token", "ours ms/token ctx64"))
     paired = statistics.quantiles([limit_s / decode_s for limit_s, decode_s in pairs], n=4)
     return [
         Result("greedy generate tokens/s, batch 1 (64-token prompt)", "tokens/s", figures["ours b1 tok/s"],
@@ -224,16 +226,17 @@ def run(quick: bool = False) -> list[Result]:
                figures["theirs b8 tok/s"], "transformers generate()", goal=">= 1.5x transformers", notes=threads),
         Result("decode tokens/s at batch 1 vs one matvec per weight", "tokens/s", ours_decode, at_limit,
                "matrix-vector limit", goal=">= 0.95x the limit",
-               notes=f"each decode over its own limit (middle half): {paired[1]:.2f}x ({paired[0]:.2f}-{paired[2]:.2f}x); "
-               f"{len(pairs)} pairs timed back to back; median time between tokens; "
-               f"limit: each weight its fastest way (MKL either layout, oneDNN blocked, mtnlg C on huge pages); "
-               f"{threads}"),
+               notes=f"each decode over its own limit (middle half): {paired[1]:.2f}x "
+               f"({paired[0]:.2f}-{paired[2]:.2f}x); {len(pairs)} pairs timed back to back; median time between "
+               f"tokens; limit: each weight its fastest way (MKL either layout, oneDNN blocked, mtnlg C on huge "
+               f"pages); against torch's products alone (MKL, oneDNN), {1e3 / torch_limit_ms:.0f} tokens/s: "
+               f"{torch_limit_ms / decode_ms:.2f}x; {threads}"),
         Result("decode time per token, 64 tokens of context", "ms/token", figures["ours ms/token ctx64"],
                figures["theirs ms/token ctx64"], "transformers generate()", higher_is_better=False),
         Result("decode time per token, 1000 tokens of context", "ms/token", figures["ours ms/token ctx1000"],
                figures["theirs ms/token ctx1000"], "transformers generate()", higher_is_better=False,
                goal="flat as the context grows",
-               notes=f"mtnlg 1000/64: {statistics.median(figures['ours ms/token ctx1000']) / statistics.median(figures['ours ms/token ctx64']):.2f}x"),
+               notes=f"mtnlg 1000/64: {statistics.median(figures['ours ms/token ctx1000']) / decode_ms:.2f}x"),
     ]
 
 

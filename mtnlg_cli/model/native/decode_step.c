@@ -3,7 +3,8 @@
  * At batch 1 a token costs one pass over every weight; everything else is a few thousand numbers. From Python
  * each of those small ops costs 10-15 us, because streaming the weights evicts the caches between them; here
  * the whole step is one call and the small ops are plain loops that the compiler vectorizes. The arithmetic is
- * GPT.forward's: pre-norm blocks, fused qkv whose rows are [head, q|k|v, head_dim], softmax attention scaled by 1/sqrt(head_dim), GeLU (tanh approximation), output head tied to the embedding.
+ * GPT.forward's: pre-norm blocks, fused qkv whose rows are [head, q|k|v, head_dim], softmax attention scaled by
+ * 1/sqrt(head_dim), GeLU (tanh approximation), output head tied to the embedding.
  */
 #include <math.h>
 #include <omp.h>
