@@ -20,7 +20,7 @@ import functools
 import statistics
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -104,14 +104,14 @@ def gpt2_with_same_weights(model):
     return peer
 
 
-def matvec_limit(model, with_ours: bool = True):
-    """A function timing one matrix-vector product through every weight matrix (the tied head once): the time a
-    decoded token cannot beat when the weights stream from memory. Each weight is read in whichever way its
-    product runs fastest here: MKL on the weight stored [out, in] or [in, out], oneDNN on the weight reordered into
-    its blocked layout for one row, or mtnlg's own C product on the weights laid out as its decoding step reads them
-    (in one block of huge pages; left out with `with_ours=False`, which leaves torch's own products, the ones
-    transformers runs). The choice comes from timing every product inside whole passes over all the weights (alone,
-    a few weights would sit in the cache), alternating the ways."""
+def matvec_limit(model):
+    """Two functions timing one matrix-vector product through every weight matrix (the tied head once): the time a
+    decoded token cannot beat when the weights stream from memory. In the first, each weight is read in whichever
+    way its product runs fastest here: MKL on the weight stored [out, in] or [in, out], oneDNN on the weight
+    reordered into its blocked layout for one row, or mtnlg's own C product on the weights laid out as its decoding
+    step reads them (in one block of huge pages). The second leaves mtnlg's product out: torch's own products, the
+    ones transformers runs. The choice comes from timing every product inside whole passes over all the weights
+    (alone, a few weights would sit in the cache), alternating the ways."""
     weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name != "wpe.weight"]
     vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
@@ -134,8 +134,9 @@ def matvec_limit(model, with_ours: bool = True):
     ways = [[mkl(w) for w in weights], [mkl(w.t().contiguous().t()) for w in weights]]
     if torch.backends.mkldnn.is_available():
         ways.append([onednn(w) for w in weights])
+    torch_ways = len(ways)
     library = native.load()
-    if library is not None and with_ours:
+    if library is not None:
         blocked = native.in_one_block([native.as_product_takes_it(w) for w in weights])
         ways.append([ours(w, laid_out) for w, laid_out in zip(weights, blocked)])
     with torch.inference_mode():
@@ -144,12 +145,14 @@ def matvec_limit(model, with_ours: bool = True):
     def median_time(way: int, weight: int) -> float:
         return statistics.median(trial[way][weight] for trial in trials)
 
-    fastest = [ways[min(range(len(ways)), key=lambda way: median_time(way, i))][i] for i in range(len(weights))]
+    def one_token(candidates: int) -> Callable[[], float]:
+        fastest = [ways[min(range(candidates), key=lambda way: median_time(way, i))][i] for i in range(len(weights))]
 
-    def one_token() -> float:  # steady state, as between two decoded tokens: the median of a few passes
-        with torch.inference_mode():
-            return statistics.median(timed(lambda: [product() for product in fastest]) for _ in range(16))
-    return one_token
+        def timing() -> float:  # steady state, as between two decoded tokens: the median of a few passes
+            with torch.inference_mode():
+                return statistics.median(timed(lambda: [product() for product in fastest]) for _ in range(16))
+        return timing
+    return one_token(len(ways)), one_token(torch_ways)
 
 
 def run(quick: bool = False) -> list[Result]:
@@ -186,7 +189,7 @@ def run(quick: bool = False) -> list[Result]:
         fn(ids, count, clock)
         return clock.median_interval()
 
-    limit, torch_limit = matvec_limit(model), matvec_limit(model, with_ours=False)
+    limit, torch_limit = matvec_limit(model)
     short, long_ = prompt(1, 64), prompt(1, 1000)
     batch8 = prompt(8, 64)
     figures: dict[str, list[float]] = {}
