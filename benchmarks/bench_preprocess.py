@@ -26,7 +26,7 @@ from pathlib import Path
 from benchmarks.common import Result, alternate
 
 REPO = Path(__file__).resolve().parents[1]
-ENGLISH = REPO.parent / "shared" / "data" / "en_austen_pride_sense.txt"
+ENGLISH = REPO / "tests" / "data" / "en_austen_pride_sense.txt"
 SAMPLE = REPO / "mtnlg_cli" / "templates" / "sample"
 WORKERS = 2
 

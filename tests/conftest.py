@@ -1,4 +1,4 @@
-"""Shared fixtures: the shared real-text corpora and fresh workspaces."""
+"""Shared fixtures: the real-text corpora in tests/data and fresh workspaces."""
 
 from __future__ import annotations
 
@@ -25,14 +25,13 @@ def native_build_cache(tmp_path_factory):
 
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+TEXT_DATA = REPO / "tests" / "data"
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The real English and Chinese text beside the checkout (../shared/data)."""
-    assert (SHARED_DATA / "en_austen_pride_sense.txt").is_file(), f"missing {SHARED_DATA}"
-    return SHARED_DATA
+    """The real English and Chinese text kept in the repository (tests/data, with its NOTICE.md)."""
+    return TEXT_DATA
 
 
 @pytest.fixture
