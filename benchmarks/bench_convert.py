@@ -28,7 +28,7 @@ def run(quick: bool = False) -> list[Result]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
 
-    from mtnlg_cli.model.convert import Weights, export_weights, read_weights
+    from mtnlg_cli.convert import Weights, export_weights, read_weights
     from mtnlg_cli.model.gpt import GPT, GPTConfig
     from mtnlg_cli.workspace import template_config
 

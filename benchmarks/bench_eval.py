@@ -41,7 +41,7 @@ def transformers_nll(peer, tokens: list[int], prefix: int) -> float:
 
 
 def run(quick: bool = False) -> list[Result]:
-    from mtnlg_cli.model.evaluation import document_logprobs
+    from mtnlg_cli.evaluation.scoring import document_logprobs
     from mtnlg_cli.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)

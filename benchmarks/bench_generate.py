@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.common import Result, timed
-from mtnlg_cli.model import native
+from mtnlg_cli.inference import native
 
 SHAPE = dict(vocab_size=8192, max_position_embeddings=1024, num_layers=6, hidden_size=512, num_heads=8,
              ffn_hidden_size=2048)
@@ -156,7 +156,7 @@ def matvec_limit(model):
 
 
 def run(quick: bool = False) -> list[Result]:
-    from mtnlg_cli.model.generation import Generator, SamplingSettings
+    from mtnlg_cli.inference.engine import Generator, SamplingSettings
     from mtnlg_cli.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)

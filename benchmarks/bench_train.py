@@ -23,7 +23,7 @@ LAYERS, HIDDEN, HEADS, SEQ, VOCAB, BATCH = 6, 512, 8, 256, 8192, 8
 def mtnlg_trainer_step():
     from mtnlg_cli.config import load_config
     from mtnlg_cli.model.gpt import GPTConfig
-    from mtnlg_cli.model.parallel import make_runtime
+    from mtnlg_cli.training.runtime import make_runtime
 
     config = load_config({
         "model": {"num_layers": LAYERS, "hidden_size": HIDDEN, "num_heads": HEADS, "seq_length": SEQ,
@@ -64,7 +64,7 @@ def transformers_step():
 
 
 def run(quick: bool = False) -> list[Result]:
-    from mtnlg_cli.model.metrics import measure_matmul_rate, model_matmul_shapes, training_flops_per_token
+    from mtnlg_cli.training.metrics import measure_matmul_rate, model_matmul_shapes, training_flops_per_token
 
     ours, gpt_config = mtnlg_trainer_step()
     theirs = transformers_step()

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not torch.cuda.is_available():
         sys.exit("gpu_train_350m needs a CUDA GPU")
     from mtnlg_cli.model.gpt import GPTConfig
-    from mtnlg_cli.model.metrics import measure_matmul_rate, model_matmul_shapes, training_flops_per_token
-    from mtnlg_cli.model.parallel import make_runtime
+    from mtnlg_cli.training.metrics import measure_matmul_rate, model_matmul_shapes, training_flops_per_token
+    from mtnlg_cli.training.runtime import make_runtime
     from mtnlg_cli.workspace import template_config
 
     config = template_config("gpt-350m", [

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from mtnlg_cli.config import Config
-from mtnlg_cli.data.atomic import write_bytes_atomically
+from mtnlg_cli.atomic import write_bytes_atomically
 from mtnlg_cli.errors import ConfigError, MtnlgError
 from mtnlg_cli.workspace import CONFIG_NAME, DEFAULT_TEMPLATE, Workspace, find_workspace, init_workspace
 
@@ -151,7 +151,7 @@ class MegatronLM:
         (final step, losses, validation loss, checkpoint path).
         """
         from mtnlg_cli.data.preprocess import preprocess
-        from mtnlg_cli.model.trainer import train
+        from mtnlg_cli.training.trainer import train
 
         if data is not None:  # kept for later calls, so train(train_iters=...) goes on with the same data
             self._data_override = [f"data.sources={json.dumps([self._data_source(data)])}"]
@@ -183,7 +183,7 @@ class MegatronLM:
 
     def _inference(self):
         """(model, tokenizer, checkpoint) of the latest checkpoint, loaded once until the next train()."""
-        from mtnlg_cli.model.checkpoint import load_for_inference
+        from mtnlg_cli.checkpoint import load_for_inference
 
         if self._loaded is None:
             device = self._device
@@ -195,13 +195,13 @@ class MegatronLM:
         return self._loaded
 
     def _generator(self):
-        from mtnlg_cli.model.generation import Generator
+        from mtnlg_cli.inference.engine import Generator
 
         model, tokenizer, _ = self._inference()
         return Generator(model, tokenizer)
 
     def _sampling(self, **settings: Any):
-        from mtnlg_cli.model.generation import SamplingSettings
+        from mtnlg_cli.inference.engine import SamplingSettings
 
         known = {f.name for f in dataclasses.fields(SamplingSettings)}
         for name in settings:
@@ -237,7 +237,7 @@ class MegatronLM:
         """Perplexity of `text` (or of a list of documents), scored as `mtnlg eval --data` scores a file: each
         document on its own after the end-of-document token, with windows of `context` tokens (default: the
         training sequence length) sliding by half a window."""
-        from mtnlg_cli.model.evaluation import Document, evaluate_perplexity
+        from mtnlg_cli.evaluation.scoring import Document, evaluate_perplexity
 
         model, tokenizer, checkpoint = self._inference()
         texts = [text] if isinstance(text, str) else list(text)
@@ -251,7 +251,7 @@ class MegatronLM:
     def chat(self, message: Optional[str] = None, system_prompt: Optional[str] = None, **settings: Any):
         """With a `message`: the assistant's reply, keeping the conversation on this object for the next call.
         Without: an interactive chat on the terminal, as `mtnlg chat` (/help lists its commands)."""
-        from mtnlg_cli.chat import ChatSession, run_repl
+        from mtnlg_cli.inference.chat import ChatSession, run_repl
 
         session = self._chat_session
         if session is None or settings or system_prompt is not None:
@@ -269,7 +269,7 @@ class MegatronLM:
     def save(self, directory: os.PathLike | str, overwrite: bool = False) -> Path:
         """Writes a workspace that `from_pretrained(directory)` (or any mtnlg command) opens: the config with this
         object's options, the tokenizer and the latest checkpoint. Returns its path."""
-        from mtnlg_cli.model.checkpoint import LATEST, resolve_checkpoint
+        from mtnlg_cli.checkpoint import LATEST, resolve_checkpoint
 
         checkpoint = resolve_checkpoint(self.workspace.checkpoints_dir)
         target = Path(directory).expanduser().absolute()

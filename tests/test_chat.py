@@ -16,14 +16,14 @@ from test_generation import CONTEXT, generator, ws  # noqa: F401  (the fixtures:
 
 def session(generator, ws, **options):
     """What `mtnlg chat` builds from the workspace config and its options."""
-    from mtnlg_cli.chat import ChatSession
-    from mtnlg_cli.model.generation import SamplingSettings
+    from mtnlg_cli.inference.chat import ChatSession
+    from mtnlg_cli.inference.engine import SamplingSettings
 
     return ChatSession(generator, SamplingSettings.from_config(ws.load_config().generate, **options))
 
 
 def test_template_puts_role_tokens_around_each_turn(generator):
-    from mtnlg_cli.chat import render_chat
+    from mtnlg_cli.inference.chat import render_chat
 
     tokenizer = generator.tokenizer
     roles, newline = tokenizer.role_ids, tokenizer.token_id("\n")
@@ -33,7 +33,7 @@ def test_template_puts_role_tokens_around_each_turn(generator):
 
 
 def test_history_drops_the_oldest_exchanges_when_it_outgrows_the_context(generator, ws):
-    from mtnlg_cli.chat import render_chat
+    from mtnlg_cli.inference.chat import render_chat
 
     chat = session(generator, ws, temperature=0.0, max_new_tokens=16)
     dropped = [chat.send(f"message number {i}").dropped_turns for i in range(4)]

@@ -8,7 +8,7 @@ import torch
 
 from mtnlg_cli.config import load_config
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from mtnlg_cli.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from mtnlg_cli.model.gpt import GPTConfig
 
 
@@ -61,7 +61,7 @@ def test_truncated_and_foreign_files_are_one_line_errors(tmp_path):
 
 
 def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
-    from mtnlg_cli.model.parallel import ParallelRuntime, make_runtime
+    from mtnlg_cli.training.runtime import ParallelRuntime, make_runtime
 
     config = load_config({"model": {"num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 100,
                                     "seq_length": 8, "max_position_embeddings": 8},

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from conftest import run_cli
 from mtnlg_cli.cli import app
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
+from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from mtnlg_cli.model.gpt import GPT, GPTConfig
 from mtnlg_cli.workspace import init_workspace
 
@@ -140,8 +140,8 @@ def test_hf_round_trip_is_bit_identical_and_fills_a_fresh_workspace(source, tmp_
 
 
 def test_megatron_tensor_parallel_export_has_the_legacy_layout_and_round_trips(source, tmp_path):
-    from mtnlg_cli.model.convert.common import load_torch_file
-    from mtnlg_cli.model.convert.megatron import SAFE_GLOBALS
+    from mtnlg_cli.convert.common import load_torch_file
+    from mtnlg_cli.convert.megatron import SAFE_GLOBALS
 
     ws, model, _, _ = source
     out = tmp_path / "megatron"
@@ -198,8 +198,8 @@ def test_import_of_a_transformers_gpt2_release_layout_gives_its_logits(tmp_path)
 
 
 def test_megatron_pipeline_stages_number_their_layers_from_zero_and_round_trip(source, tmp_path):
-    from mtnlg_cli.model.convert.common import load_torch_file
-    from mtnlg_cli.model.convert.megatron import SAFE_GLOBALS
+    from mtnlg_cli.convert.common import load_torch_file
+    from mtnlg_cli.convert.megatron import SAFE_GLOBALS
 
     ws, model, _, _ = source
     out = tmp_path / "megatron"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model import evaluation as ev
+from mtnlg_cli.evaluation import scoring as ev
 
 CONTEXT = 32
 STEPS = 150
@@ -23,7 +23,7 @@ STEPS = 150
 def trained(tmp_path_factory):
     """A workspace with a tokenizer and a checkpoint of a tiny GPT trained for a moment on its sample text."""
     from mtnlg_cli.data.tokenizer import train_tokenizer
-    from mtnlg_cli.model.checkpoint import save_checkpoint
+    from mtnlg_cli.checkpoint import save_checkpoint
     from mtnlg_cli.model.gpt import GPT, GPTConfig
     from mtnlg_cli.workspace import init_workspace
 
@@ -192,7 +192,7 @@ def test_lm_eval_harness_runs_local_tasks_on_the_checkpoint_and_agrees_with_mtnl
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from mtnlg_cli.lm_eval_adapter import MtnlgLM
+    from mtnlg_cli.evaluation.lm_eval_adapter import MtnlgLM
 
     workspace, model, tokenizer, text = trained
     contexts = ["It is a truth universally", "Mr. Bennet replied that", "She was", "My dear"]

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, copy_workspace
-from mtnlg_cli.model.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model
+from mtnlg_cli.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, load_model
 from mtnlg_cli.workspace import Workspace, init_workspace
 
 TRAIN_ITERS = 100
@@ -43,7 +43,7 @@ ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "PYTHONPATH": str
 FAULTY_MTNLG = r"""
 import os, signal, sys, types
 fault, nth = sys.argv[1], int(sys.argv[2])
-import mtnlg_cli.model.checkpoint as ck
+import mtnlg_cli.checkpoint as ck
 import safetensors.torch
 
 def die():
@@ -104,7 +104,7 @@ def train_here(ws: Workspace, *overrides: str):
     """Trains in this process with one thread, as the subprocesses do (so that losses match bit for bit)."""
     from rich.console import Console
 
-    from mtnlg_cli.model.trainer import train
+    from mtnlg_cli.training.trainer import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -86,7 +86,7 @@ def trained(tmp_path_factory) -> Workspace:
     """A tiny workspace with its tokenizer, dataset and a checkpoint of step 2, made once."""
     from rich.console import Console
 
-    from mtnlg_cli.model.trainer import train
+    from mtnlg_cli.training.trainer import train
 
     workspace = init_workspace(tmp_path_factory.mktemp("fuzz") / "ws", overrides=TINY)
     train(workspace, workspace.load_config(), console=Console(quiet=True))
@@ -298,7 +298,7 @@ def damaged_states(draw, original: bytes) -> bytes:
 @settings(FUZZ, max_examples=150)
 @given(data=st.data())
 def test_damaged_checkpoint_files_load_or_are_refused(trained, data):
-    from mtnlg_cli.model.checkpoint import latest_checkpoint, load_for_inference
+    from mtnlg_cli.checkpoint import latest_checkpoint, load_for_inference
 
     folder = latest_checkpoint(trained.checkpoints_dir)
     name = data.draw(st.sampled_from(["model.safetensors", "state.json", "tokenizer"]))
@@ -321,8 +321,8 @@ def test_damaged_checkpoint_files_load_or_are_refused(trained, data):
 def test_training_resumes_from_a_damaged_state_json_or_refuses(ws, data):
     from rich.console import Console
 
-    from mtnlg_cli.model.checkpoint import latest_checkpoint
-    from mtnlg_cli.model.trainer import train
+    from mtnlg_cli.checkpoint import latest_checkpoint
+    from mtnlg_cli.training.trainer import train
 
     path = latest_checkpoint(ws.checkpoints_dir) / "state.json"
     with replaced(path, data.draw(damaged_states(path.read_bytes()))):
@@ -356,7 +356,7 @@ COMMANDS = {"generate": ["generate", "It is a truth"], "eval": ["eval", "--split
 
 
 def damageable_path(ws: Workspace, name: str) -> Path:
-    from mtnlg_cli.model.checkpoint import latest_checkpoint
+    from mtnlg_cli.checkpoint import latest_checkpoint
 
     if name == "tokenizer.model":
         return ws.tokenizer_dir / name

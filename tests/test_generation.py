@@ -25,7 +25,7 @@ def make_trained_workspace(root: Path):
     control every stop, and a chat reply runs until it is interrupted.
     """
     from mtnlg_cli.data.tokenizer import train_tokenizer
-    from mtnlg_cli.model.checkpoint import save_checkpoint
+    from mtnlg_cli.checkpoint import save_checkpoint
     from mtnlg_cli.model.gpt import GPT, GPTConfig
     from mtnlg_cli.workspace import init_workspace
 
@@ -58,15 +58,15 @@ def ws(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generator(ws):
-    from mtnlg_cli.model.checkpoint import load_for_inference
-    from mtnlg_cli.model.generation import Generator
+    from mtnlg_cli.checkpoint import load_for_inference
+    from mtnlg_cli.inference.engine import Generator
 
     model, tokenizer, _ = load_for_inference(ws)
     return Generator(model, tokenizer)
 
 
 def greedy(**changes):
-    from mtnlg_cli.model.generation import SamplingSettings
+    from mtnlg_cli.inference.engine import SamplingSettings
 
     return SamplingSettings(temperature=0.0, **changes)
 
@@ -101,7 +101,7 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(generator):
 
 
 def test_decoding_copy_computes_what_the_model_computes_and_leaves_it_alone(generator):
-    from mtnlg_cli.model.generation import cpu_decoding_copy
+    from mtnlg_cli.inference.engine import cpu_decoding_copy
 
     model = generator.model
     before = {name: (p.stride(), p.clone()) for name, p in model.named_parameters()}
@@ -121,7 +121,7 @@ def test_native_step_computes_what_the_model_computes(ffn_hidden_size, atol):
     """The C step token by token against the whole sequence through the model, on shapes at its edges (rows not a
     multiple of four or sixteen, tall and wide matrices, three heads) and with large weights, so that GeLU and
     softmax see large inputs."""
-    from mtnlg_cli.model import native
+    from mtnlg_cli.inference import native
     from mtnlg_cli.model.gpt import GPT, GPTConfig, KVCache
 
     library = native.load()
@@ -147,7 +147,7 @@ def test_native_step_computes_what_the_model_computes(ffn_hidden_size, atol):
 
 
 def test_generation_with_and_without_the_native_step_gives_the_same_tokens(generator, monkeypatch):
-    from mtnlg_cli.model import native
+    from mtnlg_cli.inference import native
 
     calls = []
     step = native.NativeStep.__call__
@@ -160,7 +160,7 @@ def test_generation_with_and_without_the_native_step_gives_the_same_tokens(gener
 
 
 def test_greedy_takes_a_given_argmax_only_where_it_may_be_picked(generator):
-    from mtnlg_cli.model.generation import Sampler
+    from mtnlg_cli.inference.engine import Sampler
 
     tokenizer = generator.tokenizer
     sampler = Sampler(greedy(), tokenizer, [[5]], torch.device("cpu"))
@@ -176,7 +176,7 @@ def test_greedy_takes_a_given_argmax_only_where_it_may_be_picked(generator):
 
 
 def test_native_build_is_cached_and_without_a_compiler_generation_uses_torch(tmp_path, monkeypatch):
-    from mtnlg_cli.model import native
+    from mtnlg_cli.inference import native
 
     monkeypatch.setenv("MTNLG_CACHE_DIR", str(tmp_path))
     native.load.cache_clear()
@@ -197,7 +197,7 @@ def test_native_weights_lie_in_one_huge_page_block_that_outlives_its_sources():
     import gc
     from pathlib import Path
 
-    from mtnlg_cli.model import native
+    from mtnlg_cli.inference import native
 
     sources = [torch.randn(300, 7), torch.randn(5), torch.randn(7, 9).t()]
     expected = [t.clone() for t in sources]
@@ -255,7 +255,7 @@ def test_streamed_pieces_add_up_to_the_text_that_decoding_gives(generator):
 
 
 def test_same_seed_same_sample_and_sampling_options_behave(generator):
-    from mtnlg_cli.model.generation import SamplingSettings
+    from mtnlg_cli.inference.engine import SamplingSettings
 
     def sample(**options):
         settings = SamplingSettings(max_new_tokens=20, temperature=1.0, **options)
@@ -279,7 +279,7 @@ def test_repetition_penalty_avoids_tokens_already_present(generator):
 
 
 def test_long_prompt_keeps_its_last_tokens_and_generation_slides_past_the_window(generator):
-    from mtnlg_cli.model.generation import GenerationWarning
+    from mtnlg_cli.inference.engine import GenerationWarning
 
     ids = generator.encode(ENGLISH * 8)
     assert len(ids) > CONTEXT
@@ -296,7 +296,7 @@ def test_long_prompt_keeps_its_last_tokens_and_generation_slides_past_the_window
 
 
 def test_invalid_sampling_values_are_refused(generator):
-    from mtnlg_cli.model.generation import SamplingSettings
+    from mtnlg_cli.inference.engine import SamplingSettings
 
     for bad, message in (({"top_p": 0.0}, "top_p=0.0 must be in"), ({"top_p": 1.5}, "top_p"),
                          ({"temperature": -1.0}, "temperature=-1.0 must be non-negative"),

@@ -47,7 +47,7 @@ def train_steps(overrides: list[str]):
     """(layout, losses, gradient norms, full weights, full optimizer state) after STEPS steps under the layout."""
     import torch
 
-    import mtnlg_cli.model.parallel as parallel
+    import mtnlg_cli.training.runtime as parallel
     from mtnlg_cli.config import load_config
     from mtnlg_cli.model.gpt import GPTConfig
 

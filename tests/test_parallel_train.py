@@ -14,7 +14,7 @@ import pytest
 from conftest import run_cli
 from mtnlg_cli.config import load_config
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.layout import resolve_layout
+from mtnlg_cli.training.layout import resolve_layout
 from mtnlg_cli.workspace import Workspace, init_workspace
 
 CORPUS = ["data.sources.0.path=data/raw/en_austen_pride.txt", "model.vocab_size=1024"]
@@ -52,8 +52,8 @@ def test_tensor_parallel_run_resumes_fully_sharded_then_in_one_process(prepared,
     import torch
     from rich.console import Console
 
-    from mtnlg_cli.model.checkpoint import latest_checkpoint, load_checkpoint, load_model
-    from mtnlg_cli.model.trainer import train
+    from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint, load_model
+    from mtnlg_cli.training.trainer import train
 
     reference_ws = Workspace(shutil.copytree(prepared.root, tmp_path / "reference", symlinks=True))
     reference = train(reference_ws, reference_ws.load_config([*TINY, "train.train_iters=6"]),

@@ -9,7 +9,7 @@ import pytest
 
 from mtnlg_cli.config import Config, ModelConfig
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model import planner
+from mtnlg_cli.planning import planner
 from mtnlg_cli.model.sizing import parameter_count
 from mtnlg_cli.workspace import template_config
 from conftest import run_cli

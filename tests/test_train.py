@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from conftest import REPO, copy_workspace, run_cli
 from mtnlg_cli.config import TrainConfig
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.checkpoint import latest_checkpoint, load_checkpoint
-from mtnlg_cli.model.lock import TrainLock
-from mtnlg_cli.model.optim import learning_rate, param_groups
-from mtnlg_cli.model.trainer import train
+from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint
+from mtnlg_cli.lock import TrainLock
+from mtnlg_cli.training.optim import learning_rate, param_groups
+from mtnlg_cli.training.trainer import train
 from mtnlg_cli.workspace import Workspace, init_workspace
 
 # English only with a 1,024-piece vocabulary: the smallest corpus and output head that still learn visibly
@@ -82,7 +82,7 @@ def test_weight_decay_applies_to_matrices_only():
 
 def test_each_step_reads_the_next_global_batch_of_samples():
     from mtnlg_cli.config import load_config
-    from mtnlg_cli.model.parallel import make_runtime
+    from mtnlg_cli.training.runtime import make_runtime
 
     runtime = make_runtime(load_config({"train": {"micro_batch_size": 4, "global_batch_size": 8}}))
     assert list(runtime.local_sample_indices(16)) == list(range(16, 24))  # one process reads the whole batch
@@ -155,7 +155,7 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(ws):
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(ws, monkeypatch):
-    from mtnlg_cli.model import trainer
+    from mtnlg_cli.training import trainer
 
     def diverging_runtime(config):  # the first step trains, then every loss is NaN
         runtime = make_runtime(config)
@@ -213,7 +213,7 @@ def test_cli_ctrl_c_saves_at_a_step_boundary_and_train_resumes(ws):
 
 
 def test_a_signal_asks_for_a_stop_and_a_second_ctrl_c_aborts_at_once():
-    from mtnlg_cli.model.trainer import GracefulStop
+    from mtnlg_cli.training.trainer import GracefulStop
 
     with GracefulStop(quiet()) as stop:
         os.kill(os.getpid(), signal.SIGTERM)

@@ -29,7 +29,7 @@ def chat_command(
 
     With piped standard input each line is one message and only the replies are printed.
     """
-    from mtnlg_cli.chat import ChatSession, run_repl
+    from mtnlg_cli.inference.chat import ChatSession, run_repl
 
     ws, config = open_workspace(workspace, overrides)
     settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,

@@ -70,8 +70,8 @@ def convert_command(
 def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_path: Optional[Path], dtype: str,
             max_shard_size: Optional[str], tensor_parallel: int, pipeline_parallel: int, force: bool) -> None:
     from mtnlg_cli.data.tokenizer import Tokenizer
-    from mtnlg_cli.model.checkpoint import check_tokenizer, resolve_checkpoint
-    from mtnlg_cli.model.convert import export_weights, weights_from_checkpoint
+    from mtnlg_cli.checkpoint import check_tokenizer, resolve_checkpoint
+    from mtnlg_cli.convert import export_weights, weights_from_checkpoint
 
     with console.status(f"Reading the checkpoint for a {to} export..."):
         checkpoint = resolve_checkpoint(ws.checkpoints_dir, checkpoint_path)
@@ -91,7 +91,7 @@ def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_pat
 
 
 def _import(console: Console, ws, source: Path, source_format: str, step: Optional[int]) -> None:
-    from mtnlg_cli.model.convert import import_weights, read_weights
+    from mtnlg_cli.convert import import_weights, read_weights
 
     with console.status(f"Reading {source}..."):
         weights = read_weights(source, source_format)

@@ -87,8 +87,8 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     import torch
     from rich.console import Console
 
-    from mtnlg_cli.model import evaluation as ev
-    from mtnlg_cli.model.checkpoint import load_for_inference
+    from mtnlg_cli.evaluation import scoring as ev
+    from mtnlg_cli.checkpoint import load_for_inference
 
     ws, config = open_workspace(workspace, overrides)
     rank, process_device = _start_processes()
@@ -184,7 +184,7 @@ def _progress(console):
 
 def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank) -> list[tuple[str, list]]:
     """(name, documents) of each --data file, or else of each workspace split."""
-    from mtnlg_cli.model import evaluation as ev
+    from mtnlg_cli.evaluation import scoring as ev
 
     if data:
         if splits:
@@ -216,7 +216,7 @@ def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank) -> 
 
 
 def _cloze_sources(data, build_from, min_words) -> list[tuple[str, list]]:
-    from mtnlg_cli.model import evaluation as ev
+    from mtnlg_cli.evaluation import scoring as ev
 
     sources = [(str(path), ev.read_cloze_items(path)) for path in data or []]
     if build_from is not None:
@@ -248,7 +248,7 @@ def _show(value) -> str:
 
 
 def _write_json(path: Path, results: dict) -> None:
-    from mtnlg_cli.data.atomic import write_bytes_atomically
+    from mtnlg_cli.atomic import write_bytes_atomically
 
     write_bytes_atomically(Path(path), (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
@@ -262,7 +262,7 @@ def _run_metrics_path(ws, run: str) -> Path:
 
 
 def _append_to_run(path: Path, step: int, task: Task, rows: list[tuple[str, dict]]) -> None:
-    from mtnlg_cli.model.metrics import MetricsLog
+    from mtnlg_cli.training.metrics import MetricsLog
 
     log = MetricsLog(path)
     try:

@@ -40,14 +40,14 @@ StopOption = Annotated[Optional[list[str]], typer.Option(
 
 def sampling_settings(config, **options):
     """The config's `generate` section with the command-line options that were given on top."""
-    from mtnlg_cli.model.generation import SamplingSettings
+    from mtnlg_cli.inference.engine import SamplingSettings
 
     return SamplingSettings.from_config(config.generate, **options)
 
 
 def load_generator(workspace, checkpoint: Optional[Path]):
-    from mtnlg_cli.model.checkpoint import load_for_inference
-    from mtnlg_cli.model.generation import Generator
+    from mtnlg_cli.checkpoint import load_for_inference
+    from mtnlg_cli.inference.engine import Generator
 
     model, tokenizer, _ = load_for_inference(workspace, checkpoint)
     return Generator(model, tokenizer)
@@ -183,7 +183,7 @@ def _prompt_style(config, name: Optional[str]) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from mtnlg_cli.data.atomic import write_bytes_atomically
+    from mtnlg_cli.atomic import write_bytes_atomically
 
     try:
         write_bytes_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())

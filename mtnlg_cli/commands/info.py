@@ -53,7 +53,7 @@ def workspace_summary(workspace: Workspace, config: Config) -> dict[str, Any]:
 
 
 def model_summary(config: Config) -> dict[str, Any]:
-    from mtnlg_cli.model.planner import training_flops
+    from mtnlg_cli.planning.planner import training_flops
     from mtnlg_cli.model.sizing import parameter_count
 
     m = config.model
@@ -112,7 +112,7 @@ def dataset_summaries(workspace: Workspace, config: Config) -> list[dict[str, An
 
 def checkpoint_summaries(workspace: Workspace) -> list[dict[str, Any]]:
     """Complete checkpoints (step_*/ with state.json), oldest first, with step, loss and size on disk."""
-    from mtnlg_cli.model.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
+    from mtnlg_cli.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
 
     root = workspace.checkpoints_dir
     latest = latest_checkpoint(root)

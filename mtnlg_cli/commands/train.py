@@ -44,7 +44,7 @@ def train_command(
     if num_processes > 1 or num_machines > 1:
         if rank is not None:
             raise MtnlgError("--num-processes starts a run; this process is already one of a launched run")
-        from mtnlg_cli.model.layout import resolve_layout
+        from mtnlg_cli.training.layout import resolve_layout
 
         resolve_layout(config, num_processes)  # a layout that does not fit fails before any process starts
         args = ["train", "--workspace", str(found.root), *[f"--set={o}" for o in overrides or []],
@@ -62,7 +62,7 @@ def _train(found, config, resume: Optional[Path], from_scratch: bool, show: bool
     """Trains; returns the exit code (that of the signal when a signal stopped the run)."""
     from rich.console import Console
 
-    from mtnlg_cli.model.trainer import train
+    from mtnlg_cli.training.trainer import train
 
     console = Console(quiet=not show)  # only rank 0 of a launched run prints
     result = train(found, config, resume=resume, from_scratch=from_scratch, console=console)

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mtnlg_cli.data.atomic import temp_beside
+from mtnlg_cli.atomic import temp_beside
 from mtnlg_cli.errors import MtnlgError
 
 MAGIC = b"MMIDIDX\x00\x00"

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeR
 from rich.text import Text
 
 from mtnlg_cli.config import Config, DataSource
-from mtnlg_cli.data.atomic import remove_stale_temporaries, write_bytes_atomically
+from mtnlg_cli.atomic import remove_stale_temporaries, write_bytes_atomically
 from mtnlg_cli.data.corpus import (Chunk, DocumentSpec, chunk_documents, expand_paths, file_format, read_chunks,
                                    training_sentences)
 from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter, token_dtype

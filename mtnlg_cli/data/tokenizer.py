@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from mtnlg_cli.data.atomic import write_bytes_atomically
+from mtnlg_cli.atomic import write_bytes_atomically
 from mtnlg_cli.errors import MtnlgError
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"

@@ -1,4 +1,4 @@
-"""The model core: the GPT model, parallel plans, trainer, generation and checkpoints.
+"""The model: its architecture description and the GPT module built from it.
 
-Nothing here imports the CLI or the commands.
+Nothing here imports the CLI, the commands or the rest of the core.
 """

@@ -3,7 +3,7 @@
 Everything reduces to one operation, `score_spans`: the summed log-probability of the last tokens of a token
 sequence given the tokens before them, and whether each of those tokens is the model's greedy choice. The tasks
 are measured the way EleutherAI's lm-evaluation-harness measures them, so numbers agree with the harness (and
-with `mtnlg_cli.lm_eval_adapter`):
+with `mtnlg_cli.evaluation.lm_eval_adapter`):
 
 - Perplexity: each document is scored on its own, after an end-of-document token (the context every document
   has in training), with windows of `context` tokens that start every `stride` tokens; each window scores only

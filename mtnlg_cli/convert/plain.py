@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
+from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                             dtype_name, read_json, read_safetensors,
                                             write_json, write_safetensors)
 from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mtnlg_cli.model.gpt import GPT
-from mtnlg_cli.model.layout import Layout
+from mtnlg_cli.training.layout import Layout
 
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)  # a dead rank ends the others with an error instead of a hang
 

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from mtnlg_cli.data.atomic import write_bytes_atomically
+from mtnlg_cli.atomic import write_bytes_atomically
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.generation import Generator, SamplingSettings
+from mtnlg_cli.inference.engine import Generator, SamplingSettings
 
 ROLES = ("system", "user", "assistant")
 

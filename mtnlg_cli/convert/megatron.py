@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
+from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                             folder_summary, load_torch_file, qkv_blocks_to_heads)
 from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
 

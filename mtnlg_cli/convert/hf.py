@@ -19,11 +19,11 @@ from typing import Iterator, Optional
 import torch
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
+from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                             has_safetensors, load_torch_file, qkv_blocks_to_heads,
                                             qkv_heads_to_blocks, read_json, read_safetensors, write_json,
                                             write_safetensors)
-from mtnlg_cli.model.convert.hf_tokenizer import tokenizer_json
+from mtnlg_cli.convert.hf_tokenizer import tokenizer_json
 from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
 
 ARCHITECTURE = "GPT2LMHeadModel"

@@ -2,7 +2,7 @@
 
 One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks and the Python API.
 
-    from mtnlg_cli.model.generation import Generator, SamplingSettings
+    from mtnlg_cli.inference.engine import Generator, SamplingSettings
 
     generator = Generator(model, tokenizer)              # a GPT (eval mode) and the mtnlg Tokenizer it was trained with
     settings = SamplingSettings(max_new_tokens=50, temperature=0.0)   # or SamplingSettings.from_config(cfg.generate)
@@ -26,7 +26,7 @@ One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks an
   the window slides: the cache is rebuilt from the last half window of tokens and decoding goes on.
 - On CPU the generator runs prompts and batches through a copy of the model whose weights are laid out for small
   batches (see `cpu_decoding_copy`), rebuilt when the model's weights change; a single row of an fp32 model
-  decodes in one C call per token where a C compiler can build it (see `mtnlg_cli.model.native`).
+  decodes in one C call per token where a C compiler can build it (see `mtnlg_cli.inference.native`).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model import native
+from mtnlg_cli.inference import native
 from mtnlg_cli.model.gpt import GPT, KVCache
 
 Prompt = Union[str, Sequence[int]]
@@ -193,7 +193,7 @@ class Generator:
         return self._decoders[batched]
 
     def _native_weights(self) -> Optional[native.NativeWeights]:
-        """The weights for the C decoding step of one row, where it can be built (see `mtnlg_cli.model.native`)."""
+        """The weights for the C decoding step of one row, where it can be built (see `mtnlg_cli.inference.native`)."""
         library = native.load() if self._cpu_fp32() else None
         if library is None:
             return None

@@ -18,7 +18,7 @@ import torch
 
 from mtnlg_cli.config import ModelConfig
 from mtnlg_cli.model.gpt import GPTConfig
-from mtnlg_cli.model.planner import training_flops
+from mtnlg_cli.planning.planner import training_flops
 
 
 def training_flops_per_token(config: GPTConfig, seq_length: int) -> float:

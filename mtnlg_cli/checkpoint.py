@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from mtnlg_cli.data.atomic import process_exists
+from mtnlg_cli.atomic import process_exists
 from mtnlg_cli.errors import MtnlgError
 
 if TYPE_CHECKING:

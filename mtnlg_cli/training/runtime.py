@@ -1,6 +1,6 @@
 """The parallel seam: everything in training that depends on how the model is laid out over processes.
 
-The trainer (`mtnlg_cli/model/trainer.py`) is written once, against `ParallelRuntime`; it never touches
+The trainer (`mtnlg_cli/training/trainer.py`) is written once, against `ParallelRuntime`; it never touches
 `torch.distributed`, DDP, FSDP or pipeline stages itself. A runtime owns:
 
 - the process world: `is_main`, `rank`, `world_size`, `device`, `barrier()`, `mean_across_ranks(x)`,
@@ -22,7 +22,7 @@ The trainer (`mtnlg_cli/model/trainer.py`) is written once, against `ParallelRun
 
 `ParallelRuntime` below is the single-process runtime, which also runs plain data parallelism (Accelerate's DDP)
 when several processes were launched. `LayoutRuntime` runs the fully sharded, tensor (+sequence) and pipeline
-parallel layouts and their 2-D combinations with the plans of `parallel_plans`, overriding what they change.
+parallel layouts and their 2-D combinations with the plans of `training.plans`, overriding what they change.
 `make_runtime(config)` checks the `parallel` section against the process count and picks one.
 """
 
@@ -35,11 +35,11 @@ import torch
 
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.checkpoint import check_weights, load_weights, shapes_of
+from mtnlg_cli.checkpoint import check_weights, load_weights, shapes_of
 from mtnlg_cli.model.gpt import GPT, GPTConfig
-from mtnlg_cli.model.optim import build_adamw, param_groups
-from mtnlg_cli.model.layout import Layout, resolve_layout
-from mtnlg_cli.model.parallel_plans import PROCESS_GROUP_TIMEOUT, ParallelModel
+from mtnlg_cli.training.optim import build_adamw, param_groups
+from mtnlg_cli.training.layout import Layout, resolve_layout
+from mtnlg_cli.training.plans import PROCESS_GROUP_TIMEOUT, ParallelModel
 
 
 def make_runtime(config: Config) -> "ParallelRuntime":
@@ -235,7 +235,7 @@ def optimizer_state_by_name(model: GPT, tensors: dict[str, torch.Tensor], source
 class LayoutRuntime(ParallelRuntime):
     """Fully sharded, tensor (+sequence) and pipeline parallel layouts, and their 2-D combinations.
 
-    The plans of `parallel_plans` are applied over a device mesh to the unchanged GPT; Accelerate still launches,
+    The plans of `training.plans` are applied over a device mesh to the unchanged GPT; Accelerate still launches,
     joins the process group, places the device and provides bf16 autocast. `self.model` is the whole GPT (its
     parameters DTensors where they are sharded); under pipeline parallelism this rank trains only its stage of it.
     """

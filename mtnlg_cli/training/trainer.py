@@ -6,7 +6,7 @@ It tokenizes the corpus if that has not happened yet, resumes from the workspace
 fresh), and trains to `train.train_iters` (or `train.train_tokens`), showing a live display and appending every
 log interval to `runs/<run>/metrics.jsonl`. Checkpoints are saved every `train.save_interval` steps, at the end,
 and at the step boundary after Ctrl-C or SIGTERM. Everything that depends on the parallel layout goes through the
-`ParallelRuntime` (see `mtnlg_cli/model/parallel.py`); this loop is the same for every layout.
+`ParallelRuntime` (see `mtnlg_cli/training/runtime.py`); this loop is the same for every layout.
 
 Step `s` (1-based) is the optimizer update that consumes global samples [c, c + global_batch_size), where `c` is
 the number of samples consumed before it. A checkpoint after step `s` holds everything the update `s + 1` needs,
@@ -31,13 +31,13 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from mtnlg_cli import __version__
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.checkpoint import (Checkpoint, check_tokenizer, latest_checkpoint, list_checkpoints,
+from mtnlg_cli.checkpoint import (Checkpoint, check_tokenizer, latest_checkpoint, list_checkpoints,
                                         load_checkpoint, save_checkpoint)
 from mtnlg_cli.model.gpt import GPTConfig
-from mtnlg_cli.model.lock import TrainLock
-from mtnlg_cli.model.metrics import MetricsLog, model_matmul_shapes, peak_matmul_rate, training_flops_per_token
-from mtnlg_cli.model.optim import learning_rate
-from mtnlg_cli.model.parallel import ParallelRuntime, make_runtime
+from mtnlg_cli.lock import TrainLock
+from mtnlg_cli.training.metrics import MetricsLog, model_matmul_shapes, peak_matmul_rate, training_flops_per_token
+from mtnlg_cli.training.optim import learning_rate
+from mtnlg_cli.training.runtime import ParallelRuntime, make_runtime
 from mtnlg_cli.workspace import Workspace
 
 # model_config keys that decide the model's shape; dropout or init may change between runs

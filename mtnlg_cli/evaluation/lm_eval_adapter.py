@@ -3,14 +3,14 @@
 lm-eval 0.4 finds models in a registry that nothing outside lm-eval fills on its own (no plugin entry points),
 so this module registers "mtnlg" when it is imported. From the shell, run the harness through it:
 
-    python -m mtnlg_cli.lm_eval_adapter --model mtnlg --model_args workspace=DIR --tasks lambada_openai,piqa
+    python -m mtnlg_cli.evaluation.lm_eval_adapter --model mtnlg --model_args workspace=DIR --tasks lambada_openai,piqa
 
-(any `lm_eval` arguments work). From Python: `import mtnlg_cli.lm_eval_adapter`, then
+(any `lm_eval` arguments work). From Python: `import mtnlg_cli.evaluation.lm_eval_adapter`, then
 `lm_eval.simple_evaluate(model="mtnlg", model_args="workspace=DIR", tasks=[...])`, or pass an `MtnlgLM`.
 
 Model arguments: `workspace` (default: the current one), `checkpoint` (default: the latest), `batch_size`,
 `device`, `max_length` (context; default the model's seq_length), `stride` (rolling log-likelihood windows;
-default max_length: non-overlapping windows). Scoring is `mtnlg_cli.model.evaluation`'s, so `mtnlg eval` and
+default max_length: non-overlapping windows). Scoring is `mtnlg_cli.evaluation.scoring`'s, so `mtnlg eval` and
 the harness agree on the same items. Needs `pip install lm-eval` (the `eval` extra).
 """
 
@@ -30,7 +30,7 @@ except ImportError:
     raise ImportError("the lm-evaluation-harness adapter needs lm-eval: pip install 'mtnlg-cli[eval]'") from None
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model import evaluation as ev
+from mtnlg_cli.evaluation import scoring as ev
 
 
 @register_model("mtnlg")
@@ -39,7 +39,7 @@ class MtnlgLM(LM):
                  device: Optional[str] = None, max_length: Optional[int] = None, stride: Optional[int] = None,
                  max_batch_size: Optional[int] = None) -> None:  # the harness passes max_batch_size; unused
         super().__init__()
-        from mtnlg_cli.model.checkpoint import load_for_inference
+        from mtnlg_cli.checkpoint import load_for_inference
         from mtnlg_cli.workspace import find_workspace
 
         ws = find_workspace(Path(workspace) if workspace else None)
@@ -74,7 +74,7 @@ class MtnlgLM(LM):
     def generate_until(self, requests) -> list[str]:
         """Greedy continuations, cut before the first `until` string; requests with the same settings share a
         batch of the generation engine."""
-        from mtnlg_cli.model.generation import Generator, SamplingSettings
+        from mtnlg_cli.inference.engine import Generator, SamplingSettings
 
         generator = Generator(self.model, self.tokenizer)
         groups: dict[tuple, list[int]] = {}

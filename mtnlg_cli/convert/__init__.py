@@ -16,12 +16,12 @@ from typing import Callable, Optional
 import torch
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.checkpoint import Checkpoint, save_checkpoint, step_dir_name
-from mtnlg_cli.model.convert.common import (DTYPES, Weights, check_shapes, folder_summary,
+from mtnlg_cli.checkpoint import Checkpoint, save_checkpoint, step_dir_name
+from mtnlg_cli.convert.common import (DTYPES, Weights, check_shapes, folder_summary,
                                             parse_size, staged_output)
-from mtnlg_cli.model.convert.hf import export_hf, is_hf, read_hf
-from mtnlg_cli.model.convert.megatron import export_megatron, is_megatron, read_megatron
-from mtnlg_cli.model.convert.plain import export_plain, is_plain, read_plain
+from mtnlg_cli.convert.hf import export_hf, is_hf, read_hf
+from mtnlg_cli.convert.megatron import export_megatron, is_megatron, read_megatron
+from mtnlg_cli.convert.plain import export_plain, is_plain, read_plain
 from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
 
 __all__ = ["DTYPES", "EXPORT_FORMATS", "IMPORT_FORMATS", "Weights", "detect_format", "export_weights",

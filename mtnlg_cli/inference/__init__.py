@@ -1,0 +1,1 @@
+"""Inference: the generation engine, sampling, CPU decoding and chat sessions."""
