@@ -35,9 +35,8 @@ import json, resource, sys
 from pathlib import Path
 from mtnlg_cli.workspace import Workspace
 from mtnlg_cli.data.preprocess import preprocess
-from rich.console import Console
 ws = Workspace(Path(sys.argv[1]))
-preprocess(ws, ws.load_config(), workers=int(sys.argv[2]), console=Console(file=open("/dev/null", "w")))
+preprocess(ws, ws.load_config(), workers=int(sys.argv[2]))
 # VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so it would report the benchmark that started us.
 main_kib = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 print(json.dumps({"main_kib": main_kib, "worker_kib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
@@ -61,8 +60,6 @@ def _workspace(root: Path, copies: int, tokenizer_from: Path | None = None):
 
 
 def throughput(quick: bool) -> list[Result]:
-    from rich.console import Console
-
     from mtnlg_cli.data.preprocess import preprocess
     from mtnlg_cli.data.tokenizer import Tokenizer, train_tokenizer
     from mtnlg_cli.workspace import init_workspace
@@ -80,13 +77,12 @@ def throughput(quick: bool) -> list[Result]:
         config = ws.load_config([f"tokenizer.model_file={tokenizer.path}"])
         docs = [p.strip("\n") for p in re.split(r"\n\s*\n", text) if p.strip()] * copies
         sp = Tokenizer.load(tokenizer.path).sp
-        quiet = Console(file=open("/dev/null", "w"))
 
         cpu = {"mtnlg": [], "peer": []}
 
         def ours() -> float:
             start, before = time.perf_counter(), _cpu_seconds()
-            (result,) = preprocess(ws, config, workers=WORKERS, force=True, console=quiet)
+            (result,) = preprocess(ws, config, workers=WORKERS, force=True)
             wall = time.perf_counter() - start
             cpu["mtnlg"].append(result.tokens / (_cpu_seconds() - before))
             return result.tokens / wall

@@ -21,6 +21,7 @@ tokenizer through the generation, evaluation and chat cores that `mtnlg generate
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -136,10 +137,14 @@ class MegatronLM:
         return (f"MegatronLM({human_count(self.num_parameters)} parameters, {m.num_layers} layers, hidden "
                 f"{m.hidden_size}, {m.num_heads} heads; workspace {str(self.workspace.root)!r})")
 
-    def _console(self):
+    def _reporter(self):
+        """Progress on stderr through the CLI's renderer, or no events at all when quiet."""
         from rich.console import Console
 
-        return Console(quiet=self._quiet, stderr=True)
+        from mtnlg_cli.commands.render import ConsoleReporter
+        from mtnlg_cli.events import ignore
+
+        return contextlib.nullcontext(ignore) if self._quiet else ConsoleReporter(Console(stderr=True))
 
     # --- training -------------------------------------------------------------------------------------------------
 
@@ -156,9 +161,9 @@ class MegatronLM:
         if data is not None:  # kept for later calls, so train(train_iters=...) goes on with the same data
             self._data_override = [f"data.sources={json.dumps([self._data_source(data)])}"]
         config = self.workspace.load_config(self._overrides + self._data_override + option_overrides(options))
-        console = self._console()
-        preprocess(self.workspace, config, console=console)
-        result = train(self.workspace, config, from_scratch=from_scratch, console=console)
+        with self._reporter() as report:
+            preprocess(self.workspace, config, report=report)
+            result = train(self.workspace, config, from_scratch=from_scratch, report=report)
         self._loaded = None
         self._chat_session = None
         return result

@@ -102,14 +102,13 @@ def ws(prepared, tmp_path) -> Workspace:
 
 def train_here(ws: Workspace, *overrides: str):
     """Trains in this process with one thread, as the subprocesses do (so that losses match bit for bit)."""
-    from rich.console import Console
 
     from mtnlg_cli.training.trainer import train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return train(ws, ws.load_config(list(overrides)), console=Console(quiet=True))
+        return train(ws, ws.load_config(list(overrides)))
     finally:
         torch.set_num_threads(threads)
 

@@ -84,12 +84,11 @@ def assert_ends_in_one_error_line(err: str) -> None:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Workspace:
     """A tiny workspace with its tokenizer, dataset and a checkpoint of step 2, made once."""
-    from rich.console import Console
 
     from mtnlg_cli.training.trainer import train
 
     workspace = init_workspace(tmp_path_factory.mktemp("fuzz") / "ws", overrides=TINY)
-    train(workspace, workspace.load_config(), console=Console(quiet=True))
+    train(workspace, workspace.load_config())
     return workspace
 
 
@@ -319,7 +318,6 @@ def test_damaged_checkpoint_files_load_or_are_refused(trained, data):
 @settings(FUZZ, max_examples=60)
 @given(data=st.data())
 def test_training_resumes_from_a_damaged_state_json_or_refuses(ws, data):
-    from rich.console import Console
 
     from mtnlg_cli.checkpoint import latest_checkpoint
     from mtnlg_cli.training.trainer import train
@@ -328,8 +326,7 @@ def test_training_resumes_from_a_damaged_state_json_or_refuses(ws, data):
     with replaced(path, data.draw(damaged_states(path.read_bytes()))):
         try:
             with time_limit(60):
-                result = train(ws, ws.load_config(["train.train_iters=3", "train.save_interval=1000"]),
-                               console=Console(quiet=True))
+                result = train(ws, ws.load_config(["train.train_iters=3", "train.save_interval=1000"]),)
             assert result.final_step == 3
             assert result.run_dir.parent == ws.runs_dir
             event("resumed")

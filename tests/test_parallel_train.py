@@ -50,14 +50,12 @@ def logged_losses(workspace: Workspace) -> dict[int, float]:
 
 def test_tensor_parallel_run_resumes_fully_sharded_then_in_one_process(prepared, tmp_path):
     import torch
-    from rich.console import Console
 
     from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint, load_model
     from mtnlg_cli.training.trainer import train
 
     reference_ws = Workspace(shutil.copytree(prepared.root, tmp_path / "reference", symlinks=True))
-    reference = train(reference_ws, reference_ws.load_config([*TINY, "train.train_iters=6"]),
-                      console=Console(quiet=True)).losses
+    reference = train(reference_ws, reference_ws.load_config([*TINY, "train.train_iters=6"])).losses
 
     # TP=2, started by `mtnlg train --num-processes`
     started = run_cli("train", "--num-processes", "2", *sets("parallel.tensor_parallel=2", "train.train_iters=2"),
@@ -77,7 +75,7 @@ def test_tensor_parallel_run_resumes_fully_sharded_then_in_one_process(prepared,
     assert "Resuming from" in resumed.stdout and "step 2" in resumed.stdout
 
     # one process resumes that
-    train(prepared, prepared.load_config([*TINY, "train.train_iters=6"]), console=Console(quiet=True))
+    train(prepared, prepared.load_config([*TINY, "train.train_iters=6"]))
 
     losses = logged_losses(prepared)
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from conftest import REPO, copy_workspace, run_cli
 from mtnlg_cli.config import TrainConfig
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.events import ignore
 from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint
 from mtnlg_cli.lock import TrainLock
 from mtnlg_cli.training.optim import learning_rate, param_groups
@@ -47,14 +48,8 @@ def ws(prepared, tmp_path) -> Workspace:
     return copy_workspace(prepared, tmp_path / "ws")
 
 
-def quiet():
-    from rich.console import Console
-
-    return Console(quiet=True)
-
-
 def run_train(ws: Workspace, *overrides: str, **kwargs):
-    return train(ws, ws.load_config([*TINY, *overrides]), console=quiet(), **kwargs)
+    return train(ws, ws.load_config([*TINY, *overrides]), **kwargs)
 
 
 def test_learning_rate_warms_up_then_decays_to_min_lr():
@@ -215,7 +210,7 @@ def test_cli_ctrl_c_saves_at_a_step_boundary_and_train_resumes(ws):
 def test_a_signal_asks_for_a_stop_and_a_second_ctrl_c_aborts_at_once():
     from mtnlg_cli.training.trainer import GracefulStop
 
-    with GracefulStop(quiet()) as stop:
+    with GracefulStop(ignore) as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.requested == "SIGTERM"
         with pytest.raises(KeyboardInterrupt):

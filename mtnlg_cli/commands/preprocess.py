@@ -34,6 +34,7 @@ def preprocess_command(
     """Train the tokenizer and tokenize the corpus into Megatron .bin/.idx datasets."""
     from rich.console import Console
 
+    from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.config import DataSource
     from mtnlg_cli.data.preprocess import preprocess
 
@@ -48,8 +49,9 @@ def preprocess_command(
     found, config = open_workspace(workspace, settings)
     console = Console(stderr=True)
     sources = [DataSource(path=str(Path(p).expanduser().absolute())) for p in paths] if paths else None
-    results = preprocess(found, config, sources, workers, str(tokenizer_model) if tokenizer_model else None,
-                         force, console)
+    with ConsoleReporter(console) as report:
+        results = preprocess(found, config, sources, workers, str(tokenizer_model) if tokenizer_model else None,
+                             force, report)
     for result in results:
         if result.status == "built":
             skipped = f", {result.bad_lines:,} malformed lines skipped" if result.bad_lines else ""

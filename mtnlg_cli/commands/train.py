@@ -62,10 +62,12 @@ def _train(found, config, resume: Optional[Path], from_scratch: bool, show: bool
     """Trains; returns the exit code (that of the signal when a signal stopped the run)."""
     from rich.console import Console
 
+    from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.training.trainer import train
 
     console = Console(quiet=not show)  # only rank 0 of a launched run prints
-    result = train(found, config, resume=resume, from_scratch=from_scratch, console=console)
+    with ConsoleReporter(console) as report:
+        result = train(found, config, resume=resume, from_scratch=from_scratch, report=report)
     where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
     if result.interrupted:
         console.print(f"Stopped by {result.interrupted} after step {result.final_step}{where}. "

@@ -22,12 +22,9 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
-from rich.text import Text
 
 from mtnlg_cli.config import Config, DataSource
 from mtnlg_cli.atomic import remove_stale_temporaries, write_bytes_atomically
@@ -36,6 +33,7 @@ from mtnlg_cli.data.corpus import (Chunk, DocumentSpec, chunk_documents, expand_
 from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 from mtnlg_cli.data.tokenizer import MODEL_FILE, Tokenizer, file_hash, train_tokenizer
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.events import Notice, Progress, Reporter, ignore
 from mtnlg_cli.workspace import Workspace
 
 MANIFEST_VERSION = 1
@@ -113,7 +111,7 @@ def check_vocab_size(tokenizer: Tokenizer, config: Config) -> None:
 
 
 def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePlan], model_file: Optional[str],
-                      force: bool, say: Callable[[str], None]) -> Tokenizer:
+                      force: bool, report: Reporter = ignore) -> Tokenizer:
     """The workspace tokenizer: the existing one, a copy of `model_file`, or one trained on the corpus."""
     target = workspace.tokenizer_dir / MODEL_FILE
     if model_file:
@@ -125,7 +123,7 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
             target.parent.mkdir(parents=True, exist_ok=True)
             write_bytes_atomically(target, given.path.read_bytes())
             given.save_info(workspace.tokenizer_dir)
-            say(f"Tokenizer: using {given.path} ({given.vocab_size} pieces)")
+            report(Notice(f"Tokenizer: using {given.path} ({given.vocab_size} pieces)"))
         tokenizer = Tokenizer.load(target)
     elif target.is_file() and not force:
         tokenizer = Tokenizer.load(target)
@@ -140,8 +138,8 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
             raise MtnlgError("the corpus holds no text to train a tokenizer on")
         tokenizer = train_tokenizer(sentences, workspace.tokenizer_dir, config.model.vocab_size,
                                     config.tokenizer.model_type, config.tokenizer.character_coverage)
-        say(f"Tokenizer: trained a {config.tokenizer.model_type} model of {tokenizer.vocab_size} pieces on "
-            f"{len(sentences):,} sentences in {time.perf_counter() - started:.1f}s -> {target}")
+        report(Notice(f"Tokenizer: trained a {config.tokenizer.model_type} model of {tokenizer.vocab_size} pieces on "
+                      f"{len(sentences):,} sentences in {time.perf_counter() - started:.1f}s -> {target}"))
     check_vocab_size(tokenizer, config)
     return tokenizer
 
@@ -245,15 +243,14 @@ class SourceResult:
 
 def preprocess(workspace: Workspace, config: Config, sources: Optional[list[DataSource]] = None,
                workers: Optional[int] = None, model_file: Optional[str] = None, force: bool = False,
-               console=None) -> list[SourceResult]:
+               report: Reporter = ignore) -> list[SourceResult]:
     """Trains or installs the tokenizer, then tokenizes every source that is not up to date."""
-    console = console or Console(stderr=True)
     plans = plan_sources(workspace, config, sources)
     for directory in (workspace.tokenizer_dir, workspace.tokenized_dir):
         if directory.is_dir():
             remove_stale_temporaries(directory)
     tokenizer = prepare_tokenizer(workspace, config, plans, model_file or config.tokenizer.model_file, force,
-                                  console.print)
+                                  report)
     workspace.tokenized_dir.mkdir(parents=True, exist_ok=True)
     results, todo = [], []
     for plan in plans:
@@ -268,42 +265,40 @@ def preprocess(workspace: Workspace, config: Config, sources: Optional[list[Data
             todo.append((plan, inputs))
     if todo:
         workers = workers or config.data.workers or default_workers()
-        results.extend(_encode_sources(workspace, todo, tokenizer, workers, console))
+        results.extend(_encode_sources(workspace, todo, tokenizer, workers, report))
     return results
 
 
 def _encode_sources(workspace: Workspace, todo: list, tokenizer: Tokenizer, workers: int,
-                    console) -> list[SourceResult]:
+                    report: Reporter) -> list[SourceResult]:
     dtype = token_dtype(tokenizer.vocab_size)
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
-    results = []
-    # The pool is made before the progress display starts its refresh thread: forking a process that runs
-    # other threads can copy a held lock into the child.
+    # The pool is made before the first progress event: a renderer may start a refresh thread on it, and forking
+    # a process that runs other threads can copy a held lock into the child.
     with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), RateColumn(),
-                            TimeRemainingColumn(), console=console, transient=False)
-        with progress:
-            for plan, inputs in todo:
-                task = progress.add_task(plan.name, total=sum(f["bytes"] for f in inputs), documents=0, tokens=0)
-                results.append(_encode_source(workspace, plan, inputs, tokenizer, dtype, pool, workers,
-                                              lambda raw, docs, toks, t=task: progress.update(
-                                                  t, advance=raw, documents=docs, tokens=toks)))
-    return results
+        return [_encode_source(workspace, plan, inputs, tokenizer, dtype, pool, workers, report)
+                for plan, inputs in todo]
 
 
 def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], tokenizer: Tokenizer,
-                   dtype: np.dtype, pool, workers: int, report: Callable[[int, int, int], None]) -> SourceResult:
+                   dtype: np.dtype, pool, workers: int, report: Reporter) -> SourceResult:
     started = time.perf_counter()
-    documents = tokens = bad_lines = 0
+    total_bytes = sum(f["bytes"] for f in inputs)
+    documents = tokens = bad_lines = read_bytes = 0
     window: deque = deque()  # results in input order; its bound keeps memory flat
 
     def write_oldest() -> None:
-        nonlocal documents, tokens, bad_lines
+        nonlocal documents, tokens, bad_lines, read_bytes
         pending, raw_bytes = window.popleft()
         chunk_tokens, lengths, bad = pending.get()
         writer.add_documents(chunk_tokens, lengths)
         documents, tokens, bad_lines = documents + len(lengths), tokens + len(chunk_tokens), bad_lines + bad
-        report(raw_bytes, documents, tokens)
+        read_bytes += raw_bytes
+        seconds = max(time.perf_counter() - started, 1e-9)
+        report(Progress(plan.name, read_bytes, total_bytes, unit="byte",
+                        fields=f"{documents:,} docs {tokens / seconds / 1e6:.2f}M tok/s"))
+
+    report(Progress(plan.name, 0, total_bytes, unit="byte"))
 
     with IndexedDatasetWriter(workspace.tokenized_dir / plan.name, dtype) as writer:
         for path, spec in zip(plan.files, plan.specs):
@@ -335,14 +330,6 @@ def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], t
         "tokens_per_second": round(tokens / seconds) if seconds else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
+    report(Progress(plan.name, read_bytes, total_bytes, unit="byte", done=True,
+                    fields=f"{documents:,} docs {tokens / max(seconds, 1e-9) / 1e6:.2f}M tok/s"))
     return SourceResult(plan.name, "built", documents, tokens, bad_lines, seconds)
-
-
-class RateColumn(ProgressColumn):
-    """Documents, tokens/s and MB/s of a task (its bar counts bytes of input)."""
-
-    def render(self, task) -> Text:
-        elapsed = task.elapsed or 0.0
-        rate = task.fields["tokens"] / elapsed if elapsed else 0.0
-        megabytes = task.completed / elapsed / 1e6 if elapsed else 0.0
-        return Text(f"{task.fields['documents']:,} docs {rate / 1e6:.2f}M tok/s {megabytes:.1f}MB/s", no_wrap=True)

@@ -23,6 +23,7 @@ from mtnlg_cli.data.preprocess import (check_vocab_size, dataset_prefix, plan_so
                                        read_manifest)
 from mtnlg_cli.data.tokenizer import MODEL_FILE, Tokenizer
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.events import Notice, Reporter, ignore
 from mtnlg_cli.workspace import Workspace
 
 SPLITS = ("train", "valid", "test")
@@ -150,16 +151,15 @@ class SampleDataset:
 # Opening the workspace's datasets.
 
 
-def ensure_datasets(workspace: Workspace, config: Config, console=None) -> None:
+def ensure_datasets(workspace: Workspace, config: Config, report: Reporter = ignore) -> None:
     """Makes sure the tokenizer and every source's dataset exist (running preprocess when any is missing) and
     were built with the workspace tokenizer. Call it from one process before others open splits."""
     plans = plan_sources(workspace, config, expand=False)
     missing = not (workspace.tokenizer_dir / MODEL_FILE).is_file() or any(
         plan.prebuilt is None and read_manifest(workspace, plan.name) is None for plan in plans)
     if missing:
-        if console is not None:
-            console.print("No tokenized data yet: running mtnlg preprocess.")
-        preprocess(workspace, config, console=console)
+        report(Notice("No tokenized data yet: preprocessing the corpus first."))
+        preprocess(workspace, config, report=report)
     _open_datasets(workspace, config)
 
 

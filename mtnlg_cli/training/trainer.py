@@ -3,8 +3,8 @@
     train(workspace, config) -> TrainResult
 
 It tokenizes the corpus if that has not happened yet, resumes from the workspace's latest checkpoint (or starts
-fresh), and trains to `train.train_iters` (or `train.train_tokens`), showing a live display and appending every
-log interval to `runs/<run>/metrics.jsonl`. Checkpoints are saved every `train.save_interval` steps, at the end,
+fresh), and trains to `train.train_iters` (or `train.train_tokens`), reporting progress and metrics through
+`report` (see `mtnlg_cli.events`) and appending every log interval to `runs/<run>/metrics.jsonl`. Checkpoints are saved every `train.save_interval` steps, at the end,
 and at the step boundary after Ctrl-C or SIGTERM. Everything that depends on the parallel layout goes through the
 `ParallelRuntime` (see `mtnlg_cli/training/runtime.py`); this loop is the same for every layout.
 
@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from mtnlg_cli import __version__
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.events import Metrics, Notice, Progress, Reporter, ignore
 from mtnlg_cli.checkpoint import (Checkpoint, check_tokenizer, latest_checkpoint, list_checkpoints,
                                         load_checkpoint, save_checkpoint)
 from mtnlg_cli.model.gpt import GPTConfig
@@ -58,25 +57,24 @@ class TrainResult:
 
 
 def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None, from_scratch: bool = False,
-          console: Optional[Console] = None) -> TrainResult:
-    """Trains the workspace's model with `config`; see the module docstring."""
+          report: Reporter = ignore) -> TrainResult:
+    """Trains the workspace's model with `config`; see the module docstring. Only the main rank reports."""
     if resume is not None and from_scratch:
-        raise MtnlgError("--resume and --from-scratch contradict each other; use one")
-    console = console or Console()
+        raise MtnlgError("a run either resumes from a checkpoint or starts from scratch, not both")
     runtime = make_runtime(config)
+    report = report if runtime.is_main else ignore
     try:
         if runtime.is_main:
             with TrainLock(workspace.checkpoints_dir):
-                return Trainer(workspace, config, runtime, console).run(resume, from_scratch)
-        return Trainer(workspace, config, runtime, console).run(resume, from_scratch)
+                return Trainer(workspace, config, runtime, report).run(resume, from_scratch)
+        return Trainer(workspace, config, runtime, report).run(resume, from_scratch)
     finally:
         runtime.shutdown()
 
 
 class Trainer:
-    def __init__(self, workspace: Workspace, config: Config, runtime: ParallelRuntime, console: Console):
-        self.workspace, self.config, self.runtime = workspace, config, runtime
-        self.console = console if runtime.is_main else Console(quiet=True)
+    def __init__(self, workspace: Workspace, config: Config, runtime: ParallelRuntime, report: Reporter):
+        self.workspace, self.config, self.runtime, self.report = workspace, config, runtime, report
         self.gpt_config = GPTConfig.from_model_config(config.model)
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
 
@@ -97,8 +95,8 @@ class Trainer:
                              skipped_steps=skipped)
         last_step = self.last_step(step, consumed)
         if step >= last_step:
-            self.console.print(f"Already trained to step {step} (train.train_iters={config.train.train_iters}); "
-                               "raise train.train_iters to go on, or start over with --from-scratch.")
+            self.report(Notice(f"Already trained to step {step} (train.train_iters={config.train.train_iters}); "
+                               "raise train.train_iters to go on, or start a fresh run."))
             result.checkpoint = checkpoint.path if checkpoint else None
             return result
         self.metrics = self.open_metrics(result.run_dir) if runtime.is_main else None
@@ -116,7 +114,7 @@ class Trainer:
         from mtnlg_cli.data.tokenizer import Tokenizer
 
         if self.runtime.is_main:
-            ensure_datasets(self.workspace, self.config, self.console)
+            ensure_datasets(self.workspace, self.config, self.report)
         self.runtime.barrier()
         tokenizer = Tokenizer.load(self.workspace.tokenizer_dir)
         if tokenizer.vocab_size > self.gpt_config.vocab_size:
@@ -131,7 +129,7 @@ class Trainer:
             try:
                 self.valid_data = open_split(self.workspace, self.config, "valid")
             except MtnlgError as exc:  # a corpus too small to spare a validation document still trains
-                self.console.print(f"[yellow]No validation: {exc}")
+                self.report(Notice(f"No validation: {exc}", "warning"))
 
     def read_batch(self, data, first_sample: int) -> torch.Tensor:
         batch = data.batch(list(self.runtime.local_sample_indices(first_sample)))
@@ -166,7 +164,7 @@ class Trainer:
         for path in old:
             path.rename(archive / path.name)
         (root / "latest").unlink(missing_ok=True)
-        self.console.print(f"Moved {len(old)} earlier checkpoint(s) to {archive}")
+        self.report(Notice(f"Moved {len(old)} earlier checkpoint(s) to {archive}"))
 
     def check_compatible(self, checkpoint: Checkpoint) -> None:
         stored = checkpoint.state.get("model_config")
@@ -199,8 +197,8 @@ class Trainer:
         self.runtime.load_optimizer_state(checkpoint.tensors("optimizer"), checkpoint.state.get("optimizer", {}),
                                           source)
         set_rng_state(checkpoint.tensors("rng"), source)
-        self.console.print(f"Resuming from {checkpoint.path} (step {checkpoint.step}, "
-                           f"{checkpoint.state['consumed_samples']:,} samples consumed)")
+        self.report(Notice(f"Resuming from {checkpoint.path} (step {checkpoint.step}, "
+                           f"{checkpoint.state['consumed_samples']:,} samples consumed)"))
         return checkpoint.step, int(checkpoint.state["consumed_samples"]), int(checkpoint.state.get("skipped_steps", 0))
 
     def save(self, step: int, consumed: int, loss: float, skipped: int) -> Optional[Path]:
@@ -243,10 +241,11 @@ class Trainer:
         flops_per_step = training_flops_per_token(self.gpt_config, config.model.seq_length) * self.tokens_per_step
         nonfinite_in_a_row = 0
         window = Window()
-        display = TrainDisplay(self.console, step, last_step, disable=not runtime.is_main)
-        with GracefulStop(self.console) as stop, display:
+        started = time.perf_counter()
+        self.report(Progress("train", step, last_step, unit="step"))
+        with GracefulStop(self.report) as stop:
             while step < last_step:
-                started = time.perf_counter()
+                step_started = time.perf_counter()
                 lr = learning_rate(step, train)
                 runtime.set_lr(lr)
                 loss = runtime.forward_backward(self.read_batch(self.train_data, consumed))
@@ -264,8 +263,8 @@ class Trainer:
                 consumed += train.global_batch_size
                 result.losses[step] = loss
                 result.final_step = step
-                window.add(loss, grad_norm, time.perf_counter() - started)
-                display.advance(step, loss, lr)
+                window.add(loss, grad_norm, time.perf_counter() - step_started)
+                self.report(Progress("train", step, last_step, unit="step", fields=f"loss {loss:.4f}  lr {lr:.2e}"))
 
                 if step % train.log_interval == 0 or step == last_step:
                     tokens_per_s = window.steps * self.tokens_per_step / window.seconds
@@ -273,18 +272,19 @@ class Trainer:
                               "tokens_per_s": tokens_per_s,
                               "mfu": flops_per_step * window.steps / window.seconds / (peak * runtime.world_size),
                               "consumed_samples": consumed, "skipped_steps": result.skipped_steps,
-                              "elapsed_s": display.elapsed()}
-                    self.log(record, display)
+                              "elapsed_s": round(time.perf_counter() - started, 3)}
+                    self.log(record)
                     window = Window()
                 stopping = runtime.any_across_ranks(stop.requested is not None)
                 if step % train.eval_interval == 0 or (step == last_step and not stopping):
-                    result.val_loss = self.evaluate(step, display)
+                    result.val_loss = self.evaluate(step)
                 if step % train.save_interval == 0 or step == last_step or stopping:
                     result.checkpoint = self.save(step, consumed, loss, result.skipped_steps)
-                    display.note(f"saved checkpoint {result.checkpoint.name if result.checkpoint else step}")
+                    self.report(Notice(f"saved checkpoint {result.checkpoint.name if result.checkpoint else step}"))
                 if stopping:
                     result.interrupted = stop.requested or "signal"
                     break
+        self.report(Progress("train", step, last_step, unit="step", done=True))
 
     def peak_flops(self) -> float:
         if self.config.train.peak_tflops:
@@ -293,20 +293,20 @@ class Trainer:
         dtype = PRECISION_DTYPES[self.config.train.mixed_precision]
         return peak_matmul_rate(model_matmul_shapes(self.gpt_config, tokens), self.runtime.device, dtype)
 
-    def evaluate(self, step: int, display: "TrainDisplay") -> Optional[float]:
+    def evaluate(self, step: int) -> Optional[float]:
         if self.valid_data is None:
             return None
         train = self.config.train
         batches = (self.read_batch(self.valid_data, i * train.global_batch_size) for i in range(train.eval_iters))
         loss = self.runtime.eval_loss(batches)
         record = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-        self.log(record, display)
+        self.log(record)
         return loss
 
-    def log(self, record: dict[str, Any], display: "TrainDisplay") -> None:
+    def log(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(record)
-        display.log(record)
+        self.report(Metrics(record))
 
     def open_metrics(self, run_dir: Path) -> MetricsLog:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -339,51 +339,11 @@ class Window:
         return self.loss_sum / self.steps
 
 
-class TrainDisplay:
-    """A rich live progress bar with step, loss, learning rate and ETA; log lines scroll above it."""
-
-    def __init__(self, console: Console, start_step: int, last_step: int, disable: bool):
-        self.console = console
-        self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"), BarColumn(), TaskProgressColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[metrics]}"),
-            console=console, disable=disable,
-        )
-        self.task = self.progress.add_task("train", total=last_step, completed=start_step, metrics="")
-        self.last_step = last_step
-        self.started = time.perf_counter()
-
-    def __enter__(self) -> "TrainDisplay":
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.stop()
-
-    def elapsed(self) -> float:
-        return round(time.perf_counter() - self.started, 3)
-
-    def advance(self, step: int, loss: float, lr: float) -> None:
-        self.progress.update(self.task, completed=step, metrics=f"loss {loss:.4f}  lr {lr:.2e}")
-
-    def log(self, record: dict[str, Any]) -> None:
-        step = f"step {record['step']:>{len(str(self.last_step))}}/{self.last_step}"
-        if "val_loss" in record:
-            self.console.print(f"{step} | [cyan]val loss {record['val_loss']:.4f} | val ppl {record['val_ppl']:.2f}")
-            return
-        self.console.print(f"{step} | loss {record['loss']:.4f} | lr {record['lr']:.2e} | "
-                           f"gnorm {record['grad_norm']:.3f} | {record['tokens_per_s']:,.0f} tok/s | "
-                           f"MFU {100 * record['mfu']:.1f}%")
-
-    def note(self, text: str) -> None:
-        self.console.print(f"[dim]{text}")
-
-
 class GracefulStop:
     """Ctrl-C or SIGTERM asks the loop to save at the next step boundary; a second Ctrl-C aborts at once."""
 
-    def __init__(self, console: Console):
-        self.console = console
+    def __init__(self, report: Reporter):
+        self.report = report
         self.requested: Optional[str] = None
         self.previous: dict[int, Any] = {}
 
@@ -397,8 +357,8 @@ class GracefulStop:
         if self.requested is not None:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        self.console.print(f"[yellow]{self.requested}: saving a checkpoint at the end of this step "
-                           "(Ctrl-C again to abort without saving)")
+        self.report(Notice(f"{self.requested}: saving a checkpoint at the end of this step "
+                           "(Ctrl-C again to abort without saving)", "warning"))
 
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
