@@ -29,11 +29,12 @@ def run(quick: bool = False) -> list[Result]:
     from transformers import AutoConfig, AutoModelForCausalLM, GPT2LMHeadModel
 
     from mtnlg_cli.convert import Weights, export_weights, read_weights
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.model.architecture import Architecture
     from mtnlg_cli.workspace import template_config
 
     model_config = template_config("gpt-125m", ["model.num_layers=4"] if quick else []).model
-    config = GPTConfig.from_model_config(model_config)
+    config = Architecture.from_model_config(model_config)
     torch.manual_seed(0)
     model = GPT(config)
     weights = Weights(dict(model.state_dict()), config, model_config.vocab_size, 0)

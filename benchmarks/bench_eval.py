@@ -42,10 +42,11 @@ def transformers_nll(peer, tokens: list[int], prefix: int) -> float:
 
 def run(quick: bool = False) -> list[Result]:
     from mtnlg_cli.evaluation.scoring import document_logprobs
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.model.architecture import Architecture
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SHAPE)).eval()
+    model = GPT(Architecture.from_dict(SHAPE)).eval()
     peer = gpt2_with_same_weights(model)
     tokens = torch.randint(4, SHAPE["vocab_size"], (512 if quick else 2048,)).tolist()
 

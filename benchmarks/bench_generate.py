@@ -77,7 +77,7 @@ def gpt2_with_same_weights(model):
     c = model.config
     config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_position_embeddings, n_embd=c.hidden_size,
                         n_layer=c.num_layers, n_head=c.num_heads, n_inner=c.ffn_hidden_size,
-                        activation_function="gelu_new", layer_norm_epsilon=c.layernorm_epsilon, resid_pdrop=0.0,
+                        activation_function="gelu_new", layer_norm_epsilon=c.norm_epsilon, resid_pdrop=0.0,
                         embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=None,
                         eos_token_id=None, pad_token_id=0)
     peer = GPT2LMHeadModel(config).eval()
@@ -157,10 +157,11 @@ def matvec_limit(model):
 
 def run(quick: bool = False) -> list[Result]:
     from mtnlg_cli.inference.engine import Generator, SamplingSettings
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.model.architecture import Architecture
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**SHAPE)).eval()
+    model = GPT(Architecture.from_dict(SHAPE)).eval()
     peer = gpt2_with_same_weights(model)
     generator = Generator(model, _IdTokenizer())
     repeats, new_tokens = (3, 32) if quick else (5, 64)

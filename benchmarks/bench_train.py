@@ -1,7 +1,7 @@
 """Training tokens/s at the bench config against transformers' GPT2LMHeadModel, and MFU against torch's matmul rate.
 
 Bench config: 6 layers, hidden 512, 8 heads, sequence 256, vocabulary 8192, batch 8, fp32, no dropout. mtnlg trains
-through the trainer's own step (`ParallelRuntime`: forward and backward, gradient clipping, fused AdamW);
+through the trainer's own step (`Runtime`: forward and backward, gradient clipping, fused AdamW);
 transformers' model gets the same optimizer and clipping. The two alternate in this process, and every round also
 measures torch's matmul rate on the model's own matrix shapes, so MFU is relative to what this machine does now.
 
@@ -22,7 +22,7 @@ LAYERS, HIDDEN, HEADS, SEQ, VOCAB, BATCH = 6, 512, 8, 256, 8192, 8
 
 def mtnlg_trainer_step():
     from mtnlg_cli.config import load_config
-    from mtnlg_cli.model.gpt import GPTConfig
+    from mtnlg_cli.model.architecture import Architecture
     from mtnlg_cli.training.runtime import make_runtime
 
     config = load_config({
@@ -30,9 +30,9 @@ def mtnlg_trainer_step():
                   "max_position_embeddings": SEQ, "vocab_size": VOCAB},
         "train": {"micro_batch_size": BATCH, "global_batch_size": BATCH},
     })
-    gpt_config = GPTConfig.from_model_config(config.model)
+    architecture = Architecture.from_model_config(config.model)
     runtime = make_runtime(config)
-    runtime.build_model(gpt_config)
+    runtime.build_model(architecture)
     runtime.build_optimizer()
     batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
 
@@ -41,7 +41,7 @@ def mtnlg_trainer_step():
         runtime.clip_grad_norm(1.0)
         runtime.optimizer_step()
 
-    return step, gpt_config
+    return step, architecture
 
 
 def transformers_step():
@@ -64,14 +64,14 @@ def transformers_step():
 
 
 def run(quick: bool = False) -> list[Result]:
-    from mtnlg_cli.training.metrics import measure_matmul_rate, model_matmul_shapes, training_flops_per_token
+    from mtnlg_cli.training.metrics import measure_matmul_rate
 
-    ours, gpt_config = mtnlg_trainer_step()
+    ours, architecture = mtnlg_trainer_step()
     theirs = transformers_step()
     steps = 1 if quick else 2
     tokens = steps * BATCH * SEQ
-    shapes = model_matmul_shapes(gpt_config, BATCH * SEQ)
-    flops = training_flops_per_token(gpt_config, SEQ) * tokens
+    shapes = architecture.matmul_shapes(BATCH * SEQ)
+    flops = architecture.training_flops(tokens, SEQ)
     matmul_rates, mfu_ours, mfu_theirs = [], [], []
 
     def tokens_per_s(step, mfu: list[float]):

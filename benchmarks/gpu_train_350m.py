@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if not torch.cuda.is_available():
         sys.exit("gpu_train_350m needs a CUDA GPU")
-    from mtnlg_cli.model.gpt import GPTConfig
-    from mtnlg_cli.training.metrics import measure_matmul_rate, model_matmul_shapes, training_flops_per_token
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.training.metrics import measure_matmul_rate
     from mtnlg_cli.training.runtime import make_runtime
     from mtnlg_cli.workspace import template_config
 
@@ -45,13 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"train.compile={str(args.compile).lower()}",
     ])
     torch.backends.cuda.matmul.allow_tf32 = True
-    gpt_config = GPTConfig.from_model_config(config.model)
+    architecture = Architecture.from_model_config(config.model)
     seq = config.model.seq_length
     tokens_per_step = config.train.global_batch_size * seq
 
     runtime = make_runtime(config)
     torch.manual_seed(config.train.seed)
-    model = runtime.build_model(gpt_config)
+    model = runtime.build_model(architecture)
     runtime.build_optimizer()
     runtime.set_lr(config.train.lr)
     generator = torch.Generator().manual_seed(0)
@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
 
     tokens_per_s = args.steps * tokens_per_step / seconds
-    model_flops = training_flops_per_token(gpt_config, seq) * tokens_per_s
-    shapes_rate = measure_matmul_rate(model_matmul_shapes(gpt_config, args.micro_batch * seq), "cuda",
+    model_flops = architecture.training_flops(tokens_per_s, seq)
+    shapes_rate = measure_matmul_rate(architecture.matmul_shapes(args.micro_batch * seq), "cuda",
                                       torch.bfloat16, min_seconds=2.0)
     square_rate = measure_matmul_rate([(8192, 8192, 8192)], "cuda", torch.bfloat16, min_seconds=2.0)
     result = {

@@ -126,12 +126,12 @@ class MegatronLM:
 
     @property
     def num_parameters(self) -> int:
-        from mtnlg_cli.model.sizing import parameter_count
+        from mtnlg_cli.model.architecture import Architecture
 
-        return parameter_count(self.config.model)
+        return Architecture.from_model_config(self.config.model).parameter_count()
 
     def __repr__(self) -> str:
-        from mtnlg_cli.model.sizing import human_count
+        from mtnlg_cli.model.architecture import human_count
 
         m = self.config.model
         return (f"MegatronLM({human_count(self.num_parameters)} parameters, {m.num_layers} layers, hidden "

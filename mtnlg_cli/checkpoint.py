@@ -207,14 +207,15 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
     """The GPT stored in a checkpoint (its `model_config` and `model.safetensors`), in eval mode."""
     import torch
 
-    from mtnlg_cli.model.gpt import GPT, GPTConfig, state_dict_shapes
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.model.architecture import Architecture
 
     try:
-        config = GPTConfig(**checkpoint.state["model_config"])
+        config = Architecture.from_dict(checkpoint.state["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{checkpoint.path / STATE_FILE} has no valid model_config ({exc})") from None
     weights = checkpoint.tensors("model", device)
-    check_weights(state_dict_shapes(config), weights, str(checkpoint.path))  # before allocating the model
+    check_weights(config.state_dict_shapes(), weights, str(checkpoint.path))  # before allocating the model
     damaged = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
     if damaged is not None:  # training never saves such weights; they would only make NaN logits
         raise MtnlgError(f"{checkpoint.path / 'model.safetensors'} is damaged: tensor {damaged} holds NaN or "
@@ -225,17 +226,6 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
         model = GPT(config)
     model.load_state_dict(weights, strict=True)
     return model.eval()
-
-
-def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], source: str) -> None:
-    """Copies `weights` into `model`, naming any tensor that is missing, unexpected or of another shape."""
-    check_weights(shapes_of(model), weights, source)
-    model.load_state_dict(weights, strict=True)
-
-
-def shapes_of(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
-    """The whole model's state-dict shapes, also when its parameters are sharded DTensors."""
-    return {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
 
 
 def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], source: str) -> None:

@@ -32,7 +32,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     dropout: float = 0.0
     init_method_std: float = 0.02
-    layernorm_epsilon: float = 1e-5
+    norm_epsilon: float = 1e-5
 
     @property
     def ffn_size(self) -> int:
@@ -230,6 +230,10 @@ def _positive(key: str, value: int | float) -> None:
 # Building a Config from plain data, with type checks that name the key.
 
 
+# Keys that earlier versions wrote under another name: files that use the old name still load.
+RENAMED_KEYS = {"model.layernorm_epsilon": "norm_epsilon"}
+
+
 def from_dict(data: Any, cls: type = Config, where: str = "") -> Any:
     """Builds the dataclass `cls` from a mapping, checking every key and type."""
     if data is None:
@@ -240,6 +244,7 @@ def from_dict(data: Any, cls: type = Config, where: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     values = {}
     for key, value in data.items():
+        key = RENAMED_KEYS.get(f"{where}.{key}", key)
         path = f"{where}.{key}" if where else str(key)
         if key not in known:
             raise ConfigError(f"unknown config key {path}{_did_you_mean(str(key), known, where)}")

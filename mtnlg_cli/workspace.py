@@ -88,9 +88,9 @@ def template_names() -> list[str]:
 
 
 def _template_order(name: str) -> tuple[int, str]:
-    from mtnlg_cli.model.sizing import parameter_count
+    from mtnlg_cli.model.architecture import Architecture
 
-    return parameter_count(template_config(name).model), name
+    return Architecture.from_model_config(template_config(name).model).parameter_count(), name
 
 
 def read_template(name: str) -> dict[str, Any]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,14 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+
+def pytest_configure(config):
+    """Each checkout gets its own temporary folder: pytest's default keeps only the three newest runs of a user,
+    so the runs of several checkouts at once (worktrees, parallel CI jobs) would delete each other's files."""
+    if not config.option.basetemp:
+        checkout = hashlib.sha256(str(Path(__file__).resolve().parent).encode()).hexdigest()[:12]
+        config.option.basetemp = str(Path(tempfile.gettempdir()) / f"mtnlg-tests-{checkout}")
 
 @pytest.fixture(scope="session", autouse=True)
 def native_build_cache(tmp_path_factory):

@@ -9,7 +9,7 @@ import torch
 from mtnlg_cli.config import load_config
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from mtnlg_cli.model.gpt import GPTConfig
+from mtnlg_cli.model.architecture import Architecture
 
 
 def tensors(value: float) -> dict[str, dict[str, torch.Tensor]]:
@@ -61,15 +61,15 @@ def test_truncated_and_foreign_files_are_one_line_errors(tmp_path):
 
 
 def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
-    from mtnlg_cli.training.runtime import ParallelRuntime, make_runtime
+    from mtnlg_cli.training.runtime import Runtime, make_runtime
 
     config = load_config({"model": {"num_layers": 1, "hidden_size": 16, "num_heads": 2, "vocab_size": 100,
                                     "seq_length": 8, "max_position_embeddings": 8},
                           "train": {"micro_batch_size": 2, "global_batch_size": 4}})
-    gpt_config = GPTConfig.from_model_config(config.model)
+    gpt_config = Architecture.from_model_config(config.model)
     batch = torch.randint(0, 100, (4, 9))
 
-    def runtime_with_model() -> ParallelRuntime:
+    def runtime_with_model() -> Runtime:
         torch.manual_seed(0)
         runtime = make_runtime(config)
         runtime.build_model(gpt_config)

@@ -15,7 +15,8 @@ from conftest import run_cli
 from mtnlg_cli.cli import app
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
-from mtnlg_cli.model.gpt import GPT, GPTConfig
+from mtnlg_cli.model.gpt import GPT
+from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.workspace import init_workspace
 
 # vocabulary 600 pads to 640 rows, which Megatron with two ranks pads again (to 768): both paddings are exercised
@@ -57,7 +58,7 @@ def source(tmp_path_factory):
     lines = [line for line in text.splitlines()[:3000] if line.strip()]
     tokenizer = train_tokenizer(lines, ws.tokenizer_dir, config.model.vocab_size)
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_config(config.model))
+    model = GPT(Architecture.from_model_config(config.model))
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.05)
@@ -83,11 +84,11 @@ def assert_same_weights(expected: torch.nn.Module, got: dict[str, torch.Tensor])
 
 
 def test_expected_shapes_are_the_models():
-    from mtnlg_cli.model.gpt import state_dict_shapes
+    from mtnlg_cli.model.architecture import Architecture
 
-    config = GPTConfig(vocab_size=256, max_position_embeddings=32, num_layers=3, hidden_size=16, num_heads=2,
+    config = Architecture(vocab_size=256, max_position_embeddings=32, num_layers=3, hidden_size=16, num_heads=2,
                        ffn_hidden_size=40)
-    assert list(state_dict_shapes(config).items()) == [(k, tuple(v.shape)) for k, v in GPT(config).state_dict().items()]
+    assert list(config.state_dict_shapes().items()) == [(k, tuple(v.shape)) for k, v in GPT(config).state_dict().items()]
 
 
 def test_hf_export_loads_in_transformers_with_our_logits_generation_and_token_ids(source, tmp_path):

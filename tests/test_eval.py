@@ -24,7 +24,8 @@ def trained(tmp_path_factory):
     """A workspace with a tokenizer and a checkpoint of a tiny GPT trained for a moment on its sample text."""
     from mtnlg_cli.data.tokenizer import train_tokenizer
     from mtnlg_cli.checkpoint import save_checkpoint
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.model.architecture import Architecture
     from mtnlg_cli.workspace import init_workspace
 
     overrides = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", f"model.seq_length={CONTEXT}",
@@ -35,7 +36,7 @@ def trained(tmp_path_factory):
     text = (workspace.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")[:60_000]
     tokenizer = train_tokenizer(text.splitlines(), workspace.tokenizer_dir, config.model.vocab_size)
     torch.manual_seed(0)
-    model_config = GPTConfig.from_model_config(config.model)
+    model_config = Architecture.from_model_config(config.model)
     model = GPT(model_config)
     stream = torch.tensor(tokenizer.encode(text))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

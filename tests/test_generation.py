@@ -26,7 +26,8 @@ def make_trained_workspace(root: Path):
     """
     from mtnlg_cli.data.tokenizer import train_tokenizer
     from mtnlg_cli.checkpoint import save_checkpoint
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.model.architecture import Architecture
     from mtnlg_cli.workspace import init_workspace
 
     text = (Path(__file__).resolve().parents[1] / "mtnlg_cli/templates/sample/en_austen_pride.txt").read_text(
@@ -39,7 +40,7 @@ def make_trained_workspace(root: Path):
         (ws.tokenizer_dir / name).write_bytes((root / "tok" / name).read_bytes())
     cfg = ws.load_config()
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_config(cfg.model)).eval()
+    model = GPT(Architecture.from_model_config(cfg.model)).eval()
     with torch.no_grad():
         away = torch.nn.functional.normalize(torch.randn(cfg.model.hidden_size), dim=0)
         model.ln_f.bias.copy_(20 * away)
@@ -122,16 +123,17 @@ def test_native_step_computes_what_the_model_computes(ffn_hidden_size, atol):
     multiple of four or sixteen, tall and wide matrices, three heads) and with large weights, so that GeLU and
     softmax see large inputs."""
     from mtnlg_cli.inference import native
-    from mtnlg_cli.model.gpt import GPT, GPTConfig, KVCache
+    from mtnlg_cli.model.gpt import GPT, KVCache
+    from mtnlg_cli.model.architecture import Architecture
 
     library = native.load()
     assert library is not None, "the C decoding step did not build: is a C compiler installed?"
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=37, max_position_embeddings=24, num_layers=2, hidden_size=48, num_heads=3,
+    model = GPT(Architecture(vocab_size=37, max_position_embeddings=24, num_layers=2, hidden_size=48, num_heads=3,
                           ffn_hidden_size=ffn_hidden_size, init_method_std=1.0)).eval()
     tokens = torch.randint(0, 37, (1, 24))
     largest = []
-    model.layers[0].mlp.fc.register_forward_hook(lambda module, args, out: largest.append(out.abs().max()))
+    model.layers["0"].mlp.fc.register_forward_hook(lambda module, args, out: largest.append(out.abs().max()))
     with torch.no_grad():
         expected = model(tokens)[0]
         assert largest[0] > 20  # GeLU's inputs

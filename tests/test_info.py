@@ -11,7 +11,7 @@ import numpy as np
 from conftest import run_cli
 from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter
 from mtnlg_cli.data.tokenizer import train_tokenizer
-from mtnlg_cli.model.sizing import parameter_count
+from mtnlg_cli.model.architecture import Architecture
 
 INFO_JSON_WITHOUT_TORCH = """
 import sys
@@ -52,7 +52,7 @@ def test_info_reports_everything_the_workspace_holds(workspace):
     assert "no torch" in result.stderr
     info = json.loads(result.stdout)
     config = workspace.load_config()
-    assert info["model"]["parameters"] == parameter_count(config.model)
+    assert info["model"]["parameters"] == Architecture.from_model_config(config.model).parameter_count()
     assert info["model"]["training_flops_per_token_recompute"] > info["model"]["training_flops_per_token"] > 0
     assert info["tokenizer"]["vocab_size"] == 400
     assert info["tokenizer"]["special_tokens"]["eos"] == 3

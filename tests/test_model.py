@@ -9,15 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg_cli.config import ModelConfig
-from mtnlg_cli.model.gpt import GPT, GPTConfig, linear_cross_entropy
-from mtnlg_cli.model.sizing import parameter_count
+from mtnlg_cli.model.gpt import GPT, linear_cross_entropy
+from mtnlg_cli.model.architecture import Architecture
+from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.workspace import template_config, template_names
 
 
-def tiny(**changes) -> GPTConfig:
+def tiny(**changes) -> Architecture:
     base = dict(vocab_size=128, max_position_embeddings=32, num_layers=2, hidden_size=32, num_heads=4,
                 ffn_hidden_size=128)
-    return GPTConfig(**{**base, **changes})
+    return Architecture.from_dict({**base, **changes})
 
 
 def test_changing_a_future_token_never_changes_an_earlier_logit():
@@ -48,15 +49,15 @@ def test_a_tiny_model_overfits_one_batch():
 
 
 def test_vocabulary_is_padded_and_initialisation_follows_megatron():
-    config = GPTConfig.from_model_config(ModelConfig(vocab_size=4001, num_layers=8, hidden_size=256, num_heads=8))
+    config = Architecture.from_model_config(ModelConfig(vocab_size=4001, num_layers=8, hidden_size=256, num_heads=8))
     assert config.vocab_size == 4096 and config.ffn_hidden_size == 1024
     torch.manual_seed(0)
     model = GPT(config)
     std = config.init_method_std
-    assert model.layers[0].attn.qkv.weight.std().item() == pytest.approx(std, rel=0.02)
-    assert model.layers[3].mlp.proj.weight.std().item() == pytest.approx(std / math.sqrt(16), rel=0.02)
-    assert model.layers[3].attn.proj.weight.std().item() == pytest.approx(std / math.sqrt(16), rel=0.02)
-    assert torch.count_nonzero(model.layers[0].mlp.fc.bias) == 0
+    assert model.layers["0"].attn.qkv.weight.std().item() == pytest.approx(std, rel=0.02)
+    assert model.layers["3"].mlp.proj.weight.std().item() == pytest.approx(std / math.sqrt(16), rel=0.02)
+    assert model.layers["3"].attn.proj.weight.std().item() == pytest.approx(std / math.sqrt(16), rel=0.02)
+    assert torch.count_nonzero(model.layers["0"].mlp.fc.bias) == 0
     assert model.wte.weight.data_ptr() == next(model.parameters()).data_ptr()  # the head is the embedding
 
 
@@ -64,8 +65,8 @@ def test_vocabulary_is_padded_and_initialisation_follows_megatron():
 def test_every_preset_builds_with_the_counted_size(template):
     model_config = template_config(template).model
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_model_config(model_config))
-    assert model.num_parameters() == parameter_count(model_config)
+        model = GPT(Architecture.from_model_config(model_config))
+    assert model.num_parameters() == Architecture.from_model_config(model_config).parameter_count()
 
 
 def test_fused_head_and_loss_match_the_plain_cross_entropy():

@@ -49,13 +49,13 @@ def train_steps(overrides: list[str]):
 
     import mtnlg_cli.training.runtime as parallel
     from mtnlg_cli.config import load_config
-    from mtnlg_cli.model.gpt import GPTConfig
+    from mtnlg_cli.model.architecture import Architecture
 
     config = load_config(BASE, overrides)
     train = config.train
     runtime = parallel.make_runtime(config)
     torch.manual_seed(0)
-    runtime.build_model(GPTConfig.from_model_config(config.model))
+    runtime.build_model(Architecture.from_model_config(config.model))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(parallel, "build_adamw", lambda groups, train, fused: torch.optim.SGD(groups, lr=0.5,
                                                                                             momentum=0.9))

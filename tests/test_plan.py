@@ -10,7 +10,7 @@ import pytest
 from mtnlg_cli.config import Config, ModelConfig
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.planning import planner
-from mtnlg_cli.model.sizing import parameter_count
+from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.workspace import template_config
 from conftest import run_cli
 
@@ -28,19 +28,20 @@ def mtnlg(recompute: bool = True) -> Config:
 def test_parameter_count_equals_the_model(name, overrides):
     import torch
 
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.model.architecture import Architecture
 
     model_config = template_config(name, overrides).model
     with torch.device("meta"):
-        model = GPT(GPTConfig.from_model_config(model_config))
-    assert parameter_count(model_config) == model.num_parameters()
+        model = GPT(Architecture.from_model_config(model_config))
+    assert Architecture.from_model_config(model_config).parameter_count() == model.num_parameters()
     layout = planner.Layout(1, 1, 1, 1, False)
     assert planner.parameters_per_gpu(model_config, layout) == model.num_parameters()
 
 
 def test_parameters_per_gpu_shrink_with_tensor_and_pipeline_parallelism():
     model = mtnlg().model
-    whole = parameter_count(model)
+    whole = Architecture.from_model_config(model).parameter_count()
     split = planner.parameters_per_gpu(model, planner.Layout(8, 35, 1, 1, True))
     assert whole / 280 < split < whole / 280 * 1.1  # the first stage also holds the embedding shard
 
@@ -78,7 +79,7 @@ def test_fsdp_shards_weights_gradients_and_optimizer_state():
     for part in ("weights", "gradients", "optimizer"):
         assert getattr(sharded, part) == pytest.approx(getattr(plain, part) / 8)
     assert sharded.activations == plain.activations
-    assert plain.weights + plain.gradients + plain.optimizer == pytest.approx(16 * parameter_count(config.model))
+    assert plain.weights + plain.gradients + plain.optimizer == pytest.approx(16 * Architecture.from_model_config(config.model).parameter_count())
 
 
 def test_mt_nlg_530b_matches_the_paper():

@@ -65,9 +65,10 @@ def test_learning_rate_warms_up_then_decays_to_min_lr():
 
 
 def test_weight_decay_applies_to_matrices_only():
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.model.architecture import Architecture
 
-    model = GPT(GPTConfig(vocab_size=128, max_position_embeddings=16, num_layers=1, hidden_size=16, num_heads=2,
+    model = GPT(Architecture(vocab_size=128, max_position_embeddings=16, num_layers=1, hidden_size=16, num_heads=2,
                           ffn_hidden_size=64))
     decay, no_decay = param_groups(model.named_parameters(), 0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0

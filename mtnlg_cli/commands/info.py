@@ -54,12 +54,12 @@ def workspace_summary(workspace: Workspace, config: Config) -> dict[str, Any]:
 
 def model_summary(config: Config) -> dict[str, Any]:
     from mtnlg_cli.planning.planner import training_flops
-    from mtnlg_cli.model.sizing import parameter_count
+    from mtnlg_cli.model.architecture import Architecture
 
     m = config.model
     tokens = m.seq_length
     return {
-        "parameters": parameter_count(m),
+        "parameters": Architecture.from_model_config(m).parameter_count(),
         "training_flops_per_token": training_flops(m, tokens, False) / tokens,
         "training_flops_per_token_recompute": training_flops(m, tokens, True) / tokens,
         "layers": m.num_layers, "hidden_size": m.hidden_size, "heads": m.num_heads, "seq_length": m.seq_length,
@@ -183,7 +183,7 @@ def _size(n: float) -> str:
 
 def print_summary(console: Console, summary: dict[str, Any], config: Config) -> None:
     from mtnlg_cli.commands.plan import flops
-    from mtnlg_cli.model.sizing import human_count
+    from mtnlg_cli.model.architecture import human_count
 
     console.print(f"[bold]workspace[/] {summary['workspace']}")
     console.print(Syntax(config.to_yaml(), "yaml", theme="ansi_dark", background_color="default"))

@@ -36,7 +36,7 @@ def init_command(
 
 
 def templates_table() -> Table:
-    from mtnlg_cli.model.sizing import human_count, parameter_count
+    from mtnlg_cli.model.architecture import Architecture, human_count
 
     table = Table(title="mtnlg templates")
     for column in ("template", "params", "layers", "hidden", "heads", "seq", "TPxPP"):
@@ -45,7 +45,7 @@ def templates_table() -> Table:
     for name in template_names():
         config = template_config(name)
         m, p = config.model, config.parallel
-        table.add_row(name, human_count(parameter_count(m)), str(m.num_layers), str(m.hidden_size),
-                      str(m.num_heads), str(m.seq_length), f"{p.tensor_parallel}x{p.pipeline_parallel}",
+        parameters = Architecture.from_model_config(m).parameter_count()
+        table.add_row(name, human_count(parameters), str(m.num_layers), str(m.hidden_size), str(m.num_heads), str(m.seq_length), f"{p.tensor_parallel}x{p.pipeline_parallel}",
                       template_description(name))
     return table

@@ -13,7 +13,7 @@ from rich.table import Table
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.planning import planner
-from mtnlg_cli.model.sizing import human_count
+from mtnlg_cli.model.architecture import human_count
 from mtnlg_cli.workspace import template_config
 
 

@@ -1,7 +1,7 @@
 """Weights out of and into mtnlg: plain safetensors, Hugging Face GPT-2, Megatron-LM legacy GPT.
 
 Every format converts to and from one `Weights` (mtnlg's tensor names, padded vocabulary, the architecture as a
-`GPTConfig`), so an export is `weights_from_checkpoint` then one writer, and an import is one reader then
+`Architecture`), so an export is `weights_from_checkpoint` then one writer, and an import is one reader then
 `import_weights`. Writers fill a temporary folder that is renamed into place only when complete; readers check
 every tensor's name and shape before anything is written.
 """
@@ -22,7 +22,7 @@ from mtnlg_cli.convert.common import (DTYPES, Weights, check_shapes, folder_summ
 from mtnlg_cli.convert.hf import export_hf, is_hf, read_hf
 from mtnlg_cli.convert.megatron import export_megatron, is_megatron, read_megatron
 from mtnlg_cli.convert.plain import export_plain, is_plain, read_plain
-from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
+from mtnlg_cli.model.architecture import Architecture
 
 __all__ = ["DTYPES", "EXPORT_FORMATS", "IMPORT_FORMATS", "Weights", "detect_format", "export_weights",
            "import_weights", "parse_size", "read_weights", "weights_from_checkpoint"]
@@ -37,11 +37,11 @@ _READERS: dict[str, Callable[[Path], Weights]] = {"safetensors": read_plain, "hf
 def weights_from_checkpoint(checkpoint: Checkpoint, tokenizer_path: Optional[Path], vocab_size: int) -> Weights:
     """An mtnlg checkpoint's model weights (the optimizer state stays behind), checked against its config."""
     try:
-        config = GPTConfig(**checkpoint.state["model_config"])
+        config = Architecture.from_dict(checkpoint.state["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{checkpoint.path / 'state.json'} has no valid model_config ({exc})") from None
     tensors = checkpoint.tensors("model")
-    check_shapes(tensors, state_dict_shapes(config), f"checkpoint {checkpoint.path}", "its model_config")
+    check_shapes(tensors, config.state_dict_shapes(), f"checkpoint {checkpoint.path}", "its model_config")
     if vocab_size > config.vocab_size:
         raise MtnlgError(f"the tokenizer has {vocab_size} pieces but checkpoint {checkpoint.path.name} embeds only "
                          f"{config.vocab_size}")
@@ -124,14 +124,14 @@ def import_weights(workspace, weights: Weights, step: Optional[int] = None, sour
         ffn_hidden_size=None if c.ffn_hidden_size == 4 * c.hidden_size else c.ffn_hidden_size,
         max_position_embeddings=c.max_position_embeddings,
         seq_length=min(config.model.seq_length, c.max_position_embeddings), vocab_size=vocab_size,
-        init_method_std=c.init_method_std, layernorm_epsilon=c.layernorm_epsilon)
+        init_method_std=c.init_method_std, norm_epsilon=c.norm_epsilon)
     changed = [f"{f.name} {getattr(config.model, f.name)} -> {getattr(model, f.name)}"
                for f in dataclasses.fields(model) if getattr(config.model, f.name) != getattr(model, f.name)]
     config = dataclasses.replace(config, model=model).validate()
-    gpt_config = GPTConfig.from_model_config(model)
+    gpt_config = Architecture.from_model_config(model)
     tensors = {name: t.to(torch.float32) for name, t in weights.tensors.items()}
     tensors["wte.weight"] = _fit_vocabulary(tensors["wte.weight"], gpt_config.vocab_size)
-    check_shapes(tensors, state_dict_shapes(gpt_config), source or "the imported weights", "the model config")
+    check_shapes(tensors, gpt_config.state_dict_shapes(), source or "the imported weights", "the model config")
 
     step = weights.step if step is None else step
     if (workspace.checkpoints_dir / step_dir_name(step)).exists():

@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.gpt import GPTConfig
+from mtnlg_cli.model.architecture import Architecture
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -33,7 +33,7 @@ class Weights:
     """
 
     tensors: dict[str, torch.Tensor]
-    config: GPTConfig
+    config: Architecture
     vocab_size: Optional[int]
     step: int
     tokenizer: Optional[Path] = None  # the SentencePiece model that goes with the weights

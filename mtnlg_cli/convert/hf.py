@@ -24,42 +24,42 @@ from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_sh
                                             qkv_heads_to_blocks, read_json, read_safetensors, write_json,
                                             write_safetensors)
 from mtnlg_cli.convert.hf_tokenizer import tokenizer_json
-from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
+from mtnlg_cli.model.architecture import Architecture
 
 ARCHITECTURE = "GPT2LMHeadModel"
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # one formula, constants rounded differently
 BIN_FILE = "pytorch_model.bin"
 _TORCH_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
-# (mtnlg name inside a block, GPT-2 name inside a block, layout): "conv1d" is transposed, "qkv" is transposed
-# (weights) and reordered from per-head to [q|k|v] blocks.
-_BLOCK = (
-    ("ln_1.weight", "ln_1.weight", None),
-    ("ln_1.bias", "ln_1.bias", None),
-    ("attn.qkv.weight", "attn.c_attn.weight", "qkv"),
-    ("attn.qkv.bias", "attn.c_attn.bias", "qkv"),
-    ("attn.proj.weight", "attn.c_proj.weight", "conv1d"),
-    ("attn.proj.bias", "attn.c_proj.bias", None),
-    ("ln_2.weight", "ln_2.weight", None),
-    ("ln_2.bias", "ln_2.bias", None),
-    ("mlp.fc.weight", "mlp.c_fc.weight", "conv1d"),
-    ("mlp.fc.bias", "mlp.c_fc.bias", None),
-    ("mlp.proj.weight", "mlp.c_proj.weight", "conv1d"),
-    ("mlp.proj.bias", "mlp.c_proj.bias", None),
-)
+# mtnlg tensor role (see `Architecture.tensors`) -> (GPT-2 name without the `transformer.` prefix, layout):
+# "conv1d" is transposed, "qkv" is transposed (weights) and reordered from per-head to [q|k|v] blocks.
+_NAMES = {
+    "wte.weight": ("wte.weight", None),
+    "wpe.weight": ("wpe.weight", None),
+    "ln_1.weight": ("h.{layer}.ln_1.weight", None),
+    "ln_1.bias": ("h.{layer}.ln_1.bias", None),
+    "attn.qkv.weight": ("h.{layer}.attn.c_attn.weight", "qkv"),
+    "attn.qkv.bias": ("h.{layer}.attn.c_attn.bias", "qkv"),
+    "attn.proj.weight": ("h.{layer}.attn.c_proj.weight", "conv1d"),
+    "attn.proj.bias": ("h.{layer}.attn.c_proj.bias", None),
+    "ln_2.weight": ("h.{layer}.ln_2.weight", None),
+    "ln_2.bias": ("h.{layer}.ln_2.bias", None),
+    "mlp.fc.weight": ("h.{layer}.mlp.c_fc.weight", "conv1d"),
+    "mlp.fc.bias": ("h.{layer}.mlp.c_fc.bias", None),
+    "mlp.proj.weight": ("h.{layer}.mlp.c_proj.weight", "conv1d"),
+    "mlp.proj.bias": ("h.{layer}.mlp.c_proj.bias", None),
+    "ln_f.weight": ("ln_f.weight", None),
+    "ln_f.bias": ("ln_f.bias", None),
+}
 # GPT-2 buffers that old checkpoints saved with the weights: the causal mask, not parameters
 _BUFFER = re.compile(r"^h\.\d+\.attn\.(bias|masked_bias)$")
 
 
-def _names(config: GPTConfig) -> Iterator[tuple[str, str, Optional[str]]]:
+def _names(config: Architecture) -> Iterator[tuple[str, str, Optional[str]]]:
     """(mtnlg name, GPT-2 name without the `transformer.` prefix, layout) for every tensor, in GPT-2's order."""
-    yield "wte.weight", "wte.weight", None
-    yield "wpe.weight", "wpe.weight", None
-    for i in range(config.num_layers):
-        for ours, theirs, layout in _BLOCK:
-            yield f"layers.{i}.{ours}", f"h.{i}.{theirs}", layout
-    yield "ln_f.weight", "ln_f.weight", None
-    yield "ln_f.bias", "ln_f.bias", None
+    for tensor in config.tensors():
+        theirs, layout = _NAMES[tensor.role]
+        yield tensor.name, theirs.format(layer=tensor.layer), layout
 
 
 def _to_hf(tensor: torch.Tensor, layout: Optional[str], num_heads: int) -> torch.Tensor:
@@ -108,7 +108,7 @@ def export_hf(weights: Weights, out_dir: Path, dtype: torch.dtype, max_shard_siz
         "resid_pdrop": c.dropout,
         "embd_pdrop": c.dropout,
         "attn_pdrop": c.dropout,
-        "layer_norm_epsilon": c.layernorm_epsilon,
+        "layer_norm_epsilon": c.norm_epsilon,
         "initializer_range": c.init_method_std,
         "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False,
@@ -137,7 +137,7 @@ def read_hf(directory: Path) -> Weights:
     if head is not None and "wte.weight" in tensors and not torch.equal(head, tensors["wte.weight"]):
         raise MtnlgError(f"{directory}: unsupported architecture: an output head (lm_head.weight) that is not "
                          "tied to the token embedding (transformer.wte.weight)")
-    shapes = state_dict_shapes(config)
+    shapes = config.state_dict_shapes()
     expected = {theirs: shapes[ours][::-1] if layout and len(shapes[ours]) == 2 else shapes[ours]
                 for ours, theirs, layout in _names(config)}
     check_shapes(tensors, expected, str(directory), config_path.name)
@@ -146,7 +146,7 @@ def read_hf(directory: Path) -> Weights:
     return Weights(ours, config, None, 0, bundled_tokenizer(directory))
 
 
-def _config_from_hf(hf: dict, path: Path) -> GPTConfig:
+def _config_from_hf(hf: dict, path: Path) -> Architecture:
     model_type = hf.get("model_type")
     architecture = (hf.get("architectures") or [None])[0]
     if model_type != "gpt2" or architecture not in (None, ARCHITECTURE, "GPT2Model"):
@@ -162,7 +162,7 @@ def _config_from_hf(hf: dict, path: Path) -> GPTConfig:
             raise MtnlgError(f"{path}: unsupported GPT-2 variant {key}={hf[key]!r} (mtnlg needs {supported})")
     try:
         hidden, heads = int(hf["n_embd"]), int(hf["n_head"])
-        config = GPTConfig(
+        config = Architecture(
             vocab_size=int(hf["vocab_size"]),
             max_position_embeddings=int(hf["n_positions"]),
             num_layers=int(hf["n_layer"]),
@@ -170,7 +170,7 @@ def _config_from_hf(hf: dict, path: Path) -> GPTConfig:
             num_heads=heads,
             ffn_hidden_size=int(hf.get("n_inner") or 4 * hidden),
             init_method_std=float(hf.get("initializer_range", 0.02)),
-            layernorm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+            norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
         )
     except KeyError as exc:
         raise MtnlgError(f"{path} lacks {exc.args[0]}") from None

@@ -30,7 +30,7 @@ import torch
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                             folder_summary, load_torch_file, qkv_blocks_to_heads)
-from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
+from mtnlg_cli.model.architecture import Architecture
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILES = ("model_optim_rng.pt", "model_rng.pt")
@@ -47,22 +47,27 @@ SAFE_GLOBALS = (
     (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),  # written by numpy 1.x
 )
 
-# (mtnlg name inside a block, Megatron name inside `encoder.layers.N`, tensor-parallel split dimension or None)
-_BLOCK = (
-    ("ln_1.weight", "input_layernorm.weight", None),
-    ("ln_1.bias", "input_layernorm.bias", None),
-    ("attn.qkv.weight", "self_attention.query_key_value.weight", 0),
-    ("attn.qkv.bias", "self_attention.query_key_value.bias", 0),
-    ("attn.proj.weight", "self_attention.dense.weight", 1),
-    ("attn.proj.bias", "self_attention.dense.bias", None),
-    ("ln_2.weight", "post_attention_layernorm.weight", None),
-    ("ln_2.bias", "post_attention_layernorm.bias", None),
-    ("mlp.fc.weight", "mlp.dense_h_to_4h.weight", 0),
-    ("mlp.fc.bias", "mlp.dense_h_to_4h.bias", 0),
-    ("mlp.proj.weight", "mlp.dense_4h_to_h.weight", 1),
-    ("mlp.proj.bias", "mlp.dense_4h_to_h.bias", None),
-)
-_WORD_EMBEDDINGS = "language_model.embedding.word_embeddings.weight"
+# mtnlg tensor role (see `Architecture.tensors`) -> Megatron-LM legacy name ({layer}: the layer's index)
+_NAMES = {
+    "wte.weight": "language_model.embedding.word_embeddings.weight",
+    "wpe.weight": "language_model.embedding.position_embeddings.weight",
+    "ln_1.weight": "language_model.encoder.layers.{layer}.input_layernorm.weight",
+    "ln_1.bias": "language_model.encoder.layers.{layer}.input_layernorm.bias",
+    "attn.qkv.weight": "language_model.encoder.layers.{layer}.self_attention.query_key_value.weight",
+    "attn.qkv.bias": "language_model.encoder.layers.{layer}.self_attention.query_key_value.bias",
+    "attn.proj.weight": "language_model.encoder.layers.{layer}.self_attention.dense.weight",
+    "attn.proj.bias": "language_model.encoder.layers.{layer}.self_attention.dense.bias",
+    "ln_2.weight": "language_model.encoder.layers.{layer}.post_attention_layernorm.weight",
+    "ln_2.bias": "language_model.encoder.layers.{layer}.post_attention_layernorm.bias",
+    "mlp.fc.weight": "language_model.encoder.layers.{layer}.mlp.dense_h_to_4h.weight",
+    "mlp.fc.bias": "language_model.encoder.layers.{layer}.mlp.dense_h_to_4h.bias",
+    "mlp.proj.weight": "language_model.encoder.layers.{layer}.mlp.dense_4h_to_h.weight",
+    "mlp.proj.bias": "language_model.encoder.layers.{layer}.mlp.dense_4h_to_h.bias",
+    "ln_f.weight": "language_model.encoder.final_layernorm.weight",
+    "ln_f.bias": "language_model.encoder.final_layernorm.bias",
+}
+_SPLIT_DIMS = {"column": 0, "vocab": 0, "row": 1, None: None}  # tensor-parallel split -> the dimension cut
+_WORD_EMBEDDINGS = _NAMES["wte.weight"]
 _WORD_EMBEDDINGS_FOR_HEAD = "word_embeddings_for_head.weight"  # the last pipeline stage's copy, for the output head
 _LAYER = re.compile(r"^(language_model\.encoder\.layers\.)(\d+)(\..*)$")
 # Older and newer Megatron-LM names for the same tensors, rewritten to the names above on import.
@@ -75,15 +80,10 @@ _ALIASES = (
 )
 
 
-def _names(config: GPTConfig) -> Iterator[tuple[str, str, Optional[int]]]:
+def _names(config: Architecture) -> Iterator[tuple[str, str, Optional[int]]]:
     """(mtnlg name, Megatron name, tensor-parallel split dimension) for every tensor."""
-    yield "wte.weight", _WORD_EMBEDDINGS, 0
-    yield "wpe.weight", "language_model.embedding.position_embeddings.weight", None
-    for i in range(config.num_layers):
-        for ours, theirs, dim in _BLOCK:
-            yield f"layers.{i}.{ours}", f"language_model.encoder.layers.{i}.{theirs}", dim
-    yield "ln_f.weight", "language_model.encoder.final_layernorm.weight", None
-    yield "ln_f.bias", "language_model.encoder.final_layernorm.bias", None
+    for tensor in config.tensors():
+        yield tensor.name, _NAMES[tensor.role].format(layer=tensor.layer), _SPLIT_DIMS[tensor.split]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def _args(weights: Weights, dtype: torch.dtype, tensor_parallel: int, pipeline_p
         make_vocab_size_divisible_by=vocab_multiple,
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
-        layernorm_epsilon=c.layernorm_epsilon,
+        layernorm_epsilon=c.norm_epsilon,
         init_method_std=c.init_method_std,
         hidden_dropout=c.dropout,
         attention_dropout=c.dropout,
@@ -233,7 +233,7 @@ def read_megatron(directory: Path) -> Weights:
     flat = {path: _flat_model(state["model"], path) for path, state in zip(rank_files, states)}
     ranks = [_join_stages([flat[grid[stage][rank]] for stage in range(pipeline_parallel)])
              for rank in range(tensor_parallel)]
-    shapes = state_dict_shapes(config)
+    shapes = config.state_dict_shapes()
     local_shapes = {theirs: _split_shape(shapes[ours], dim, tensor_parallel) for ours, theirs, dim in _names(config)}
     for rank, tensors in enumerate(ranks):
         source = grid[0][rank] if pipeline_parallel == 1 else f"{iteration_dir}/mp_rank_{rank:02d}_*"
@@ -320,7 +320,7 @@ def _rank_files(iteration_dir: Path) -> list[list[Path]]:
     return grid
 
 
-def _config_from_args(args: argparse.Namespace, path: Path) -> GPTConfig:
+def _config_from_args(args: argparse.Namespace, path: Path) -> Architecture:
     unsupported = {
         "position_embedding_type": ("learned_absolute", getattr(args, "position_embedding_type", "learned_absolute")),
         "normalization": ("LayerNorm", getattr(args, "normalization", "LayerNorm")),
@@ -342,7 +342,7 @@ def _config_from_args(args: argparse.Namespace, path: Path) -> GPTConfig:
         hidden, heads = int(args.hidden_size), int(args.num_attention_heads)
         if hidden % heads or (getattr(args, "kv_channels", None) or hidden // heads) * heads != hidden:
             raise MtnlgError(f"{path}: unsupported architecture: kv_channels * num_attention_heads != hidden_size")
-        return GPTConfig(
+        return Architecture(
             vocab_size=int(args.padded_vocab_size),
             max_position_embeddings=int(args.max_position_embeddings),
             num_layers=int(args.num_layers),
@@ -350,7 +350,7 @@ def _config_from_args(args: argparse.Namespace, path: Path) -> GPTConfig:
             num_heads=heads,
             ffn_hidden_size=int(getattr(args, "ffn_hidden_size", None) or 4 * hidden),
             init_method_std=float(getattr(args, "init_method_std", 0.02)),
-            layernorm_epsilon=float(getattr(args, "layernorm_epsilon", 1e-5)),
+            norm_epsilon=float(getattr(args, "layernorm_epsilon", 1e-5)),
         )
     except AttributeError as exc:
         raise MtnlgError(f"{path}: its args lack {exc.name}") from None

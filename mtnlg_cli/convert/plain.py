@@ -1,6 +1,6 @@
 """mtnlg's own export: plain safetensors (one file, or shards and an index) with `config.json` and the tokenizer.
 
-The tensors keep mtnlg's names and the padded vocabulary, so `GPT(GPTConfig(**config["model_config"]))` loads
+The tensors keep mtnlg's names and the padded vocabulary, so `GPT(Architecture.from_dict(config["model_config"]))` loads
 them as they are; every file's header repeats the model config for tools that read only one file.
 """
 
@@ -16,7 +16,7 @@ from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                             dtype_name, read_json, read_safetensors,
                                             write_json, write_safetensors)
-from mtnlg_cli.model.gpt import GPTConfig, state_dict_shapes
+from mtnlg_cli.model.architecture import Architecture
 
 FORMAT = "mtnlg-export/1"
 CONFIG_FILE = "config.json"
@@ -55,10 +55,10 @@ def is_plain(directory: Path) -> bool:
 def read_plain(directory: Path) -> Weights:
     description = read_json(directory / CONFIG_FILE)
     try:
-        config = GPTConfig(**description["model_config"])
+        config = Architecture.from_dict(description["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{directory / CONFIG_FILE} has no valid model_config ({exc})") from None
     tensors, _ = read_safetensors(directory)
-    check_shapes(tensors, state_dict_shapes(config), str(directory), CONFIG_FILE)
+    check_shapes(tensors, config.state_dict_shapes(), str(directory), CONFIG_FILE)
     return Weights(tensors, config, description.get("vocab_size"), int(description.get("step") or 0),
                    bundled_tokenizer(directory), int(description.get("consumed_samples") or 0))

@@ -414,14 +414,14 @@ def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
                     setattr(module, name, PrepackedLinear(child.weight, child.bias, batch_size))
                 elif child.in_features <= child.out_features:
                     child.weight = _stored_in_by_out(child.weight)
-    # the tied head is a method, not a module: an instance attribute shadows it. The embedding keeps its rows
-    # whole: looking up a token in an [in, out] copy would gather one float from each of `hidden` pages.
+    # the tied head gets a product of its own; the embedding keeps its rows whole: looking up a token in an
+    # [in, out] copy would gather one float from each of `hidden` pages
     if pack:
-        decoder.__dict__["output_head"] = PrepackedLinear(model.wte.weight, None, batch_size)
+        decoder.lm_head = PrepackedLinear(model.wte.weight, None, batch_size)
     else:
         head = nn.Linear(*reversed(model.wte.weight.shape), bias=False, device="meta")
         head.weight = _stored_in_by_out(model.wte.weight)
-        decoder.__dict__["output_head"] = head
+        decoder.lm_head = head
     return decoder.eval()
 
 

@@ -15,7 +15,6 @@ Two layout choices serve the rest of the core:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from typing import Optional
 
 import torch
@@ -23,80 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from mtnlg_cli.config import ModelConfig
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int  # padded: the size of the embedding table
-    max_position_embeddings: int
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    ffn_hidden_size: int
-    dropout: float = 0.0
-    init_method_std: float = 0.02
-    layernorm_epsilon: float = 1e-5
-
-    def __post_init__(self) -> None:
-        """Refuses what no model has (a config read from a damaged state.json must not reach torch)."""
-        for name in ("vocab_size", "max_position_embeddings", "num_layers", "hidden_size", "num_heads",
-                     "ffn_hidden_size"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                raise ValueError(f"{name}={value!r} is not a positive integer")
-        for name in ("dropout", "init_method_std", "layernorm_epsilon"):
-            value = getattr(self, name)
-            if type(value) not in (int, float) or not 0 <= value < math.inf or (name == "dropout" and value >= 1):
-                raise ValueError(f"{name}={value!r} is out of range")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @classmethod
-    def from_model_config(cls, model: ModelConfig) -> "GPTConfig":
-        return cls(
-            vocab_size=model.padded_vocab_size,
-            max_position_embeddings=model.max_position_embeddings,
-            num_layers=model.num_layers,
-            hidden_size=model.hidden_size,
-            num_heads=model.num_heads,
-            ffn_hidden_size=model.ffn_size,
-            dropout=model.dropout,
-            init_method_std=model.init_method_std,
-            layernorm_epsilon=model.layernorm_epsilon,
-        )
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def state_dict_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """`GPT(config).state_dict()`'s names and shapes, in its order, without building the model.
-
-    Spelled out rather than read from a model on the meta device, whose first use costs about a second of set-up
-    per process; loading checks weights against these shapes before allocating anything.
-    """
-    hidden, ffn = config.hidden_size, config.ffn_hidden_size
-    block = {"ln_1.weight": (hidden,), "ln_1.bias": (hidden,),
-             "attn.qkv.weight": (3 * hidden, hidden), "attn.qkv.bias": (3 * hidden,),
-             "attn.proj.weight": (hidden, hidden), "attn.proj.bias": (hidden,),
-             "ln_2.weight": (hidden,), "ln_2.bias": (hidden,),
-             "mlp.fc.weight": (ffn, hidden), "mlp.fc.bias": (ffn,),
-             "mlp.proj.weight": (hidden, ffn), "mlp.proj.bias": (hidden,)}
-    shapes = {"wte.weight": (config.vocab_size, hidden), "wpe.weight": (config.max_position_embeddings, hidden)}
-    for i in range(config.num_layers):
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in block.items()})
-    return {**shapes, "ln_f.weight": (hidden,), "ln_f.bias": (hidden,)}
+from mtnlg_cli.model.architecture import Architecture
 
 
 class KVCache:
     """Keys and values of every layer for `max_length` positions, allocated once for a whole generation."""
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_length: int, device=None, dtype=torch.float32):
+    def __init__(self, config: Architecture, batch_size: int, max_length: int, device=None, dtype=torch.float32):
         shape = (config.num_layers, batch_size, config.num_heads, max_length, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -112,7 +44,7 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config: GPTConfig, layer_index: int):
+    def __init__(self, config: Architecture, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
         self.head_dim = config.head_dim
@@ -145,7 +77,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Architecture):
         super().__init__()
         self.fc = nn.Linear(config.hidden_size, config.ffn_hidden_size)
         self.proj = nn.Linear(config.ffn_hidden_size, config.hidden_size)
@@ -156,11 +88,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: GPTConfig, layer_index: int):
+    def __init__(self, config: Architecture, layer_index: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
         self.attn = CausalSelfAttention(config, layer_index)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
@@ -170,14 +102,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: Architecture):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
         self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.drop = nn.Dropout(config.dropout)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
+        # keyed by index, so that a pipeline stage that deletes the layers it does not own keeps the names
+        self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_layers)})
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        # the output projection when it is a module of its own; None: tied to the token embedding
+        self.lm_head: Optional[nn.Module] = None
         # recompute each block's activations in the backward pass instead of storing them (training only)
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -206,35 +141,39 @@ class GPT(nn.Module):
         boolean mask broadcastable to (batch, heads, length, cached + length): True where a query may attend.
         `last_only` returns the logits of the last position alone (batch, 1, vocab): all that generation needs
         from a prompt, without the output head's cost at every other position.
+
+        A pipeline stage is this model with the parts it does not own deleted (`training.plans.pipeline_stage`):
+        a stage after the first takes the previous stage's hidden states instead of token ids, and a stage
+        without the final LayerNorm returns its hidden states.
         """
         length = tokens.shape[1]
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + length, device=tokens.device)
-        x = self.drop(self.wte(tokens) + self.wpe(positions))
-        for layer in self.layers:
+        x = tokens
+        if not tokens.is_floating_point():
+            x = self.drop(self.wte(tokens) + self.wpe(positions))
+        for layer in self.layers.values():
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, None, attn_mask, use_reentrant=False)
             else:
                 x = layer(x, cache, attn_mask)
         if cache is not None:
             cache.length = past + length
+        if self.ln_f is None:
+            return x
         if last_only:
             x = x[:, -1:]
         x = self.ln_f(x)
         weight = self.wte.weight
-        if targets is not None and type(weight) in (nn.Parameter, torch.Tensor) and not torch.is_autocast_enabled(
-                x.device.type):  # a sharded (DTensor) head or mixed precision takes the plain path below
+        if (targets is not None and self.lm_head is None and type(weight) in (nn.Parameter, torch.Tensor)
+                and not torch.is_autocast_enabled(x.device.type)):
+            # (a sharded (DTensor) head or mixed precision takes the plain path below)
             return linear_cross_entropy(x.flatten(0, 1), weight, targets.reshape(-1))
-        logits = self.output_head(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, weight)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-
-    def output_head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits from final hidden states: the output projection, tied to the token embedding. Generation's
-        CPU decoding copy replaces it with a prepacked product (an instance attribute shadows the method)."""
-        return F.linear(x, self.wte.weight)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -29,7 +29,7 @@ from typing import Optional
 
 from mtnlg_cli.config import Config, ModelConfig
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.sizing import embedding_parameter_count, layer_parameter_count, parameter_count
+from mtnlg_cli.model.architecture import Architecture
 
 GIB = 2**30
 USABLE_MEMORY = 0.9  # of a GPU's memory: the rest goes to the CUDA context, allocator fragmentation, buffers
@@ -106,19 +106,9 @@ def layout_from_config(config: Config, gpus: Optional[int] = None) -> Layout:
 # FLOPs
 
 
-def layer_forward_flops(model: ModelConfig, tokens: int) -> float:
-    """Matmul FLOPs of one layer's forward pass over `tokens` tokens in sequences of model.seq_length."""
-    h, f, s = model.hidden_size, model.ffn_size, model.seq_length
-    projections = 2 * tokens * h * (3 * h + h + 2 * f)  # qkv, attention output, mlp up and down
-    attention = 2 * 2 * tokens * s * h  # QK^T and attention-weighted V
-    return projections + attention
-
-
 def training_flops(model: ModelConfig, tokens: int, recompute: bool) -> float:
     """FLOPs of forward and backward over `tokens` tokens; `recompute` adds the layers' forward once more."""
-    passes = 4 if recompute else 3  # backward costs two forwards
-    logits = 2 * tokens * model.hidden_size * model.padded_vocab_size  # never recomputed
-    return passes * model.num_layers * layer_forward_flops(model, tokens) + 3 * logits
+    return Architecture.from_model_config(model).training_flops(tokens, model.seq_length, recompute)
 
 
 def megatron_flops_formula(model: ModelConfig, batch: int, recompute: bool) -> float:
@@ -145,9 +135,10 @@ def parameters_per_gpu(model: ModelConfig, layout: Layout) -> int:
     output head, as in Megatron.
     """
     t, p = layout.tensor, layout.pipeline
-    layers = math.ceil(model.num_layers / p) * layer_parameter_count(model, t)
-    embeddings = embedding_parameter_count(model, t)
-    head = 2 * model.hidden_size + (model.padded_vocab_size * model.hidden_size // t if p > 1 else 0)
+    architecture = Architecture.from_model_config(model)
+    layers = math.ceil(model.num_layers / p) * architecture.layer_parameter_count(t)
+    embeddings = architecture.embedding_parameter_count(t)
+    head = architecture.final_norm_parameter_count() + (architecture.output_head_parameter_count(t) if p > 1 else 0)
     if p == 1:
         return layers + embeddings + head
     return layers + max(embeddings, head)
@@ -276,7 +267,7 @@ def layout_problems(config: Config, layout: Layout, cluster: Cluster) -> list[st
     """Why a layout cannot run at all (it does not divide); memory is checked separately."""
     m, t = config.model, config.train
     problems = []
-    if m.num_heads % layout.tensor or m.ffn_size % layout.tensor or m.padded_vocab_size % layout.tensor:
+    if Architecture.from_model_config(m).tensor_parallel_problem(layout.tensor):
         problems.append(f"TP={layout.tensor} does not divide num_heads={m.num_heads}, the ffn size {m.ffn_size} "
                         f"and the padded vocabulary {m.padded_vocab_size}")
     if m.num_layers % layout.pipeline:
@@ -340,7 +331,7 @@ def make_plan(config: Config, layout: Layout, cluster: Cluster, mfu: float = DEF
                      "(a larger global batch or a smaller micro-batch) shrink it")
     return Plan(
         layout=layout, cluster=cluster,
-        parameters=parameter_count(m), parameters_per_gpu=parameters_per_gpu(m, layout),
+        parameters=Architecture.from_model_config(m).parameter_count(), parameters_per_gpu=parameters_per_gpu(m, layout),
         flops_per_token=flops_iteration / tokens_per_iteration,
         model_flops_per_token=model_flops_iteration / tokens_per_iteration,
         flops_per_token_recompute=training_flops(m, tokens_per_iteration, True) / tokens_per_iteration,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.model.architecture import Architecture
 
 _START_HINT = " (mtnlg train --num-processes N starts N)"
 
@@ -60,13 +61,11 @@ def resolve_layout(config: Config, world_size: int) -> Layout:
             raise MtnlgError(f"parallel.tensor_parallel={tp} x parallel.pipeline_parallel={pp} = {tp * pp} "
                              f"does not divide the {world_size} processes of the run{_START_HINT}")
         dp = world_size // (tp * pp)
-    if m.num_heads % tp:
-        raise MtnlgError(f"model.num_heads={m.num_heads} must be divisible by parallel.tensor_parallel={tp}")
-    if m.ffn_size % tp or m.padded_vocab_size % tp:
-        raise MtnlgError(f"model.ffn_hidden_size={m.ffn_size} and the padded vocabulary {m.padded_vocab_size} "
-                         f"must be divisible by parallel.tensor_parallel={tp}")
-    if p.sequence_parallel and tp == 1:
-        raise MtnlgError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
+    # (what holds whatever the process count, such as the heads dividing among tensor-parallel ranks, was checked
+    # when the config was loaded: Config.validate)
+    problem = Architecture.from_model_config(m).tensor_parallel_problem(tp)
+    if problem:
+        raise MtnlgError(problem)
     if p.sequence_parallel and m.seq_length % tp:
         raise MtnlgError(f"model.seq_length={m.seq_length} must be divisible by parallel.tensor_parallel={tp} "
                          "for sequence parallelism")

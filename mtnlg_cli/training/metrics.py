@@ -16,25 +16,6 @@ from typing import Any, Optional
 
 import torch
 
-from mtnlg_cli.config import ModelConfig
-from mtnlg_cli.model.gpt import GPTConfig
-from mtnlg_cli.planning.planner import training_flops
-
-
-def training_flops_per_token(config: GPTConfig, seq_length: int) -> float:
-    """Forward and backward FLOPs per trained token, without recomputation: the planner's count, for MFU."""
-    model = ModelConfig(num_layers=config.num_layers, hidden_size=config.hidden_size, num_heads=config.num_heads,
-                        ffn_hidden_size=config.ffn_hidden_size, max_position_embeddings=config.max_position_embeddings,
-                        seq_length=seq_length, vocab_size=config.vocab_size, make_vocab_size_divisible_by=1)
-    return training_flops(model, seq_length, recompute=False) / seq_length
-
-
-def model_matmul_shapes(config: GPTConfig, tokens: int) -> list[tuple[int, int, int]]:
-    """(rows, inner, cols) of the model's forward matrix products for `tokens` tokens, with their layer counts."""
-    h, f = config.hidden_size, config.ffn_hidden_size
-    block = [(tokens, h, 3 * h), (tokens, h, h), (tokens, h, f), (tokens, f, h)]
-    return block * config.num_layers + [(tokens, h, config.vocab_size)]
-
 
 def measure_matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, min_seconds: float = 0.5) -> float:

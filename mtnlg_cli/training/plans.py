@@ -1,6 +1,6 @@
-"""Parallel plans for the unchanged GPT, applied over a device mesh built from the run's `Layout` (layout.py).
+"""Parallel plans for the unchanged GPT, and `parallelize`, which applies the ones a run's `Layout` asks for.
 
-As in torchtitan, parallelism lives here and not in the layers. The mesh has three named dimensions,
+As in torchtitan, parallelism lives here and not in the layers. The device mesh has three named dimensions,
 ("pp", "dp", "tp"), tensor-parallel innermost so that a tensor-parallel group shares the fastest links:
 
 - **Tensor parallel** (`tensor_parallel`, Megatron style, DTensor `parallelize_module`): `attn.qkv` and `mlp.fc`
@@ -9,28 +9,31 @@ As in torchtitan, parallelism lives here and not in the layers. The mesh has thr
   head count from the tensor. The token embedding is vocabulary-parallel and, through the tied weight, so is the
   output head: logits stay sharded on the vocabulary and the cross-entropy runs under `loss_parallel()`.
   `sequence_parallel` additionally splits the LayerNorm/dropout/residual regions along the sequence.
-- **Data parallel** (`data_parallel`, `fsdp`): DDP replicas, or FSDP2 `fully_shard` per block then the root
-  (parameters, gradients and optimizer state sharded: the ZeRO-3 analogue). With tensor parallelism the data
+- **Pipeline parallel** (`pipeline_parallel`, `torch.distributed.pipelining`): a stage is the model with the parts
+  it does not own deleted (`pipeline_stage`): one contiguous run of layers, the first stage also the embeddings,
+  the last the final LayerNorm and the tied head; `GPT.forward` skips what is absent. It runs under GPipe or 1F1B.
+  The first and last stages each hold the tied embedding and add up its gradient, as Megatron-LM does.
+- **Data parallel** (`data_parallel`, `fsdp`): replicas, or FSDP2 `fully_shard` per layer then the root
+  (parameters, gradients and optimizer state sharded: the ZeRO-3 analogue). Replicas are torch's DDP, which
+  overlaps the gradient all-reduce with the backward pass; pipeline replicas all-reduce after the schedule instead
+  (DDP inside a pipeline stage averages gradients wrongly in torch 2.13). With tensor parallelism the data
   dimension must be FSDP: DDP cannot replicate DTensor parameters.
-- **Pipeline parallel** (`pipeline_parallel`, `torch.distributed.pipelining`): each rank keeps one contiguous run of
-  blocks (the first stage also the embeddings, the last the final LayerNorm and the tied head), under GPipe or
-  1F1B. The first and last stages each hold the tied embedding and add up its gradient, as Megatron-LM does.
 
-`ParallelModel` is what a training loop works with: one step's forward and backward over this rank's share of a
-global batch, gradient clipping with the true global norm, and full (unsharded, layout-independent) state dicts.
+`parallelize(model, layout, device)` returns a `ParallelModel`: what this rank holds of the model, one step's
+forward and backward over this rank's share of a global batch, gradient clipping with the true global norm, and
+full (unsharded, layout-independent) state dicts. One process is the layout with every degree 1.
 """
 
 from __future__ import annotations
 
 import contextlib
 from datetime import timedelta
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from mtnlg_cli.model.gpt import GPT
 from mtnlg_cli.training.layout import Layout
@@ -77,7 +80,7 @@ def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
             "ln_2": SequenceParallel(), "mlp": PrepareModuleInput(input_layouts=(Shard(1),),
                                                                   desired_input_layouts=(Replicate(),)),
         })
-    for block in model.layers:
+    for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan)
 
     # The tied head is `F.linear(ln_f(x), wte.weight)` inside GPT.forward, not a module, so it gets no plan of its
@@ -91,47 +94,33 @@ def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
     model.ln_f.register_forward_hook(whole_activations_for_head)
 
 
-def apply_fsdp(model: nn.Module, blocks: Iterator[nn.Module], dp_mesh, param_dtype: Optional[torch.dtype]) -> None:
-    """FSDP2: each block is its own all-gather unit, the root holds the rest (embeddings, final LayerNorm)."""
+def pipeline_stage(model: GPT, stage: int, num_stages: int) -> GPT:
+    """Cuts `model` down, in place, to what pipeline stage `stage` of `num_stages` runs; names stay the whole
+    model's. The first stage keeps the embeddings, the last the final LayerNorm and (for the tied head) the token
+    embedding; every stage keeps its own run of layers."""
+    per_stage = model.config.num_layers // num_stages
+    owned = range(stage * per_stage, (stage + 1) * per_stage)
+    is_first, is_last = stage == 0, stage == num_stages - 1
+    for index in list(model.layers):
+        if int(index) not in owned:
+            del model.layers[index]
+    if not is_first:
+        model.wpe = None
+        if not is_last:
+            model.wte = None
+    if not is_last:
+        model.ln_f = None
+    return model
+
+
+def apply_fsdp(model: GPT, dp_mesh, param_dtype: Optional[torch.dtype]) -> None:
+    """FSDP2: each layer is its own all-gather unit, the root holds the rest (embeddings, final LayerNorm)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for block in blocks:
+    for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=policy)
     fully_shard(model, mesh=dp_mesh, mp_policy=policy)
-
-
-class PipelineStageModule(nn.Module):
-    """The part of a GPT that one pipeline stage runs, under the same parameter names as in the whole model.
-
-    The first stage embeds tokens, the last applies the final LayerNorm and the tied head; both hold `wte`.
-    The embedding and head lines mirror GPT.forward, which cannot be cut between blocks.
-    """
-
-    def __init__(self, model: GPT, stage: int, num_stages: int):
-        super().__init__()
-        per_stage = model.config.num_layers // num_stages
-        is_first, is_last = stage == 0, stage == num_stages - 1
-        self.wte = model.wte if is_first or is_last else None
-        self.wpe = model.wpe if is_first else None
-        self.drop = model.drop if is_first else None
-        self.layers = nn.ModuleDict({str(i): model.layers[i] for i in range(stage * per_stage,
-                                                                            (stage + 1) * per_stage)})
-        self.ln_f = model.ln_f if is_last else None
-        self.activation_checkpointing = model.activation_checkpointing
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.wpe is not None:
-            positions = torch.arange(x.shape[1], device=x.device)
-            x = self.drop(self.wte(x) + self.wpe(positions))
-        for layer in self.layers.values():
-            if self.activation_checkpointing and self.training:
-                x = checkpoint(layer, x, use_reentrant=False)
-            else:
-                x = layer(x)
-        if self.ln_f is not None:
-            x = F.linear(self.ln_f(x), self.wte.weight)
-        return x
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -139,14 +128,30 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def parallelize(model: GPT, layout: Layout, device: torch.device, param_dtype: Optional[torch.dtype] = None,
+                compile: bool = False) -> "ParallelModel":
+    """Applies the layout's plans to `model` (tensor parallel, pipeline stage, then FSDP or replicas) on `device`.
+
+    Every rank must call it with the same model (built from the same seed); `param_dtype` is FSDP's compute dtype
+    for parameters, `compile` runs the model through `torch.compile` (one process or replicas only)."""
+    return ParallelModel(model, layout, device, param_dtype, compile)
+
+
 # -----------------------------------------------------------------------------------------------------------------
 # The model as one rank holds it, and what a training loop does with it.
 
 
-class ParallelModel:
-    """A GPT laid out over the processes of a run: what this rank holds of it, one step's work, full state."""
+Backward = Callable[[torch.Tensor], None]
 
-    def __init__(self, model: GPT, layout: Layout, device: torch.device, param_dtype: Optional[torch.dtype] = None):
+
+class ParallelModel:
+    """A GPT laid out over the processes of a run: what this rank holds of it, one step's work, full state.
+
+    `model` is the GPT as this rank holds it (a pipeline stage, DTensor parameters where sharded), whose parameter
+    names are the checkpoint's; `module` is what forward runs through (the same model, or its DDP wrapper)."""
+
+    def __init__(self, model: GPT, layout: Layout, device: torch.device, param_dtype: Optional[torch.dtype] = None,
+                 compile: bool = False):
         self.layout = layout
         self.device = device
         self.mesh = build_mesh(layout, device.type) if layout.world_size > 1 else None
@@ -157,16 +162,32 @@ class ParallelModel:
 
         if layout.tensor_parallel > 1:
             apply_tensor_parallel(model, self.mesh["tp"], layout.sequence_parallel)
-        module: nn.Module = model
         if layout.pipeline_parallel > 1:
             stage = self.mesh["pp"].get_local_rank()
             self.is_first_stage, self.is_last_stage = stage == 0, stage == layout.pipeline_parallel - 1
-            module = PipelineStageModule(model, stage, layout.pipeline_parallel)
+            pipeline_stage(model, stage, layout.pipeline_parallel)
         if layout.fsdp:
-            apply_fsdp(module, _blocks(module), self.mesh["dp"], param_dtype)
-        self.module = module
+            apply_fsdp(model, self.mesh["dp"], param_dtype)
+        self.model = model
+        if compile:
+            model.compile()
+        self.module: nn.Module = model
+        if self.replicated_by_ddp:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.module = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                                  process_group=self.mesh["dp"].get_group())
         if layout.pipeline_parallel > 1:
             self._build_pipeline(stage)
+
+    @property
+    def replicated_by_ddp(self) -> bool:
+        return self.layout.data_parallel > 1 and not self.layout.fsdp and self.layout.pipeline_parallel == 1
+
+    @property
+    def sharded(self) -> bool:
+        """Whether some rank holds only part of the weights (their full state must be gathered or scattered)."""
+        return self.layout.fsdp or self.layout.tensor_parallel > 1 or self.layout.pipeline_parallel > 1
 
     # -- pipeline ---------------------------------------------------------------------------------------------------
 
@@ -201,16 +222,13 @@ class ParallelModel:
         """Adds up the tied embedding's gradient from its use as embedding (first stage) and head (last stage)."""
         if self._tie_group is None or not (self.is_first_stage or self.is_last_stage):
             return
-        grad = self.module.wte.weight.grad
+        grad = self.model.wte.weight.grad
         local = grad.to_local() if hasattr(grad, "to_local") else grad
         dist.all_reduce(local, group=self._tie_group)
 
-    def _average_replica_gradients(self) -> None:
-        """Replicated (not sharded) data parallelism: one all-reduce of all gradients after the step's backward.
-
-        (Plain DP runs under Accelerate's DDP instead, which overlaps it with the backward; DDP inside a pipeline
-        stage averages gradients wrongly in torch 2.13, so pipeline replicas do it here.)"""
-        if self.layout.fsdp or self.layout.data_parallel == 1:
+    def _average_pipeline_replica_gradients(self) -> None:
+        """Pipeline replicas (not sharded): one all-reduce of all gradients after the schedule's backward."""
+        if self.layout.fsdp or self.layout.data_parallel == 1 or self.layout.pipeline_parallel == 1:
             return
         grads = [p.grad for _, p in self.named_parameters() if p.grad is not None]
         flat = torch._utils._flatten_dense_tensors(grads)
@@ -230,65 +248,65 @@ class ParallelModel:
         return contextlib.nullcontext()
 
     def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor, micro_batch_size: int,
-                         autocast=contextlib.nullcontext) -> torch.Tensor:
+                         autocast=contextlib.nullcontext, backward: Backward = torch.Tensor.backward) -> float:
         """Gradients of the mean loss over this rank's share of a global batch; returns the global mean loss.
 
         `tokens` and `targets` are this data-parallel rank's rows of the global batch. Without pipelining they run
         as micro-batches of `micro_batch_size` with gradient accumulation; the pipeline schedule cuts its own.
+        `backward(loss)` runs each micro-batch's backward (a loss scaler scales the loss first).
         """
+        self.module.train()
         if self.schedule is not None:
             with autocast():
                 loss = self._pipeline_loss(tokens, targets, train=True)
             self._sync_tied_embedding()
-        else:
-            loss = self._accumulate(tokens, targets, micro_batch_size, autocast)
-        self._average_replica_gradients()
-        return self._mean_over_data_parallel(loss)
-
-    def _accumulate(self, tokens, targets, micro_batch_size, autocast) -> torch.Tensor:
+            self._average_pipeline_replica_gradients()
+            return self._mean_over_data_parallel(loss).item()
         chunks = list(zip(tokens.split(micro_batch_size), targets.split(micro_batch_size)))
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, (x, y) in enumerate(chunks):
+            last = i == len(chunks) - 1
             if self.layout.fsdp:  # reduce-scatter gradients once, after the last micro-batch
-                self.module.set_requires_gradient_sync(i == len(chunks) - 1)
-            with self.loss_context():
+                self.module.set_requires_gradient_sync(last)
+            # replicas all-reduce gradients once, after the last micro-batch
+            sync = self.module.no_sync() if self.replicated_by_ddp and not last else contextlib.nullcontext()
+            with sync, self.loss_context():
                 with autocast():
                     loss = self.module(x, y)
-                (loss / len(chunks)).backward()
+                backward(loss / len(chunks))
             total += _local(loss.detach())
-        return total / len(chunks)
+        return self._mean_over_data_parallel(total / len(chunks)).item()
 
     @torch.no_grad()
     def eval_loss(self, tokens: torch.Tensor, targets: torch.Tensor, micro_batch_size: int,
-                  autocast=contextlib.nullcontext) -> torch.Tensor:
+                  autocast=contextlib.nullcontext) -> float:
         """The mean loss over this rank's rows of an evaluation batch, averaged over data-parallel ranks."""
+        self.module.eval()
         if self.schedule is not None:
             with autocast():
-                return self._mean_over_data_parallel(self._pipeline_loss(tokens, targets, train=False))
+                return self._mean_over_data_parallel(self._pipeline_loss(tokens, targets, train=False)).item()
         chunks = list(zip(tokens.split(micro_batch_size), targets.split(micro_batch_size)))
-        total = torch.zeros((), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
         with self.loss_context(), autocast():
             for x, y in chunks:
-                total += _local(self.module(x, y))
-        return self._mean_over_data_parallel(total / len(chunks))
+                total += _local(self.model(x, y))
+        return self._mean_over_data_parallel(total / len(chunks)).item()
 
     def _mean_over_data_parallel(self, loss: torch.Tensor) -> torch.Tensor:
         if self.layout.data_parallel > 1:
+            loss = loss.to(torch.float64)
             dist.all_reduce(loss, group=self.mesh["dp"].get_group())
             loss = loss / self.layout.data_parallel
         return loss
 
-    def train(self, mode: bool = True) -> None:
-        self.module.train(mode)
-
     # -- parameters, clipping -----------------------------------------------------------------------------------
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return self.module.named_parameters()
+        return self.model.named_parameters()
 
     def parameter_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: weight decay on matrices only, and DTensors on one mesh never mixed with other tensors
-        (foreach/fused AdamW cannot mix them)."""
+        """AdamW groups, as Megatron makes them: weight decay on matrices (and the embeddings) only; and DTensors
+        on one mesh never mixed with other tensors (foreach/fused AdamW cannot mix them)."""
         groups: dict[tuple, list] = {}
         for name, param in self.named_parameters():
             if param.requires_grad:
@@ -296,45 +314,56 @@ class ParallelModel:
         return [{"params": params, "weight_decay": weight_decay if decay else 0.0}
                 for (decay, _), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], str(kv[0][1])))]
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, max_norm: float) -> float:
         """Scales gradients so that their global norm is at most `max_norm` (0: no clipping); returns that norm."""
-        grads_by_mesh: dict = {}
+        params_by_mesh: dict = {}
         for name, param in self.named_parameters():
             if param.grad is None or (name == "wte.weight" and self.is_last_stage and not self.is_first_stage):
                 continue  # the head's copy of the tied embedding counts once, on the first stage
-            grads_by_mesh.setdefault(_mesh_key(param), []).append(param.grad)
-        squares = torch.zeros((), device=self.device, dtype=torch.float32)
-        for grads in grads_by_mesh.values():
-            squares += _local(torch.nn.utils.get_total_norm(grads, 2.0)).float() ** 2
+            params_by_mesh.setdefault(_mesh_key(param), []).append(param)
+        norms = [_local(torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)).float()
+                 for params in params_by_mesh.values()]
+        if len(norms) == 1:
+            norm = norms[0]
+        else:  # several meshes, or no gradient at all
+            norm = torch.stack(norms).square().sum().sqrt() if norms else torch.zeros((), device=self.device)
         if self.layout.pipeline_parallel > 1:
+            squares = norm.square()
             dist.all_reduce(squares, group=self.mesh["pp"].get_group())
-        norm = squares.sqrt()
-        coefficient = max_norm / (norm.item() + 1e-6)
-        if max_norm > 0 and coefficient < 1.0:
-            for _, param in self.named_parameters():
-                if param.grad is not None:
-                    param.grad.mul_(coefficient)
-        return norm
+            norm = squares.sqrt()
+        value = norm.item()
+        # skips the pass over every gradient when the coefficient is 1: multiplying by 1 changes nothing
+        if max_norm > 0 and max_norm / (value + 1e-6) < 1.0:
+            for mesh, params in params_by_mesh.items():
+                if mesh is None:  # plain tensors: one foreach multiply
+                    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+                else:
+                    for param in params:
+                        param.grad.mul_(max_norm / (value + 1e-6))
+            if self.is_last_stage and not self.is_first_stage and self.model.wte is not None:
+                self.model.wte.weight.grad.mul_(max_norm / (value + 1e-6))
+        return value
 
     # -- full state dicts, the same for every layout ----------------------------------------------------------
 
     def full_model_state(self) -> dict[str, torch.Tensor]:
-        """Unsharded weights under GPT's names on rank 0 (empty elsewhere); every rank must call it."""
+        """Unsharded weights under GPT's names (on rank 0 at least); every rank must call it."""
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-        if self.mesh is None:
-            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        state = get_model_state_dict(self.module, options=self._full_state_options())
+        if not self.sharded:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        state = get_model_state_dict(self.model, options=self._full_state_options())
         return self._merge_stages(state)
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-        """Per-parameter optimizer state keyed by parameter name ({name: {"exp_avg": ..., ...}}) on rank 0."""
+        """Per-parameter optimizer state keyed by parameter name ({name: {"exp_avg": ..., ...}}) on rank 0 at
+        least."""
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-        if self.mesh is None:
+        if not self.sharded:
             names = {param: name for name, param in self.named_parameters()}
             return {names[p]: {k: v.detach().cpu() for k, v in s.items()} for p, s in optimizer.state.items()}
-        state = get_optimizer_state_dict(self.module, optimizer, options=self._full_state_options()).get("state", {})
+        state = get_optimizer_state_dict(self.model, optimizer, options=self._full_state_options()).get("state", {})
         return self._merge_stages(state)
 
     def _full_state_options(self):
@@ -360,26 +389,18 @@ class ParallelModel:
         """Loads full weights (every rank passes the same dict); each rank keeps the names and shards it holds."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-        own = {k: v for k, v in state.items() if k in dict(self.named_parameters()) or k in _buffers(self)}
-        if self.mesh is None:
-            self.module.load_state_dict(own, strict=True)
+        own_names = set(self.model.state_dict())
+        own = {k: v for k, v in state.items() if k in own_names}
+        if not self.sharded:
+            self.model.load_state_dict(own, strict=True)
         else:
-            set_model_state_dict(self.module, own, options=StateDictOptions(full_state_dict=True, strict=True))
+            set_model_state_dict(self.model, own, options=StateDictOptions(full_state_dict=True, strict=True))
 
     def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict[str, dict[str, torch.Tensor]]) -> None:
         """Loads per-parameter optimizer state (full tensors by parameter name), sharded like each parameter."""
         for name, param in self.named_parameters():
             if name in state:
                 optimizer.state[param] = {key: _like(value, param) for key, value in state[name].items()}
-
-
-def _blocks(module: nn.Module) -> list[nn.Module]:
-    layers = module.layers
-    return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
-
-
-def _buffers(model: ParallelModel) -> set[str]:
-    return {name for name, _ in model.module.named_buffers()}
 
 
 def _mesh_key(tensor: torch.Tensor):
@@ -406,4 +427,3 @@ def _like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
         return distribute_tensor(full, param.device_mesh, param.placements)
     return full.clone()
-

@@ -1,127 +1,129 @@
-"""The parallel seam: everything in training that depends on how the model is laid out over processes.
+"""The training runtime: the one object through which the trainer touches processes, devices and the layout.
 
-The trainer (`mtnlg_cli/training/trainer.py`) is written once, against `ParallelRuntime`; it never touches
-`torch.distributed`, DDP, FSDP or pipeline stages itself. A runtime owns:
+The trainer (`mtnlg_cli/training/trainer.py`) is written once, against `Runtime`; it never touches
+`torch.distributed`, DDP, FSDP or pipeline stages itself. `make_runtime(config)` joins the run's processes (started
+by `mtnlg train --num-processes`, `torchrun` or `accelerate launch`: gloo on CPUs, NCCL on GPUs), checks the
+`parallel` section against their number and returns the runtime, which owns:
 
 - the process world: `is_main`, `rank`, `world_size`, `device`, `barrier()`, `mean_across_ranks(x)`,
-  `any_across_ranks(flag)`,
-  `shutdown()`; the Accelerate `accelerator` (device placement, mixed precision, DDP, trackers);
-- the model: `build_model(gpt_config)` creates the unchanged `GPT` (on every rank, from the same seed) and applies
-  the layout (here: activation checkpointing, `torch.compile`, DDP); `self.model` stays the plain `GPT` whose
+  `any_across_ranks(flag)`, `shutdown()`;
+- the model: `build_model(architecture)` creates the unchanged `GPT` (on every rank, from the same seed) and
+  applies the layout's plans with `plans.parallelize`; `self.model` is the GPT as this rank holds it, whose
   `named_parameters()` names are the checkpoint's names;
-- the optimizer: `build_optimizer()` (AdamW groups; a layout may split groups by tensor kind), `set_lr(lr)`,
-  `clip_grad_norm(max_norm)` (the global norm, before clipping), `optimizer_step()`, `zero_grad()`;
+- precision: `train.mixed_precision` bf16 or fp16 runs forward passes under autocast (fp16 with a loss scaler);
+- the optimizer: `build_optimizer()` (AdamW groups), `set_lr(lr)`, `clip_grad_norm(max_norm)` (the global norm,
+  before clipping), `optimizer_step()`, `skip_step()` (a step whose loss or gradient was not finite);
 - the data each rank reads: `local_sample_indices(first_sample)`. Global batch `step` is samples
   [step * global_batch_size, (step + 1) * global_batch_size), so sample order never depends on the layout;
 - one global batch's work: `forward_backward(batch)` runs this rank's micro-batches (a pipeline schedule owns
-  this) and returns the mean loss of the whole global batch, the same on every rank;
-  `eval_loss(batches)` likewise for validation;
+  this) and returns the mean loss of the whole global batch, the same on every rank; `eval_loss(batches)` likewise;
 - checkpoint state in the layout-free form: `model_state()` / `load_model_state()` are full tensors keyed like
   `GPT.state_dict()`; `optimizer_state()` / `load_optimizer_state()` are tensors keyed `<param name>.<state key>`
   plus JSON scalars. Every rank calls these (a sharded layout gathers or scatters); only the main rank writes.
-
-`ParallelRuntime` below is the single-process runtime, which also runs plain data parallelism (Accelerate's DDP)
-when several processes were launched. `LayoutRuntime` runs the fully sharded, tensor (+sequence) and pipeline
-parallel layouts and their 2-D combinations with the plans of `training.plans`, overriding what they change.
-`make_runtime(config)` checks the `parallel` section against the process count and picks one.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+import os
+from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
 
+from mtnlg_cli.checkpoint import check_weights
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.checkpoint import check_weights, load_weights, shapes_of
-from mtnlg_cli.model.gpt import GPT, GPTConfig
-from mtnlg_cli.training.optim import build_adamw, param_groups
+from mtnlg_cli.model.architecture import Architecture
+from mtnlg_cli.model.gpt import GPT
 from mtnlg_cli.training.layout import Layout, resolve_layout
-from mtnlg_cli.training.plans import PROCESS_GROUP_TIMEOUT, ParallelModel
+from mtnlg_cli.training.optim import build_adamw
+from mtnlg_cli.training.plans import PROCESS_GROUP_TIMEOUT, ParallelModel, parallelize
+
+PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def make_runtime(config: Config) -> "ParallelRuntime":
+def make_runtime(config: Config) -> "Runtime":
     """The runtime for the config's `parallel` section and the processes this one was launched with."""
-    from accelerate import Accelerator, InitProcessGroupKwargs
-    from accelerate.state import AcceleratorState
-
-    # Accelerate keeps its state in a process-wide singleton; a second run in the same Python process (the
-    # library API, tests) may ask for another precision, so start each runtime from a clean slate.
-    AcceleratorState._reset_state()
-    # On a machine without GPUs the processes are CPU processes over gloo (a plain Accelerator() would not join
-    # them into one run); the timeout ends a run whose peer died instead of letting it hang.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.train.mixed_precision,
-                              kwargs_handlers=[InitProcessGroupKwargs(timeout=PROCESS_GROUP_TIMEOUT)])
-    layout = resolve_layout(config, accelerator.num_processes)
-    runtime = ParallelRuntime if layout.plain_data_parallel else LayoutRuntime
-    return runtime(config, accelerator, layout)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        # the timeout ends a run whose peer died instead of letting it hang
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    return Runtime(config, resolve_layout(config, world_size))
 
 
-class ParallelRuntime:
-    def __init__(self, config: Config, accelerator, layout: Layout):
-        self.config, self.accelerator, self.layout = config, accelerator, layout
-        self.data_parallel = layout.data_parallel
-        self.model: GPT | None = None
-        self.wrapped: torch.nn.Module | None = None  # what forward runs through (DDP, compiled, ...)
-        self.optimizer: torch.optim.Optimizer | None = None
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+class Runtime:
+    def __init__(self, config: Config, layout: Layout):
+        self.config, self.layout = config, layout
+        self.device = _device()
+        self.model: Optional[GPT] = None
+        self.parallel: Optional[ParallelModel] = None
+        self.optimizer: Optional[torch.optim.Optimizer] = None
+        precision = config.train.mixed_precision
+        self.autocast_dtype = None if precision == "no" else PRECISION_DTYPES[precision]
+        # fp16 gradients underflow without a loss scale (resolve_layout allows fp16 with replicas only)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
     # --- the process world -------------------------------------------------------------------------------------
 
     @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
     def rank(self) -> int:
-        return self.accelerator.process_index
+        return dist.get_rank() if dist.is_initialized() else 0
 
     @property
     def world_size(self) -> int:
-        return self.accelerator.num_processes
+        return self.layout.world_size
 
     @property
     def is_main(self) -> bool:
-        return self.accelerator.is_main_process
+        return self.rank == 0
 
     def barrier(self) -> None:
-        self.accelerator.wait_for_everyone()
+        if self.world_size > 1:
+            dist.barrier()
 
     def mean_across_ranks(self, value: float) -> float:
         if self.world_size == 1:
             return value
         tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        return self.accelerator.reduce(tensor, reduction="mean").item()
+        dist.all_reduce(tensor)
+        return tensor.item() / self.world_size
 
     def any_across_ranks(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on any (e.g. a signal that reached only some ranks)."""
         if self.world_size == 1:
             return flag
         tensor = torch.tensor([float(flag)], device=self.device)
-        return self.accelerator.reduce(tensor, reduction="sum").item() > 0
+        dist.all_reduce(tensor)
+        return tensor.item() > 0
 
     def shutdown(self) -> None:
-        self.accelerator.end_training()
+        """Nothing to release: the process group lives until the process ends (see launch.run_as_rank)."""
 
     # --- model and optimizer -----------------------------------------------------------------------------------
 
-    def build_model(self, gpt_config: GPTConfig) -> GPT:
-        """The model on this rank's device, with the config's layout applied; call after seeding."""
+    def build_model(self, architecture: Architecture) -> GPT:
+        """The model on this rank's device with the config's layout applied; call after seeding."""
         train = self.config.train
-        self.model = GPT(gpt_config).to(self.device)
-        self.model.activation_checkpointing = train.activation_checkpointing
-        if train.compile:
-            self.model.compile()
-        self.wrapped = self.accelerator.prepare(self.model)
+        model = GPT(architecture)
+        model.activation_checkpointing = train.activation_checkpointing
+        param_dtype = torch.bfloat16 if train.mixed_precision == "bf16" else None
+        self.parallel = parallelize(model, self.layout, self.device, param_dtype, compile=train.compile)
+        self.model = self.parallel.model
         return self.model
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         train = self.config.train
-        groups = param_groups(self.model.named_parameters(), train.weight_decay)
-        fused = self.device.type in ("cpu", "cuda")
-        self.optimizer = build_adamw(groups, train, fused=fused)
-        self.prepared_optimizer = self.accelerator.prepare(self.optimizer)  # handles the fp16 loss scale
+        self.optimizer = build_adamw(self.parallel.parameter_groups(train.weight_decay), train,
+                                     fused=self.device.type in ("cpu", "cuda"))
         return self.optimizer
 
     def set_lr(self, lr: float) -> None:
@@ -130,17 +132,22 @@ class ParallelRuntime:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """The global gradient norm before clipping; clips to `max_norm` unless it is 0."""
-        self.accelerator.unscale_gradients()  # fp16: the norm and the limit are in true units
-        parameters = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-        # torch's clip_grad_norm_ multiplies every gradient by min(1, coefficient); skip that pass over all
-        # gradients when the coefficient is 1 (multiplying by 1 changes nothing)
-        if max_norm > 0 and max_norm / (norm + 1e-6) < 1:
-            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-        return float(norm)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # the norm and the limit are in true units
+        return self.parallel.clip_grad_norm_(max_norm)
 
     def optimizer_step(self) -> None:
-        self.prepared_optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.zero_grad()
+
+    def skip_step(self) -> None:
+        """Drops this step's gradients (their loss or norm was not finite); a loss scaler lowers its scale."""
+        if self.scaler is not None:
+            self.scaler.update()
         self.zero_grad()
 
     def zero_grad(self) -> None:
@@ -151,144 +158,72 @@ class ParallelRuntime:
     @property
     def data_rank(self) -> int:
         """This rank's index among the data-parallel replicas (the rows of each global batch it reads)."""
-        return self.rank
+        # the mesh's dimensions are (pp, dp, tp), tensor-parallel innermost (plans.build_mesh)
+        return self.rank // self.layout.tensor_parallel % self.layout.data_parallel
 
     def local_sample_indices(self, first_sample: int) -> range:
         """The global sample indices this rank reads of the global batch that starts at `first_sample`."""
-        per_rank = self.config.train.global_batch_size // self.data_parallel
+        per_rank = self.config.train.global_batch_size // self.layout.data_parallel
         start = first_sample + self.data_rank * per_rank
         return range(start, start + per_rank)
 
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
     def forward_backward(self, batch: torch.Tensor) -> float:
         """Forward and backward of this rank's share of a global batch ([n, seq+1] tokens); the global mean loss."""
-        self.wrapped.train()
-        micro_batches = batch.to(self.device).split(self.config.train.micro_batch_size)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, micro in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            # DDP all-reduces gradients once, after the last micro-batch
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.wrapped)
-            with sync:
-                loss = self.wrapped(micro[:, :-1], micro[:, 1:])
-                self.accelerator.backward(loss / len(micro_batches))
-            total += loss.detach()
-        return self.mean_across_ranks(total.item() / len(micro_batches))
-
-    @torch.no_grad()
-    def eval_loss(self, batches: Iterable[torch.Tensor]) -> float:
-        """Mean loss over this rank's share of some global batches, averaged across ranks."""
-        self.wrapped.eval()
-        losses = []
-        for batch in batches:
-            for micro in batch.to(self.device).split(self.config.train.micro_batch_size):
-                losses.append(self.wrapped(micro[:, :-1], micro[:, 1:]).item())
-        return self.mean_across_ranks(sum(losses) / len(losses))
-
-    # --- checkpoint state -----------------------------------------------------------------------------------------
-
-    def model_state(self) -> dict[str, torch.Tensor]:
-        return {name: tensor.detach() for name, tensor in self.model.state_dict().items()}
-
-    def load_model_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        load_weights(self.model, tensors, source)
-
-    def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors keyed `<param name>.<state key>`, JSON scalars) of the optimizer."""
-        tensors = {}
-        for name, param in self.model.named_parameters():
-            for key, value in self.optimizer.state.get(param, {}).items():
-                tensors[f"{name}.{key}"] = value.detach()
-        scalars = {"param_groups": [{k: v for k, v in group.items() if k != "params"}
-                                    for group in self.optimizer.param_groups]}
-        scaler = self.accelerator.scaler
-        if scaler is not None:
-            scalars["grad_scaler"] = {k: v for k, v in scaler.state_dict().items() if isinstance(v, (int, float))}
-        return tensors, scalars
-
-    def load_optimizer_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], source: str) -> None:
-        """Restores the optimizer's per-parameter state (hyperparameters come from the current config)."""
-        names = dict(self.model.named_parameters())
-        for name, state in optimizer_state_by_name(self.model, tensors, source).items():
-            param = names[name]
-            self.optimizer.state[param] = {k: v.to(param.device, copy=True) for k, v in state.items()}
-        scaler = self.accelerator.scaler
-        if scaler is not None and "grad_scaler" in scalars:
-            scaler.load_state_dict({**scaler.state_dict(), **scalars["grad_scaler"]})
-
-
-def optimizer_state_by_name(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict]:
-    """Checkpoint optimizer tensors (`<param name>.<state key>`) as {param name: {state key: full tensor}},
-    checked against the model's parameter names and (full) shapes."""
-    names = dict(model.named_parameters())
-    by_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name, _, state_key = key.rpartition(".")
-        if name not in names:
-            raise MtnlgError(f"{source}: optimizer state for {name!r}, which the model does not have")
-        if state_key != "step" and tensor.shape != names[name].shape:
-            raise MtnlgError(f"{source}: optimizer state {name}.{state_key} has shape "
-                             f"{tuple(tensor.shape)}, the model expects {tuple(names[name].shape)}")
-        by_param.setdefault(name, {})[state_key] = tensor
-    return by_param
-
-
-class LayoutRuntime(ParallelRuntime):
-    """Fully sharded, tensor (+sequence) and pipeline parallel layouts, and their 2-D combinations.
-
-    The plans of `training.plans` are applied over a device mesh to the unchanged GPT; Accelerate still launches,
-    joins the process group, places the device and provides bf16 autocast. `self.model` is the whole GPT (its
-    parameters DTensors where they are sharded); under pipeline parallelism this rank trains only its stage of it.
-    """
-
-    def __init__(self, config: Config, accelerator, layout: Layout):
-        super().__init__(config, accelerator, layout)
-        self.parallel: ParallelModel | None = None
-
-    @property
-    def data_rank(self) -> int:
-        return self.parallel.mesh["dp"].get_local_rank()
-
-    def build_model(self, gpt_config: GPTConfig) -> GPT:
-        self.model = GPT(gpt_config)
-        self.model.activation_checkpointing = self.config.train.activation_checkpointing
-        param_dtype = torch.bfloat16 if self.config.train.mixed_precision == "bf16" else None
-        self.parallel = ParallelModel(self.model, self.layout, self.device, param_dtype)
-        self.wrapped = self.parallel.module
-        return self.model
-
-    def build_optimizer(self) -> torch.optim.Optimizer:
-        train = self.config.train
-        self.optimizer = build_adamw(self.parallel.parameter_groups(train.weight_decay), train, fused=True)
-        self.prepared_optimizer = self.optimizer
-        return self.optimizer
-
-    def clip_grad_norm(self, max_norm: float) -> float:
-        return self.parallel.clip_grad_norm_(max_norm).item()
-
-    def forward_backward(self, batch: torch.Tensor) -> float:
-        self.parallel.train()
         batch = batch.to(self.device)
         return self.parallel.forward_backward(batch[:, :-1], batch[:, 1:], self.config.train.micro_batch_size,
-                                              self.accelerator.autocast).item()
+                                              self.autocast, self._backward)
 
     def eval_loss(self, batches: Iterable[torch.Tensor]) -> float:
-        self.parallel.train(False)
+        """Mean loss over this rank's share of some global batches, averaged across data-parallel ranks."""
         losses = [self.parallel.eval_loss(batch[:, :-1].to(self.device), batch[:, 1:].to(self.device),
-                                          self.config.train.micro_batch_size, self.accelerator.autocast).item()
+                                          self.config.train.micro_batch_size, self.autocast)
                   for batch in batches]
         return sum(losses) / len(losses)
+
+    # --- checkpoint state -----------------------------------------------------------------------------------------
 
     def model_state(self) -> dict[str, torch.Tensor]:
         return self.parallel.full_model_state()
 
     def load_model_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        check_weights(shapes_of(self.model), tensors, source)
+        check_weights(self.model.config.state_dict_shapes(), tensors, source)
         self.parallel.load_model_state(tensors)
 
     def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors keyed `<param name>.<state key>`, JSON scalars) of the optimizer."""
         tensors = {f"{name}.{key}": value for name, state in self.parallel.full_optimizer_state(self.optimizer).items()
                    for key, value in state.items()}
-        return tensors, {"layout": self.layout.describe()}
+        scalars: dict[str, Any] = {"layout": self.layout.describe()}
+        if self.scaler is not None:
+            scalars["grad_scaler"] = {k: v for k, v in self.scaler.state_dict().items() if isinstance(v, (int, float))}
+        return tensors, scalars
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], source: str) -> None:
+        """Restores the optimizer's per-parameter state (hyperparameters come from the current config)."""
         self.parallel.load_optimizer_state(self.optimizer, optimizer_state_by_name(self.model, tensors, source))
+        if self.scaler is not None and "grad_scaler" in scalars:
+            self.scaler.load_state_dict({**self.scaler.state_dict(), **scalars["grad_scaler"]})
+
+
+def optimizer_state_by_name(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict]:
+    """Checkpoint optimizer tensors (`<param name>.<state key>`) as {param name: {state key: full tensor}},
+    checked against the whole model's parameter names and shapes."""
+    shapes = model.config.state_dict_shapes()
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, state_key = key.rpartition(".")
+        if name not in shapes:
+            raise MtnlgError(f"{source}: optimizer state for {name!r}, which the model does not have")
+        if state_key != "step" and tuple(tensor.shape) != shapes[name]:
+            raise MtnlgError(f"{source}: optimizer state {name}.{state_key} has shape "
+                             f"{tuple(tensor.shape)}, the model expects {shapes[name]}")
+        by_param.setdefault(name, {})[state_key] = tensor
+    return by_param

@@ -6,7 +6,7 @@ It tokenizes the corpus if that has not happened yet, resumes from the workspace
 fresh), and trains to `train.train_iters` (or `train.train_tokens`), reporting progress and metrics through
 `report` (see `mtnlg_cli.events`) and appending every log interval to `runs/<run>/metrics.jsonl`. Checkpoints are saved every `train.save_interval` steps, at the end,
 and at the step boundary after Ctrl-C or SIGTERM. Everything that depends on the parallel layout goes through the
-`ParallelRuntime` (see `mtnlg_cli/training/runtime.py`); this loop is the same for every layout.
+`Runtime` (see `mtnlg_cli/training/runtime.py`); this loop is the same for every layout.
 
 Step `s` (1-based) is the optimizer update that consumes global samples [c, c + global_batch_size), where `c` is
 the number of samples consumed before it. A checkpoint after step `s` holds everything the update `s + 1` needs,
@@ -32,16 +32,15 @@ from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Metrics, Notice, Progress, Reporter, ignore
 from mtnlg_cli.checkpoint import (Checkpoint, check_tokenizer, latest_checkpoint, list_checkpoints,
                                         load_checkpoint, save_checkpoint)
-from mtnlg_cli.model.gpt import GPTConfig
+from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.lock import TrainLock
-from mtnlg_cli.training.metrics import MetricsLog, model_matmul_shapes, peak_matmul_rate, training_flops_per_token
+from mtnlg_cli.training.metrics import MetricsLog, peak_matmul_rate
 from mtnlg_cli.training.optim import learning_rate
-from mtnlg_cli.training.runtime import ParallelRuntime, make_runtime
+from mtnlg_cli.training.runtime import PRECISION_DTYPES, Runtime, make_runtime
 from mtnlg_cli.workspace import Workspace
 
 # model_config keys that decide the model's shape; dropout or init may change between runs
 SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
-PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -73,9 +72,9 @@ def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None
 
 
 class Trainer:
-    def __init__(self, workspace: Workspace, config: Config, runtime: ParallelRuntime, report: Reporter):
+    def __init__(self, workspace: Workspace, config: Config, runtime: Runtime, report: Reporter):
         self.workspace, self.config, self.runtime, self.report = workspace, config, runtime, report
-        self.gpt_config = GPTConfig.from_model_config(config.model)
+        self.architecture = Architecture.from_model_config(config.model)
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
 
     def run(self, resume: Optional[Path], from_scratch: bool) -> TrainResult:
@@ -83,7 +82,7 @@ class Trainer:
         self.open_data()
         checkpoint = self.checkpoint_to_resume(resume, from_scratch)
         torch.manual_seed(config.train.seed)
-        runtime.build_model(self.gpt_config)
+        runtime.build_model(self.architecture)
         runtime.build_optimizer()
         step, consumed, skipped = 0, 0, 0
         run_name = config.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -117,9 +116,9 @@ class Trainer:
             ensure_datasets(self.workspace, self.config, self.report)
         self.runtime.barrier()
         tokenizer = Tokenizer.load(self.workspace.tokenizer_dir)
-        if tokenizer.vocab_size > self.gpt_config.vocab_size:
+        if tokenizer.vocab_size > self.architecture.vocab_size:
             raise MtnlgError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
-                             f"{self.gpt_config.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
+                             f"{self.architecture.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
         self.tokenizer_hash = tokenizer.hash
         self.train_data = open_split(self.workspace, self.config, "train")
         if len(self.train_data) == 0:
@@ -170,7 +169,7 @@ class Trainer:
         stored = checkpoint.state.get("model_config")
         if not isinstance(stored, dict):
             raise MtnlgError(f"{checkpoint.path} has no model_config; it is not a training checkpoint")
-        current = self.gpt_config.to_dict()
+        current = self.architecture.to_dict()
         for key in SHAPE_KEYS:
             if stored.get(key) != current[key]:
                 raise MtnlgError(f"checkpoint {checkpoint.path.name} is a model with {key}={stored.get(key)}, "
@@ -208,7 +207,7 @@ class Trainer:
         path = None
         if self.runtime.is_main:
             state = {
-                "model_config": self.gpt_config.to_dict(),
+                "model_config": self.architecture.to_dict(),
                 "config": self.config.to_dict(),
                 "tokenizer_hash": self.tokenizer_hash,
                 "consumed_samples": consumed,
@@ -238,7 +237,7 @@ class Trainer:
     def loop(self, result: TrainResult, step: int, consumed: int, last_step: int) -> None:
         config, runtime, train = self.config, self.runtime, self.config.train
         peak = self.peak_flops()
-        flops_per_step = training_flops_per_token(self.gpt_config, config.model.seq_length) * self.tokens_per_step
+        flops_per_step = self.architecture.training_flops(self.tokens_per_step, config.model.seq_length)
         nonfinite_in_a_row = 0
         window = Window()
         started = time.perf_counter()
@@ -254,7 +253,7 @@ class Trainer:
                     runtime.optimizer_step()
                     nonfinite_in_a_row = 0
                 else:
-                    runtime.zero_grad()
+                    runtime.skip_step()
                     result.skipped_steps += 1
                     nonfinite_in_a_row += 1
                     if nonfinite_in_a_row >= train.max_nonfinite_steps:
@@ -291,7 +290,7 @@ class Trainer:
             return self.config.train.peak_tflops * 1e12
         tokens = self.config.train.micro_batch_size * self.config.model.seq_length
         dtype = PRECISION_DTYPES[self.config.train.mixed_precision]
-        return peak_matmul_rate(model_matmul_shapes(self.gpt_config, tokens), self.runtime.device, dtype)
+        return peak_matmul_rate(self.architecture.matmul_shapes(tokens), self.runtime.device, dtype)
 
     def evaluate(self, step: int) -> Optional[float]:
         if self.valid_data is None:

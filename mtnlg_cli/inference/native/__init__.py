@@ -127,7 +127,7 @@ class NativeWeights:
         self.library, self.config = library, model.config
         embeddings = [model.wte.weight.detach().float().contiguous(), model.wpe.weight.detach().float().contiguous()]
         read_in_order = []
-        for layer in model.layers:
+        for layer in model.layers.values():
             read_in_order += [as_product_takes_it(t) if t.dim() == 2 else t for t in (
                 layer.ln_1.weight, layer.ln_1.bias, layer.attn.qkv.weight, layer.attn.qkv.bias,
                 layer.attn.proj.weight, layer.attn.proj.bias, layer.ln_2.weight, layer.ln_2.bias,
@@ -168,7 +168,7 @@ class NativeStep:
         self._weights = weights  # keeps the memory that `_arguments` points into alive
         self._arguments = ctypes.pointer(_StepArguments(
             ctypes.addressof(weights.pointers), config.num_layers, config.hidden_size, config.num_heads,
-            config.ffn_hidden_size, config.vocab_size, config.layernorm_epsilon, cache.keys.data_ptr(),
+            config.ffn_hidden_size, config.vocab_size, config.norm_epsilon, cache.keys.data_ptr(),
             cache.values.data_ptr(), self.capacity, self.work.data_ptr(), self.logits.data_ptr()))
         self._decode = weights.library.mtnlg_decode_step
 
