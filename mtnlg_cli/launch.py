@@ -46,8 +46,8 @@ def launch(command_args: list[str], num_processes: int, num_machines: int = 1, m
     if main_process_port:
         launcher += ["--main_process_port", str(main_process_port)]
     with tempfile.TemporaryDirectory(prefix="mtnlg-ranks-") as errors, tempfile.TemporaryFile() as stderr:
-        # (each rank picks CPU processes over gloo itself when it finds no GPU, see parallel.make_runtime; the
-        # launcher is not asked, so that this process need not import torch)
+        # (each rank picks CPU processes over gloo itself when it finds no GPU, see
+        # training.runtime.make_runtime; the launcher is not asked, so that this process need not import torch)
         env = {**os.environ, ERROR_DIR_ENV: errors}
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_processes)))
         # its own session: a Ctrl-C reaches this process only, which passes one signal on to the launcher (and it

@@ -331,7 +331,8 @@ def make_plan(config: Config, layout: Layout, cluster: Cluster, mfu: float = DEF
                      "(a larger global batch or a smaller micro-batch) shrink it")
     return Plan(
         layout=layout, cluster=cluster,
-        parameters=Architecture.from_model_config(m).parameter_count(), parameters_per_gpu=parameters_per_gpu(m, layout),
+        parameters=Architecture.from_model_config(m).parameter_count(),
+        parameters_per_gpu=parameters_per_gpu(m, layout),
         flops_per_token=flops_iteration / tokens_per_iteration,
         model_flops_per_token=model_flops_iteration / tokens_per_iteration,
         flops_per_token_recompute=training_flops(m, tokens_per_iteration, True) / tokens_per_iteration,

@@ -81,7 +81,7 @@ class MetricsLog:
         self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "a", encoding="utf-8")
-        self.tracker = tracker  # an Accelerator with trackers initialised, or None
+        self.tracker = tracker  # a started Accelerate tracker (TensorBoard), or None
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")

@@ -4,9 +4,10 @@
 
 It tokenizes the corpus if that has not happened yet, resumes from the workspace's latest checkpoint (or starts
 fresh), and trains to `train.train_iters` (or `train.train_tokens`), reporting progress and metrics through
-`report` (see `mtnlg_cli.events`) and appending every log interval to `runs/<run>/metrics.jsonl`. Checkpoints are saved every `train.save_interval` steps, at the end,
-and at the step boundary after Ctrl-C or SIGTERM. Everything that depends on the parallel layout goes through the
-`Runtime` (see `mtnlg_cli/training/runtime.py`); this loop is the same for every layout.
+`report` (see `mtnlg_cli.events`) and appending every log interval to `runs/<run>/metrics.jsonl`. Checkpoints are
+saved every `train.save_interval` steps, at the end, and at the step boundary after Ctrl-C or SIGTERM. Everything
+that depends on the parallel layout goes through the `Runtime` (see `mtnlg_cli/training/runtime.py`); this loop is
+the same for every layout.
 
 Step `s` (1-based) is the optimizer update that consumes global samples [c, c + global_batch_size), where `c` is
 the number of samples consumed before it. A checkpoint after step `s` holds everything the update `s + 1` needs,
