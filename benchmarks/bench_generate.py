@@ -156,7 +156,8 @@ def matvec_limit(model):
 
 
 def run(quick: bool = False) -> list[Result]:
-    from mtnlg_cli.inference.engine import Generator, SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference.engine import Generator
     from mtnlg_cli.model.gpt import GPT
     from mtnlg_cli.model.architecture import Architecture
 

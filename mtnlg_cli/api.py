@@ -206,7 +206,7 @@ class MegatronLM:
         return Generator(model, tokenizer)
 
     def _sampling(self, **settings: Any):
-        from mtnlg_cli.inference.engine import SamplingSettings
+        from mtnlg_cli.config import SamplingSettings
 
         known = {f.name for f in dataclasses.fields(SamplingSettings)}
         for name in settings:

@@ -113,14 +113,48 @@ class ParallelConfig:
 
 
 @dataclass
-class GenerateConfig:
+class SamplingSettings:
+    """How generation picks tokens: the sampling keys of the `generate` section, and what the engine, chat, the
+    Python API and a server take per request."""
+
     max_new_tokens: int = 100
-    temperature: float = 0.8
+    temperature: float = 0.8  # 0: greedy
     top_k: int = 0  # 0: off
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: Optional[int] = None
-    stop: list[str] = field(default_factory=list)
+    top_p: float = 1.0  # 1: off
+    repetition_penalty: float = 1.0  # 1: off
+    seed: Optional[int] = None  # None: a fresh random seed each call
+    stop: list[str] = field(default_factory=list)  # strings that end a continuation (cut before them)
+
+    @classmethod
+    def from_config(cls, settings: "SamplingSettings", **overrides: Any) -> "SamplingSettings":
+        """The sampling keys of `settings` (e.g. a config's `generate` section); `overrides` that are not None
+        win (command-line options, API arguments)."""
+        values = {f.name: getattr(settings, f.name) for f in dataclasses.fields(SamplingSettings)}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values).validate()
+
+    def replace(self, **changes: Any) -> "SamplingSettings":
+        return dataclasses.replace(self, **changes).validate()
+
+    def validate(self, where: str = "") -> "SamplingSettings":
+        """Raises ConfigError naming the bad value (`where` prefixes the key, e.g. "generate.")."""
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{where}max_new_tokens={self.max_new_tokens} must be positive")
+        if self.temperature < 0:
+            raise ConfigError(f"{where}temperature={self.temperature} must be non-negative (0 means greedy)")
+        if self.top_k < 0:
+            raise ConfigError(f"{where}top_k={self.top_k} must be non-negative (0 means off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{where}top_p={self.top_p} must be in (0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"{where}repetition_penalty={self.repetition_penalty} must be positive (1 means off)")
+        if any(not s for s in self.stop):
+            raise ConfigError(f"{where}stop strings must not be empty")
+        return self
+
+
+@dataclass
+class GenerateConfig(SamplingSettings):
     system_prompt: Optional[str] = None
     prompt_styles: dict[str, str] = field(
         default_factory=lambda: {
@@ -200,15 +234,7 @@ class Config:
                               f"model.num_layers={m.num_layers}")
         if p.sequence_parallel and p.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
-        if g.temperature < 0:
-            raise ConfigError(f"generate.temperature={g.temperature} must be non-negative (0 means greedy)")
-        if not 0.0 < g.top_p <= 1.0:
-            raise ConfigError(f"generate.top_p={g.top_p} must be in (0, 1]")
-        if g.top_k < 0:
-            raise ConfigError(f"generate.top_k={g.top_k} must be non-negative (0 means off)")
-        if g.repetition_penalty <= 0:
-            raise ConfigError(f"generate.repetition_penalty={g.repetition_penalty} must be positive")
-        _positive("generate.max_new_tokens", g.max_new_tokens)
+        g.validate("generate.")
         for name, style in g.prompt_styles.items():
             if "{text}" not in style:
                 raise ConfigError(f"generate.prompt_styles.{name} must contain {{text}}")

@@ -17,7 +17,7 @@ from test_generation import CONTEXT, generator, ws  # noqa: F401  (the fixtures:
 def session(generator, ws, **options):
     """What `mtnlg chat` builds from the workspace config and its options."""
     from mtnlg_cli.inference.chat import ChatSession
-    from mtnlg_cli.inference.engine import SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
 
     return ChatSession(generator, SamplingSettings.from_config(ws.load_config().generate, **options))
 

@@ -67,7 +67,7 @@ def generator(ws):
 
 
 def greedy(**changes):
-    from mtnlg_cli.inference.engine import SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
 
     return SamplingSettings(temperature=0.0, **changes)
 
@@ -102,7 +102,7 @@ def test_batched_prompts_of_different_lengths_equal_one_by_one(generator):
 
 
 def test_decoding_copy_computes_what_the_model_computes_and_leaves_it_alone(generator):
-    from mtnlg_cli.inference.engine import cpu_decoding_copy
+    from mtnlg_cli.inference.cpu_decoder import cpu_decoding_copy
 
     model = generator.model
     before = {name: (p.stride(), p.clone()) for name, p in model.named_parameters()}
@@ -162,7 +162,7 @@ def test_generation_with_and_without_the_native_step_gives_the_same_tokens(gener
 
 
 def test_greedy_takes_a_given_argmax_only_where_it_may_be_picked(generator):
-    from mtnlg_cli.inference.engine import Sampler
+    from mtnlg_cli.inference.sampling import Sampler
 
     tokenizer = generator.tokenizer
     sampler = Sampler(greedy(), tokenizer, [[5]], torch.device("cpu"))
@@ -257,7 +257,7 @@ def test_streamed_pieces_add_up_to_the_text_that_decoding_gives(generator):
 
 
 def test_same_seed_same_sample_and_sampling_options_behave(generator):
-    from mtnlg_cli.inference.engine import SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
 
     def sample(**options):
         settings = SamplingSettings(max_new_tokens=20, temperature=1.0, **options)
@@ -298,7 +298,7 @@ def test_long_prompt_keeps_its_last_tokens_and_generation_slides_past_the_window
 
 
 def test_invalid_sampling_values_are_refused(generator):
-    from mtnlg_cli.inference.engine import SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
 
     for bad, message in (({"top_p": 0.0}, "top_p=0.0 must be in"), ({"top_p": 1.5}, "top_p"),
                          ({"temperature": -1.0}, "temperature=-1.0 must be non-negative"),

@@ -40,7 +40,7 @@ StopOption = Annotated[Optional[list[str]], typer.Option(
 
 def sampling_settings(config, **options):
     """The config's `generate` section with the command-line options that were given on top."""
-    from mtnlg_cli.inference.engine import SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
 
     return SamplingSettings.from_config(config.generate, **options)
 

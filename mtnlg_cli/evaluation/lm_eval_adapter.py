@@ -74,7 +74,8 @@ class MtnlgLM(LM):
     def generate_until(self, requests) -> list[str]:
         """Greedy continuations, cut before the first `until` string; requests with the same settings share a
         batch of the generation engine."""
-        from mtnlg_cli.inference.engine import Generator, SamplingSettings
+        from mtnlg_cli.config import SamplingSettings
+        from mtnlg_cli.inference.engine import Generator
 
         generator = Generator(self.model, self.tokenizer)
         groups: dict[tuple, list[int]] = {}

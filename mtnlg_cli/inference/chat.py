@@ -21,7 +21,8 @@ from typing import Callable, Optional, TextIO
 
 from mtnlg_cli.atomic import write_bytes_atomically
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.inference.engine import Generator, SamplingSettings
+from mtnlg_cli.config import SamplingSettings
+from mtnlg_cli.inference.engine import Generator
 
 ROLES = ("system", "user", "assistant")
 

@@ -2,7 +2,8 @@
 
 One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks and the Python API.
 
-    from mtnlg_cli.inference.engine import Generator, SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference.engine import Generator
 
     generator = Generator(model, tokenizer)              # a GPT (eval mode) and the mtnlg Tokenizer it was trained with
     settings = SamplingSettings(max_new_tokens=50, temperature=0.0)   # or SamplingSettings.from_config(cfg.generate)
@@ -15,34 +16,29 @@ One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks an
 - Prompts are strings or lists of token ids, of any lengths: they are left-padded into one batch with per-row
   positions and an attention mask, so each row gets what it would get alone. An empty prompt starts from the
   end-of-document token, the boundary that precedes every document in training.
-- `SamplingSettings`: temperature 0 is greedy; top_k 0, top_p 1 and repetition_penalty 1 are off; `seed` makes
-  sampling reproducible (None: a fresh random seed); `stop` lists strings that end a row (the text is cut before
-  them). `settings.validate()` raises MtnlgError naming the bad value.
+- `SamplingSettings` (see `mtnlg_cli.config` and `sampling.py`): `stop` lists strings that end a row (the text is
+  cut before them); `settings.validate()` raises MtnlgError naming the bad value.
 - `stop_token_ids` (an argument of `generate`) end a row; by default the end-of-document token. Pass () to
   generate exactly `max_new_tokens` tokens.
 - `on_text(row, text)` is called as text becomes final: a piece that might begin a stop string, or an incomplete
   UTF-8 character, is held back until it is decided. The pieces of a row add up to its `Completion.text`.
 - A prompt longer than the context window keeps its last tokens (a `GenerationWarning` says so). Generation past
   the window slides: the cache is rebuilt from the last half window of tokens and decoding goes on.
-- On CPU the generator runs prompts and batches through a copy of the model whose weights are laid out for small
-  batches (see `cpu_decoding_copy`), rebuilt when the model's weights change; a single row of an fp32 model
-  decodes in one C call per token where a C compiler can build it (see `mtnlg_cli.inference.native`).
+- The engine is device-agnostic; on a CPU with fp32 weights it decodes through a `CpuDecoder`
+  (`cpu_decoder.py`: copies of the model laid out for small batches, and a C step for a single row).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.inference import native
+from mtnlg_cli.config import SamplingSettings
+from mtnlg_cli.inference.cpu_decoder import CpuDecoder
+from mtnlg_cli.inference.sampling import Sampler
 from mtnlg_cli.model.gpt import GPT, KVCache
 
 Prompt = Union[str, Sequence[int]]
@@ -51,42 +47,6 @@ TextCallback = Callable[[int, str], None]
 
 class GenerationWarning(UserWarning):
     """A prompt was cut to fit the context window."""
-
-
-@dataclass
-class SamplingSettings:
-    max_new_tokens: int = 100
-    temperature: float = 0.8  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    repetition_penalty: float = 1.0  # 1: off
-    seed: Optional[int] = None  # None: a fresh random seed each call
-    stop: list[str] = field(default_factory=list)
-
-    @classmethod
-    def from_config(cls, generate_config, **overrides) -> "SamplingSettings":
-        """Settings from a config's `generate` section; `overrides` that are not None win (CLI options)."""
-        values = {f.name: getattr(generate_config, f.name) for f in dataclasses.fields(cls)}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values).validate()
-
-    def replace(self, **changes) -> "SamplingSettings":
-        return dataclasses.replace(self, **changes).validate()
-
-    def validate(self) -> "SamplingSettings":
-        if self.max_new_tokens < 1:
-            raise MtnlgError(f"max_new_tokens={self.max_new_tokens} must be positive")
-        if self.temperature < 0:
-            raise MtnlgError(f"temperature={self.temperature} must be non-negative (0 means greedy)")
-        if self.top_k < 0:
-            raise MtnlgError(f"top_k={self.top_k} must be non-negative (0 means off)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise MtnlgError(f"top_p={self.top_p} must be in (0, 1]")
-        if self.repetition_penalty <= 0:
-            raise MtnlgError(f"repetition_penalty={self.repetition_penalty} must be positive (1 means off)")
-        if any(not s for s in self.stop):
-            raise MtnlgError("stop strings must not be empty")
-        return self
 
 
 @dataclass
@@ -103,8 +63,7 @@ class Generator:
     def __init__(self, model: GPT, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        self._weights_version = None
-        self._decoders: dict = {}  # CPU decoding copies by "batched", and the C step's weights as "native"
+        self.cpu_decoder = CpuDecoder(model)
 
     @property
     def context_length(self) -> int:
@@ -131,9 +90,7 @@ class Generator:
         finish: list[Optional[str]] = [None] * len(histories)
 
         longest = max(prompt_lengths) + settings.max_new_tokens
-        batch = LeftPaddedBatch(self._decoding_model(len(histories)), len(histories),
-                                min(longest, self.context_length),
-                                self._native_weights() if len(histories) == 1 else None)
+        batch = self._batch(len(histories), min(longest, self.context_length))
         logits = batch.prefill(histories, self.tokenizer.pad_id)
         for step in range(settings.max_new_tokens):
             next_tokens = sampler(logits, batch.argmaxes)
@@ -182,35 +139,14 @@ class Generator:
                       stacklevel=3)
         return ids[-self.context_length:]
 
-    def _decoding_model(self, batch_size: int) -> GPT:
-        """The model to decode with: on CPU a copy laid out for fast small-batch products (one for batch 1, one
-        for larger batches)."""
-        if not self._cpu_fp32():
-            return self.model
-        batched = batch_size > 1
-        if batched not in self._decoders:
-            self._decoders[batched] = cpu_decoding_copy(self.model, batch_size)
-        return self._decoders[batched]
-
-    def _native_weights(self) -> Optional[native.NativeWeights]:
-        """The weights for the C decoding step of one row, where it can be built (see `mtnlg_cli.inference.native`)."""
-        library = native.load() if self._cpu_fp32() else None
-        if library is None:
-            return None
-        if "native" not in self._decoders:
-            self._decoders["native"] = native.NativeWeights(library, self.model)
-        return self._decoders["native"]
-
-    def _cpu_fp32(self) -> bool:
-        """Whether the decoding copies apply; forgets those made before the weights last changed (a load or an
-        optimizer step bumps the version counters)."""
-        if self._device.type != "cpu" or self.model.wte.weight.dtype != torch.float32:
-            return False
-        version = tuple((id(p), p._version) for p in self.model.parameters())
-        if version != self._weights_version:
-            self._decoders = {}
-            self._weights_version = version
-        return True
+    def _batch(self, rows: int, capacity: int) -> "LeftPaddedBatch":
+        """A batch to decode `rows` rows in, through the CPU decoder where it applies."""
+        if not CpuDecoder.applies(self.model):
+            return LeftPaddedBatch(self.model, rows, capacity)
+        batch = LeftPaddedBatch(self.cpu_decoder.model_for(rows), rows, capacity)
+        if rows == 1:
+            batch.single_row_step = self.cpu_decoder.single_row_step(batch.cache)
+        return batch
 
 
 class LeftPaddedBatch:
@@ -221,14 +157,14 @@ class LeftPaddedBatch:
     alone so that no softmax row is empty.
     """
 
-    def __init__(self, model: GPT, batch_size: int, capacity: int,
-                 native_weights: Optional[native.NativeWeights] = None):
+    def __init__(self, model: GPT, batch_size: int, capacity: int):
         self.model = model
         weight = model.wte.weight
         self.cache = KVCache(model.config, batch_size, capacity, device=weight.device, dtype=weight.dtype)
         self.key_mask: Optional[torch.Tensor] = None  # (batch, capacity): True at real tokens
         self.next_positions: Optional[torch.Tensor] = None  # (batch, 1)
-        self.native_step = native.NativeStep(native_weights, self.cache) if native_weights is not None else None
+        # one call per token for a single row, where a decoder has one (it leaves the logits' argmax in `argmax`)
+        self.single_row_step: Optional[Callable[[int], torch.Tensor]] = None
         self.argmaxes: Optional[list[int]] = None  # each row's logits.argmax(), where the last step computed it
 
     @property
@@ -258,9 +194,9 @@ class LeftPaddedBatch:
 
     def step(self, next_tokens: list[int]) -> torch.Tensor:
         """Feeds one new token per row; returns the next logits (batch, vocab)."""
-        if self.native_step is not None:
-            logits = self.native_step(next_tokens[0])
-            self.argmaxes = None if self.native_step.argmax is None else [self.native_step.argmax]
+        if self.single_row_step is not None:
+            logits = self.single_row_step(next_tokens[0])
+            self.argmaxes = None if self.single_row_step.argmax is None else [self.single_row_step.argmax]
             return logits
         tokens = torch.tensor(next_tokens, device=self.cache.keys.device)
         if self.key_mask is None:
@@ -270,60 +206,6 @@ class LeftPaddedBatch:
         self.next_positions = positions + 1
         return self.model(tokens[:, None], positions=positions, cache=self.cache,
                           attn_mask=self.key_mask[:, None, None, :end])[:, -1]
-
-
-class Sampler:
-    """Picks the next token of every row from its logits, following `SamplingSettings`."""
-
-    def __init__(self, settings: SamplingSettings, tokenizer, prompts: list[list[int]], device: torch.device):
-        self.settings = settings
-        self.vocab_size = tokenizer.vocab_size  # the embedding is padded above it: those ids are never picked
-        self.banned = tokenizer.pad_id
-        self.generator = torch.Generator(device=device)
-        if settings.seed is None:
-            self.generator.seed()
-        else:
-            self.generator.manual_seed(settings.seed)
-        self.seen: Optional[torch.Tensor] = None  # (batch, vocab): tokens in each row, for the repetition penalty
-        if settings.repetition_penalty != 1.0:
-            self.seen = torch.zeros(len(prompts), self.vocab_size, dtype=torch.bool, device=device)
-            for row, ids in enumerate(prompts):
-                self.seen[row, torch.tensor(ids, device=device)] = True
-
-    def __call__(self, logits: torch.Tensor, argmaxes: Optional[list[int]] = None) -> list[int]:
-        """The next token of each row. `argmaxes`, each row's `logits.argmax()` when the caller has it already (the
-        C step computes it), is plain greedy decoding's answer whenever it is a token that may be picked: then no
-        torch op runs, and each costs 10-30 us right after a decoding step has streamed the weights."""
-        s = self.settings
-        if (argmaxes is not None and s.temperature == 0 and self.seen is None
-                and max(argmaxes) < self.vocab_size and self.banned not in argmaxes):
-            return argmaxes
-        logits = logits[:, :self.vocab_size].float()
-        logits[:, self.banned] = float("-inf")
-        if self.seen is not None:
-            # CTRL's penalty: a token already in the row is made less likely whatever its logit's sign
-            penalized = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
-            logits = torch.where(self.seen, penalized, logits)
-        if s.temperature == 0:
-            chosen = logits.argmax(dim=-1)
-        else:
-            chosen = self._sample(logits / s.temperature)
-        if self.seen is not None:
-            self.seen[torch.arange(len(chosen), device=chosen.device), chosen] = True
-        return chosen.tolist()
-
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        s = self.settings
-        if s.top_k:
-            kth_best = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth_best, float("-inf"))
-        if s.top_p < 1.0:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            probs = sorted_logits.softmax(dim=-1)
-            # drop a token when the ones before it already hold top_p of the mass; the best one always stays
-            outside = probs.cumsum(dim=-1) - probs >= s.top_p
-            logits = logits.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
-        return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator)[:, 0]
 
 
 class TextStream:
@@ -391,56 +273,3 @@ class TextStream:
             if any(s.startswith(tail) for s in self.stop):
                 return size
         return 0
-
-
-def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
-    """A copy of `model` whose matrix products suit decoding `batch_size` rows on a CPU; other tensors are shared.
-
-    Measured on the project's CPU (torch 2.13, MKL and oneDNN inside), timing each product while all the weights
-    stream from memory: oneDNN's linear on a weight reordered once into its blocked layout for the batch size runs
-    a matrix-vector product through the model's weights 10 to 25 % faster than MKL's best layout, prompts of 64 to
-    1,000 tokens 15 to 30 % faster, and a few rows two to three times as fast. Without oneDNN, MKL reads a weight
-    stored [in, out] about a quarter faster than one stored [out, in] when it has at least as many outputs as
-    inputs. The copy costs one more copy of the linear weights.
-    """
-    shared = {id(p): p for p in model.parameters()}
-    shared.update({id(b): b for b in model.buffers()})
-    decoder = copy.deepcopy(model, memo=shared)
-    pack = _can_prepack()
-    for module in decoder.modules():
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                if pack:
-                    setattr(module, name, PrepackedLinear(child.weight, child.bias, batch_size))
-                elif child.in_features <= child.out_features:
-                    child.weight = _stored_in_by_out(child.weight)
-    # the tied head gets a product of its own; the embedding keeps its rows whole: looking up a token in an
-    # [in, out] copy would gather one float from each of `hidden` pages
-    if pack:
-        decoder.lm_head = PrepackedLinear(model.wte.weight, None, batch_size)
-    else:
-        head = nn.Linear(*reversed(model.wte.weight.shape), bias=False, device="meta")
-        head.weight = _stored_in_by_out(model.wte.weight)
-        decoder.lm_head = head
-    return decoder.eval()
-
-
-def _stored_in_by_out(weight: torch.Tensor) -> nn.Parameter:
-    """The same [out, in] matrix, with its elements stored in [in, out] order."""
-    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
-
-
-def _can_prepack() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-class PrepackedLinear(nn.Module):
-    """A linear layer for inference with its weight reordered once into oneDNN's blocked layout."""
-
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], batch_size: int):
-        super().__init__()
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size)
-        self.bias = bias.detach() if bias is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")

@@ -1,0 +1,114 @@
+"""Decoding on a CPU: the model laid out for small batches, and a C step for a single row.
+
+The engine (`engine.py`) is device-agnostic; on a CPU with fp32 weights it decodes through a `CpuDecoder`:
+
+- prompts and batches run through a copy of the model whose matrix products suit small batches
+  (`cpu_decoding_copy`: oneDNN's prepacked weights where torch has them, else MKL's faster layout), one copy for
+  one row and one for several, sharing every other tensor with the model;
+- a single row decodes in one C call per token (`mtnlg_cli.inference.native`) where a C compiler can build it,
+  and that call leaves the logits' argmax, so greedy decoding runs no torch op between tokens.
+
+The copies are rebuilt when the model's weights change (a load or an optimizer step bumps their version counters).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from mtnlg_cli.inference import native
+from mtnlg_cli.model.gpt import GPT, KVCache
+
+
+class CpuDecoder:
+    """What the engine decodes `model` with on a CPU; `applies(model)` says whether it does."""
+
+    def __init__(self, model: GPT):
+        self.model = model
+        self._weights_version = None
+        self._copies: dict = {}  # decoding copies by "batched", and the C step's weights as "native"
+
+    @staticmethod
+    def applies(model: GPT) -> bool:
+        weight = model.wte.weight
+        return weight.device.type == "cpu" and weight.dtype == torch.float32
+
+    def model_for(self, batch_size: int) -> GPT:
+        """The model to run prompts and steps of `batch_size` rows through."""
+        self._forget_stale_copies()
+        batched = batch_size > 1
+        if batched not in self._copies:
+            self._copies[batched] = cpu_decoding_copy(self.model, batch_size)
+        return self._copies[batched]
+
+    def single_row_step(self, cache: KVCache) -> Optional[native.NativeStep]:
+        """The C decoding step over `cache` (one row), or None where it cannot be built."""
+        library = native.load()
+        if library is None:
+            return None
+        self._forget_stale_copies()
+        if "native" not in self._copies:
+            self._copies["native"] = native.NativeWeights(library, self.model)
+        return native.NativeStep(self._copies["native"], cache)
+
+    def _forget_stale_copies(self) -> None:
+        version = tuple((id(p), p._version) for p in self.model.parameters())
+        if version != self._weights_version:
+            self._copies = {}
+            self._weights_version = version
+
+
+def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
+    """A copy of `model` whose matrix products suit decoding `batch_size` rows on a CPU; other tensors are shared.
+
+    Measured on the project's CPU (torch 2.13, MKL and oneDNN inside), timing each product while all the weights
+    stream from memory: oneDNN's linear on a weight reordered once into its blocked layout for the batch size runs
+    a matrix-vector product through the model's weights 10 to 25 % faster than MKL's best layout, prompts of 64 to
+    1,000 tokens 15 to 30 % faster, and a few rows two to three times as fast. Without oneDNN, MKL reads a weight
+    stored [in, out] about a quarter faster than one stored [out, in] when it has at least as many outputs as
+    inputs. The copy costs one more copy of the linear weights.
+    """
+    shared = {id(p): p for p in model.parameters()}
+    shared.update({id(b): b for b in model.buffers()})
+    decoder = copy.deepcopy(model, memo=shared)
+    pack = _can_prepack()
+    for module in decoder.modules():
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                if pack:
+                    setattr(module, name, PrepackedLinear(child.weight, child.bias, batch_size))
+                elif child.in_features <= child.out_features:
+                    child.weight = _stored_in_by_out(child.weight)
+    # the tied head gets a product of its own; the embedding keeps its rows whole: looking up a token in an
+    # [in, out] copy would gather one float from each of `hidden` pages
+    if pack:
+        decoder.lm_head = PrepackedLinear(model.wte.weight, None, batch_size)
+    else:
+        head = nn.Linear(*reversed(model.wte.weight.shape), bias=False, device="meta")
+        head.weight = _stored_in_by_out(model.wte.weight)
+        decoder.lm_head = head
+    return decoder.eval()
+
+
+def _stored_in_by_out(weight: torch.Tensor) -> nn.Parameter:
+    """The same [out, in] matrix, with its elements stored in [in, out] order."""
+    return nn.Parameter(weight.detach().t().contiguous().t(), requires_grad=False)
+
+
+def _can_prepack() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PrepackedLinear(nn.Module):
+    """A linear layer for inference with its weight reordered once into oneDNN's blocked layout."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], batch_size: int):
+        super().__init__()
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_size)
+        self.bias = bias.detach() if bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
