@@ -21,22 +21,50 @@ from mtnlg_cli.errors import ConfigError
 
 
 @dataclass
+class RopeScaling:
+    """Llama 3's stretching of the rotary frequencies to a longer context than the model was first trained on."""
+
+    type: Literal["llama3"] = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
 class ModelConfig:
     num_layers: int = 4
     hidden_size: int = 128
     num_heads: int = 4
-    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size
+    ffn_hidden_size: Optional[int] = None  # None: 4 * hidden_size (with swiglu: Megatron-LM's 8/3 * hidden_size)
     max_position_embeddings: int = 256
     seq_length: int = 128
     vocab_size: int = 4000  # the tokenizer's vocabulary; the embedding is padded above it
     make_vocab_size_divisible_by: int = 128
     dropout: float = 0.0
     init_method_std: float = 0.02
+    # The architecture's options, named after Megatron-LM's arguments; the defaults are GPT-3's and MT-NLG's.
+    position_embedding_type: Literal["learned_absolute", "rope"] = "learned_absolute"
+    rotary_base: float = 10000.0
+    rotary_percent: float = 1.0  # the share of each head's dimensions that rotate
+    rope_scaling: Optional[RopeScaling] = None
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     norm_epsilon: float = 1e-5
+    swiglu: bool = False  # a SwiGLU MLP (gate and up projections of ffn_hidden_size) instead of GeLU
+    num_query_groups: Optional[int] = None  # grouped-query attention's key/value heads; None: one per head
+    untie_embeddings_and_output_weights: bool = False
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False  # biases on q, k and v even without add_bias_linear (Qwen2)
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        if self.ffn_hidden_size:
+            return self.ffn_hidden_size
+        return int(4 * self.hidden_size * 2 / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_heads
 
     @property
     def padded_vocab_size(self) -> int:
@@ -184,6 +212,7 @@ class Config:
             _positive("model.ffn_hidden_size", m.ffn_hidden_size)
         if m.hidden_size % m.num_heads:
             raise ConfigError(f"model.hidden_size={m.hidden_size} must be divisible by model.num_heads={m.num_heads}")
+        _check_architecture_options(m)
         if m.seq_length > m.max_position_embeddings:
             raise ConfigError(f"model.seq_length={m.seq_length} must be at most "
                               f"model.max_position_embeddings={m.max_position_embeddings}")
@@ -229,6 +258,9 @@ class Config:
         if m.num_heads % p.tensor_parallel:
             raise ConfigError(f"model.num_heads={m.num_heads} must be divisible by "
                               f"parallel.tensor_parallel={p.tensor_parallel}")
+        if m.query_groups % p.tensor_parallel:
+            raise ConfigError(f"model.num_query_groups={m.query_groups} must be divisible by "
+                              f"parallel.tensor_parallel={p.tensor_parallel} (each rank holds whole groups)")
         if p.pipeline_parallel > m.num_layers:
             raise ConfigError(f"parallel.pipeline_parallel={p.pipeline_parallel} must be at most "
                               f"model.num_layers={m.num_layers}")
@@ -245,6 +277,36 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+def _check_architecture_options(m: ModelConfig) -> None:
+    """The combinations of the model's architecture options that cannot work."""
+    if m.num_query_groups is not None:
+        _positive("model.num_query_groups", m.num_query_groups)
+        if m.num_heads % m.num_query_groups:
+            raise ConfigError(f"model.num_heads={m.num_heads} must be divisible by "
+                              f"model.num_query_groups={m.num_query_groups}")
+    if m.norm_epsilon <= 0:
+        raise ConfigError(f"model.norm_epsilon={m.norm_epsilon} must be positive")
+    if m.position_embedding_type == "rope":
+        if m.rotary_base <= 0:
+            raise ConfigError(f"model.rotary_base={m.rotary_base} must be positive")
+        if not 0.0 < m.rotary_percent <= 1.0:
+            raise ConfigError(f"model.rotary_percent={m.rotary_percent} must be in (0, 1]")
+        head_dim = m.hidden_size // m.num_heads
+        if int(head_dim * m.rotary_percent) % 2 or int(head_dim * m.rotary_percent) == 0:
+            raise ConfigError(f"model.rotary_percent={m.rotary_percent} of the head dimension {head_dim} must be "
+                              "a positive even number of dimensions")
+    elif m.rope_scaling is not None or m.rotary_percent != 1.0:
+        raise ConfigError("model.rope_scaling and model.rotary_percent apply to model.position_embedding_type=rope "
+                          f"only, not {m.position_embedding_type}")
+    scaling = m.rope_scaling
+    if scaling is not None:
+        for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+            _positive(f"model.rope_scaling.{key}", getattr(scaling, key))
+        if scaling.high_freq_factor <= scaling.low_freq_factor:
+            raise ConfigError(f"model.rope_scaling.high_freq_factor={scaling.high_freq_factor} must be larger than "
+                              f"model.rope_scaling.low_freq_factor={scaling.low_freq_factor}")
 
 
 def _positive(key: str, value: int | float) -> None:

@@ -41,6 +41,27 @@ FOUR_RANKS = {
                                 "parallel.fsdp=true", "train.activation_checkpointing=true"],
     "pp_dp": ["parallel.pipeline_parallel=2"],
 }
+# Each architecture option alone, and all of them together (a Llama-style model), under the layouts that split
+# what the option changes: replicas, FSDP, TP (whole query groups per rank), TP+SP, PP with 1F1B and TP x FSDP.
+LLAMA = ["model.position_embedding_type=rope", "model.normalization=RMSNorm", "model.swiglu=true",
+         "model.num_query_groups=2", "model.untie_embeddings_and_output_weights=true", "model.add_bias_linear=false",
+         "model.rope_scaling={factor: 8.0, original_max_position_embeddings: 8}"]
+OPTIONS = {
+    "rope": ["model.position_embedding_type=rope", "model.rotary_percent=0.5"],
+    "rmsnorm": ["model.normalization=RMSNorm"],
+    "swiglu": ["model.swiglu=true", "model.ffn_hidden_size=48"],
+    "gqa": ["model.num_query_groups=2"],
+    "untied": ["model.untie_embeddings_and_output_weights=true"],
+    "no_bias": ["model.add_bias_linear=false"],
+    "qkv_bias": ["model.add_bias_linear=false", "model.add_qkv_bias=true"],
+    "llama": LLAMA,
+}
+OPTION_LAYOUTS = ("ddp", "fsdp", "tp", "tp_sp", "pp_1f1b")
+TWO_RANK_RUNS = {**{("gpt", layout): TWO_RANKS[layout] for layout in TWO_RANKS},
+                 **{(option, layout): OPTIONS[option] + TWO_RANKS[layout]
+                    for option in OPTIONS for layout in OPTION_LAYOUTS}}
+FOUR_RANK_RUNS = {**{("gpt", layout): FOUR_RANKS[layout] for layout in FOUR_RANKS},
+                  **{(option, "tp_fsdp"): OPTIONS[option] + FOUR_RANKS["tp_fsdp"] for option in OPTIONS}}
 
 
 def train_steps(overrides: list[str]):
@@ -80,9 +101,10 @@ def worker(out_dir: Path, names: list[str]) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
-    layouts = {**TWO_RANKS, **FOUR_RANKS}
+    runs = {f"{option}-{layout}": overrides for (option, layout), overrides in {**TWO_RANK_RUNS,
+                                                                                **FOUR_RANK_RUNS}.items()}
     for name in names:
-        layout, losses, norms, weights, momentum = train_steps(layouts[name])
+        layout, losses, norms, weights, momentum = train_steps(runs[name])
         if dist.get_rank() == 0:
             save_file(weights, str(out_dir / f"{name}.weights.safetensors"))
             save_file(momentum, str(out_dir / f"{name}.momentum.safetensors"))
@@ -98,26 +120,31 @@ def launch(processes: int, names: list[str], out_dir: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                __file__, str(out_dir), *names]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
 
 
-@pytest.fixture(scope="module")
-def one_process():
-    return train_steps([])
+_ONE_PROCESS: dict = {}
+
+
+def one_process(option: str):
+    """The single-process run of `option`'s model, computed once."""
+    if option not in _ONE_PROCESS:
+        _ONE_PROCESS[option] = train_steps(OPTIONS.get(option, []))
+    return _ONE_PROCESS[option]
 
 
 @pytest.fixture(scope="module")
 def two_rank_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("two_ranks")
-    launch(2, list(TWO_RANKS), out)
+    launch(2, [f"{option}-{layout}" for option, layout in TWO_RANK_RUNS], out)
     return out
 
 
 @pytest.fixture(scope="module")
 def four_rank_runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("four_ranks")
-    launch(4, list(FOUR_RANKS), out)
+    launch(4, [f"{option}-{layout}" for option, layout in FOUR_RANK_RUNS], out)
     return out
 
 
@@ -139,14 +166,14 @@ def assert_same_training(out: Path, name: str, one_process) -> None:
             torch.testing.assert_close(got[key], tensor, atol=1e-5, rtol=0, msg=f"{name}: {key}")
 
 
-@pytest.mark.parametrize("name", list(TWO_RANKS))
-def test_two_rank_layout_trains_like_one_process(name, two_rank_runs, one_process):
-    assert_same_training(two_rank_runs, name, one_process)
+@pytest.mark.parametrize("option, layout", list(TWO_RANK_RUNS))
+def test_two_rank_layout_trains_like_one_process(option, layout, two_rank_runs):
+    assert_same_training(two_rank_runs, f"{option}-{layout}", one_process(option))
 
 
-@pytest.mark.parametrize("name", list(FOUR_RANKS))
-def test_two_dimensional_layout_trains_like_one_process(name, four_rank_runs, one_process):
-    assert_same_training(four_rank_runs, name, one_process)
+@pytest.mark.parametrize("option, layout", list(FOUR_RANK_RUNS))
+def test_two_dimensional_layout_trains_like_one_process(option, layout, four_rank_runs):
+    assert_same_training(four_rank_runs, f"{option}-{layout}", one_process(option))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def test_tensor_parallel_run_resumes_fully_sharded_then_in_one_process(prepared,
     assert failed.returncode == 2
     assert failed.stderr.strip().splitlines() == [
         "error: checkpoint step_0000006 is a model with hidden_size=32, but the config gives hidden_size=64; "
-        "use a matching config or --from-scratch"]
+        "use a matching model section or start a fresh run"]
 
 
 @pytest.mark.parametrize("overrides, processes, message", [

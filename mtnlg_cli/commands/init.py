@@ -46,6 +46,6 @@ def templates_table() -> Table:
         config = template_config(name)
         m, p = config.model, config.parallel
         parameters = Architecture.from_model_config(m).parameter_count()
-        table.add_row(name, human_count(parameters), str(m.num_layers), str(m.hidden_size), str(m.num_heads),
+        table.add_row(name, f"{parameters:,} ({human_count(parameters)})", str(m.num_layers), str(m.hidden_size), str(m.num_heads),
                       str(m.seq_length), f"{p.tensor_parallel}x{p.pipeline_parallel}", template_description(name))
     return table

@@ -1,14 +1,21 @@
-"""The GPT model in the Megatron-Turing NLG architecture, readable top to bottom.
+"""The GPT model, readable top to bottom: Megatron-Turing NLG's architecture and today's families alike.
 
-Token embeddings plus learned absolute position embeddings, `num_layers` pre-LayerNorm blocks (causal multi-head
-self-attention, softmax(QK^T/sqrt(d))V through `scaled_dot_product_attention`, then a 4x GeLU MLP), a final
-LayerNorm, and an output head tied to the token embedding.
+Token embeddings, `num_layers` pre-norm blocks (causal self-attention through `scaled_dot_product_attention`,
+then an MLP), a final norm and an output head. The `Architecture` (architecture.py) chooses:
+
+- positions: learned absolute embeddings (GPT-3, MT-NLG), or rotary embeddings applied to queries and keys
+  (RoPE; Llama, Qwen, Mistral), optionally with Llama 3's frequency scaling;
+- LayerNorm or RMSNorm; a GeLU MLP or a SwiGLU one (silu(gate(x)) * fc(x));
+- multi-head or grouped-query attention (`num_query_groups` key/value heads shared by the query heads);
+- biases on every linear layer, on q, k and v only, or none; an output head tied to the token embedding or its
+  own `lm_head`.
 
 Two layout choices serve the rest of the core:
-- The fused QKV projection keeps each head's q, k and v rows together (Megatron-LM's checkpoint version 3 order:
-  rows = [head, (q|k|v), head_dim]). Splitting its output features across tensor-parallel ranks therefore hands
-  each rank whole heads, and the attention code reads the number of heads from the tensor it gets rather than
-  from the config, so parallel plans can shard the unchanged model.
+- The fused QKV projection keeps each query group's rows together, [group, (its q heads | k | v), head_dim]
+  (with one group per head this is Megatron-LM's checkpoint version 3 order, [head, (q|k|v), head_dim]).
+  Splitting its output features across tensor-parallel ranks therefore hands each rank whole groups, and the
+  attention code reads the number of groups from the tensor it gets rather than from the config, so parallel
+  plans can shard the unchanged model.
 - Generation passes a `KVCache` and the positions of the new tokens; training passes neither.
 """
 
@@ -24,12 +31,15 @@ from torch.utils.checkpoint import checkpoint
 
 from mtnlg_cli.model.architecture import Architecture
 
+Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin of each position's angles
+
 
 class KVCache:
-    """Keys and values of every layer for `max_length` positions, allocated once for a whole generation."""
+    """Keys and values of every layer for `max_length` positions, allocated once for a whole generation; one
+    key/value head per query group."""
 
     def __init__(self, config: Architecture, batch_size: int, max_length: int, device=None, dtype=torch.float32):
-        shape = (config.num_layers, batch_size, config.num_heads, max_length, config.head_dim)
+        shape = (config.num_layers, batch_size, config.query_groups, max_length, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far; the model advances it after the last layer
@@ -43,22 +53,79 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+def norm(config: Architecture) -> nn.Module:
+    if config.normalization == "RMSNorm":
+        return nn.RMSNorm(config.hidden_size, eps=config.norm_epsilon)
+    return nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+
+
+class RotaryEmbedding(nn.Module):
+    """The angles of rotary position embeddings: position x inverse frequency, for the rotating dimensions."""
+
+    def __init__(self, config: Architecture):
+        super().__init__()
+        self.inverse_frequencies: torch.Tensor
+        self.register_buffer("inverse_frequencies", rotary_inverse_frequencies(config), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> Rotary:
+        """cos and sin of shape (length, rotary_dim), or (batch, length, rotary_dim) for per-row positions."""
+        angles = positions.float()[..., None] * self.inverse_frequencies
+        angles = torch.cat((angles, angles), dim=-1)
+        return angles.cos(), angles.sin()
+
+
+def rotary_inverse_frequencies(config: Architecture) -> torch.Tensor:
+    """base^(-2i/d) for the rotating dimensions d, stretched for long contexts as Llama 3 does when it scales."""
+    dim = config.rotary_dim
+    inverse = 1.0 / config.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    scaling = config.rope_scaling
+    if scaling:
+        # Llama 3: long wavelengths slow down by `factor`, short ones stay, and those between are blended
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        original = scaling["original_max_position_embeddings"]
+        wavelength = 2 * math.pi / inverse
+        smooth = (original / wavelength - low) / (high - low)
+        blended = (1 - smooth) * inverse / factor + smooth * inverse
+        inverse = torch.where(wavelength > original / low, inverse / factor,
+                              torch.where(wavelength < original / high, inverse, blended))
+    return inverse.float()
+
+
+def apply_rotary(x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    """Rotates the first rotary_dim dimensions of `x` (batch, heads, length, head_dim) in pairs (i, i + d/2), the
+    layout of Hugging Face's and Megatron-Core's rotary embeddings."""
+    cos, sin = rotary
+    cos, sin = (cos[None, None], sin[None, None]) if cos.dim() == 2 else (cos[:, None], sin[:, None])
+    dim = cos.shape[-1]
+    rotating, passing = x[..., :dim], x[..., dim:]
+    first, second = rotating.chunk(2, dim=-1)
+    rotated = rotating * cos + torch.cat((-second, first), dim=-1) * sin
+    return torch.cat((rotated, passing), dim=-1) if passing.shape[-1] else rotated
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Architecture, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
         self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.queries_per_group = config.num_heads // config.query_groups
+        qkv_rows = (config.num_heads + 2 * config.query_groups) * config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, qkv_rows, bias=config.add_bias_linear or config.add_qkv_bias)
+        self.proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=config.add_bias_linear)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None,
+                rotary: Optional[Rotary] = None) -> torch.Tensor:
         batch, length, _ = x.shape
-        # (batch, length, heads, q|k|v, head_dim): heads come from the tensor, so a sharded qkv works unchanged
-        q, k, v = self.qkv(x).view(batch, length, -1, 3, self.head_dim).unbind(dim=3)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        per_group = self.queries_per_group
+        # (batch, length, groups, q heads of the group | k | v, head_dim): groups come from the tensor, so a
+        # sharded qkv works unchanged
+        qkv = self.qkv(x).view(batch, length, -1, per_group + 2, self.head_dim)
+        q = qkv[:, :, :, :per_group].reshape(batch, length, -1, self.head_dim).transpose(1, 2)
+        k, v = qkv[:, :, :, per_group].transpose(1, 2), qkv[:, :, :, per_group + 1].transpose(1, 2)
+        if rotary is not None:
+            q, k = apply_rotary(q, rotary), apply_rotary(k, rotary)
         past = 0
         if cache is not None:
             past = cache.length
@@ -71,6 +138,7 @@ class CausalSelfAttention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=attn_mask is None and past == 0 and length > 1,
+            enable_gqa=per_group > 1,
         )
         y = y.transpose(1, 2).reshape(batch, length, -1)
         return self.resid_dropout(self.proj(y))
@@ -79,25 +147,31 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: Architecture):
         super().__init__()
-        self.fc = nn.Linear(config.hidden_size, config.ffn_hidden_size)
-        self.proj = nn.Linear(config.ffn_hidden_size, config.hidden_size)
+        h, f, bias = config.hidden_size, config.ffn_hidden_size, config.add_bias_linear
+        self.gate = nn.Linear(h, f, bias=bias) if config.swiglu else None
+        self.fc = nn.Linear(h, f, bias=bias)
+        self.proj = nn.Linear(f, h, bias=bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
+        if self.gate is not None:
+            hidden = F.silu(self.gate(x)) * self.fc(x)
+        else:
+            hidden = F.gelu(self.fc(x), approximate="tanh")
+        return self.dropout(self.proj(hidden))
 
 
 class Block(nn.Module):
     def __init__(self, config: Architecture, layer_index: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.ln_1 = norm(config)
         self.attn = CausalSelfAttention(config, layer_index)
-        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
-                attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, attn_mask)
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None,
+                rotary: Optional[Rotary] = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, attn_mask, rotary)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -106,13 +180,17 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        learned = config.position_embedding_type == "learned_absolute"
+        self.wpe = nn.Embedding(config.max_position_embeddings, config.hidden_size) if learned else None
+        self.rotary = None if learned else RotaryEmbedding(config)
         self.drop = nn.Dropout(config.dropout)
         # keyed by index, so that a pipeline stage that deletes the layers it does not own keeps the names
         self.layers = nn.ModuleDict({str(i): Block(config, i) for i in range(config.num_layers)})
-        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_epsilon)
+        self.ln_f = norm(config)
         # the output projection when it is a module of its own; None: tied to the token embedding
         self.lm_head: Optional[nn.Module] = None
+        if config.untie_embeddings_and_output_weights:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         # recompute each block's activations in the backward pass instead of storing them (training only)
         self.activation_checkpointing = False
         self.reset_parameters()
@@ -125,26 +203,29 @@ class GPT(nn.Module):
             if isinstance(module, nn.Linear):
                 is_output = name.endswith("attn.proj") or name.endswith("mlp.proj")
                 nn.init.normal_(module.weight, mean=0.0, std=output_std if is_output else std)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.LayerNorm):
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
                 nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 attn_mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
         """Logits (batch, length, vocab), or with `targets` the mean next-token cross-entropy.
 
-        `positions` defaults to the positions after what `cache` already holds. `attn_mask`, where given, is a
-        boolean mask broadcastable to (batch, heads, length, cached + length): True where a query may attend.
-        `last_only` returns the logits of the last position alone (batch, 1, vocab): all that generation needs
-        from a prompt, without the output head's cost at every other position.
+        `positions` ((length,), or (batch, length) for rows that start at different places) default to the
+        positions after what `cache` already holds. `attn_mask`, where given, is a boolean mask broadcastable to
+        (batch, heads, length, cached + length): True where a query may attend. `last_only` returns the logits of
+        the last position alone (batch, 1, vocab): all that generation needs from a prompt, without the output
+        head's cost at every other position.
 
         A pipeline stage is this model with the parts it does not own deleted (`training.plans.pipeline_stage`):
         a stage after the first takes the previous stage's hidden states instead of token ids, and a stage
-        without the final LayerNorm returns its hidden states.
+        without the final norm returns its hidden states.
         """
         length = tokens.shape[1]
         past = cache.length if cache is not None else 0
@@ -152,12 +233,16 @@ class GPT(nn.Module):
             positions = torch.arange(past, past + length, device=tokens.device)
         x = tokens
         if not tokens.is_floating_point():
-            x = self.drop(self.wte(tokens) + self.wpe(positions))
+            x = self.wte(tokens)
+            if self.wpe is not None:
+                x = x + self.wpe(positions)
+            x = self.drop(x)
+        rotary = self.rotary(positions) if self.rotary is not None else None
         for layer in self.layers.values():
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, None, attn_mask, use_reentrant=False)
+                x = checkpoint(layer, x, None, attn_mask, rotary, use_reentrant=False)
             else:
-                x = layer(x, cache, attn_mask)
+                x = layer(x, cache, attn_mask, rotary)
         if cache is not None:
             cache.length = past + length
         if self.ln_f is None:
@@ -165,12 +250,12 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.ln_f(x)
-        weight = self.wte.weight
-        if (targets is not None and self.lm_head is None and type(weight) in (nn.Parameter, torch.Tensor)
-                and not torch.is_autocast_enabled(x.device.type)):
-            # (a sharded (DTensor) head or mixed precision takes the plain path below)
-            return linear_cross_entropy(x.flatten(0, 1), weight, targets.reshape(-1))
-        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, weight)
+        if targets is not None:
+            weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+            if type(weight) in (nn.Parameter, torch.Tensor) and not torch.is_autocast_enabled(x.device.type):
+                # (a sharded (DTensor) head or mixed precision takes the plain path below)
+                return linear_cross_entropy(x.flatten(0, 1), weight, targets.reshape(-1))
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.wte.weight)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))

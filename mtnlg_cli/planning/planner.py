@@ -146,14 +146,25 @@ def parameters_per_gpu(model: ModelConfig, layout: Layout) -> int:
 
 def activation_bytes_per_layer(model: ModelConfig, micro_batch: int, tensor: int, sequence_parallel: bool,
                                recompute: bool) -> float:
-    """Bytes one layer keeps for the backward pass of one micro-batch (Korthikanti et al. 2022, 16-bit)."""
+    """Bytes one layer keeps for the backward pass of one micro-batch (Korthikanti et al. 2022, 16-bit).
+
+    Their s·b·h·(10 + 24/t + 5as/ht) counts a GPT layer: 10sbh outside the tensor-parallel regions (the two norms'
+    inputs, the inputs of qkv and of the MLP, two dropout masks) and 24sbh inside them, for queries, keys and
+    values (2 + 2 + 2), the attention output (2) and the 4h MLP's two activations (8 + 8). Here the inside part
+    follows the architecture: keys and values shrink to the query groups' share, a SwiGLU MLP of width f keeps
+    gate, up, their product and the input of the down projection (4 x 2f), a GeLU MLP its two (2 x 2f).
+    """
     s, b, h, a, t = model.seq_length, micro_batch, model.hidden_size, model.num_heads, tensor
     sbh = s * b * h
     if recompute:
         return 2 * sbh / (t if sequence_parallel else 1)
+    kv_share = model.query_groups / model.num_heads
+    mlp = (8 if model.swiglu else 4) * model.ffn_size / h
+    inside = 2 + 4 * kv_share + 2 + mlp
+    scores = 5 * a * s / h
     if sequence_parallel:
-        return sbh / t * (34 + 5 * a * s / h)
-    return sbh * (10 + 24 / t + 5 * a * s / (h * t))
+        return sbh / t * (10 + inside + scores)
+    return sbh * (10 + inside / t + scores / t)
 
 
 def microbatches_per_pipeline(global_batch: int, layout: Layout) -> float:

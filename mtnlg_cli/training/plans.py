@@ -61,9 +61,12 @@ def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
     # Between blocks the activations are whole (Replicate) or, with sequence parallelism, split along the sequence.
     between = Shard(1) if sequence_parallel else Replicate()
     plan = {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=between)}
+    if model.lm_head is not None:  # an untied head: column-parallel, its logits stay sharded on the vocabulary
+        plan["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
     if sequence_parallel:
-        # the (small) position table stays whole on every rank; only its output is cut to the local positions
-        plan["wpe"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(0))
+        if model.wpe is not None:
+            # the (small) position table stays whole on every rank; only its output is cut to the local positions
+            plan["wpe"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(0))
         plan["ln_f"] = SequenceParallel()
     parallelize_module(model, tp_mesh, plan)
 
@@ -73,8 +76,12 @@ def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
         "mlp.fc": ColwiseParallel(),
         "mlp.proj": RowwiseParallel(output_layouts=between),
     }
+    if model.config.swiglu:
+        block_plan["mlp.gate"] = ColwiseParallel()
     if sequence_parallel:
-        gather = PrepareModuleInput(input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None))
+        # the attention's inputs: hidden states, cache, mask, rotary angles (whole on every rank)
+        gather = PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                    desired_input_layouts=(Replicate(), None, None, None))
         block_plan.update({
             "ln_1": SequenceParallel(), "attn": gather,
             "ln_2": SequenceParallel(), "mlp": PrepareModuleInput(input_layouts=(Shard(1),),
@@ -83,9 +90,10 @@ def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan)
 
-    # The tied head is `F.linear(ln_f(x), wte.weight)` inside GPT.forward, not a module, so it gets no plan of its
+    # A tied head is `F.linear(ln_f(x), wte.weight)` inside GPT.forward, not a module, so it gets no plan of its
     # own: handing it whole activations as a DTensor makes the product with the vocabulary-sharded weight give
-    # vocabulary-sharded logits, which `loss_parallel()` turns into the loss without gathering them.
+    # vocabulary-sharded logits, which `loss_parallel()` turns into the loss without gathering them. (An untied
+    # head's plan above takes the same whole activations.)
     def whole_activations_for_head(module, inputs, output):
         if isinstance(output, DTensor):
             return output.redistribute(placements=[Replicate()])
@@ -96,8 +104,8 @@ def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
 
 def pipeline_stage(model: GPT, stage: int, num_stages: int) -> GPT:
     """Cuts `model` down, in place, to what pipeline stage `stage` of `num_stages` runs; names stay the whole
-    model's. The first stage keeps the embeddings, the last the final LayerNorm and (for the tied head) the token
-    embedding; every stage keeps its own run of layers."""
+    model's. The first stage keeps the embeddings, the last the final norm and the output head (for a tied head,
+    the token embedding); every stage keeps its own run of layers."""
     per_stage = model.config.num_layers // num_stages
     owned = range(stage * per_stage, (stage + 1) * per_stage)
     is_first, is_last = stage == 0, stage == num_stages - 1
@@ -106,10 +114,11 @@ def pipeline_stage(model: GPT, stage: int, num_stages: int) -> GPT:
             del model.layers[index]
     if not is_first:
         model.wpe = None
-        if not is_last:
+        if not (is_last and model.lm_head is None):
             model.wte = None
     if not is_last:
         model.ln_f = None
+        model.lm_head = None
     return model
 
 
@@ -200,6 +209,8 @@ class ParallelModel:
         schedule = ScheduleGPipe if layout.pipeline_schedule == "gpipe" else Schedule1F1B
         self.schedule = schedule(pipeline_stage, layout.pipeline_microbatches, loss_fn=next_token_loss)
         ranks = self.mesh.mesh  # (pp, dp, tp) global ranks; tp is 1 under pipeline parallelism
+        if self.model.config.untie_embeddings_and_output_weights:
+            return  # no weight shared between the first and the last stage
         for replica in range(layout.data_parallel):
             group = dist.new_group([int(ranks[0, replica, 0]), int(ranks[-1, replica, 0])])
             if self.mesh["dp"].get_local_rank() == replica:
@@ -319,7 +330,7 @@ class ParallelModel:
         params_by_mesh: dict = {}
         for name, param in self.named_parameters():
             if param.grad is None or (name == "wte.weight" and self.is_last_stage and not self.is_first_stage):
-                continue  # the head's copy of the tied embedding counts once, on the first stage
+                continue  # a tied head's copy of the embedding counts once, on the first stage
             params_by_mesh.setdefault(_mesh_key(param), []).append(param)
         norms = [_local(torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)).float()
                  for params in params_by_mesh.values()]

@@ -40,8 +40,8 @@ from mtnlg_cli.training.optim import learning_rate
 from mtnlg_cli.training.runtime import PRECISION_DTYPES, Runtime, make_runtime
 from mtnlg_cli.workspace import Workspace
 
-# model_config keys that decide the model's shape; dropout or init may change between runs
-SHAPE_KEYS = ("vocab_size", "max_position_embeddings", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size")
+# architecture keys that may change between the runs of one model
+TRAINING_ONLY_KEYS = ("dropout", "init_method_std")
 
 
 @dataclass
@@ -167,15 +167,17 @@ class Trainer:
         self.report(Notice(f"Moved {len(old)} earlier checkpoint(s) to {archive}"))
 
     def check_compatible(self, checkpoint: Checkpoint) -> None:
-        stored = checkpoint.state.get("model_config")
-        if not isinstance(stored, dict):
-            raise MtnlgError(f"{checkpoint.path} has no model_config; it is not a training checkpoint")
+        try:
+            stored = Architecture.from_dict(checkpoint.state.get("model_config")).to_dict()
+        except ValueError as exc:
+            raise MtnlgError(f"{checkpoint.path} has no valid model_config ({exc}); it is not a training "
+                             "checkpoint") from None
         current = self.architecture.to_dict()
-        for key in SHAPE_KEYS:
-            if stored.get(key) != current[key]:
-                raise MtnlgError(f"checkpoint {checkpoint.path.name} is a model with {key}={stored.get(key)}, "
-                                 f"but the config gives {key}={current[key]}; use a matching config or "
-                                 "--from-scratch")
+        for key, value in current.items():
+            if key not in TRAINING_ONLY_KEYS and stored[key] != value:
+                raise MtnlgError(f"checkpoint {checkpoint.path.name} is a model with {key}={stored[key]}, "
+                                 f"but the config gives {key}={value}; use a matching model section or start a "
+                                 "fresh run")
         check_tokenizer(checkpoint, self.tokenizer_hash)
         if "consumed_samples" not in checkpoint.state:
             raise MtnlgError(f"{checkpoint.path} has no consumed_samples; it is not a training checkpoint")
