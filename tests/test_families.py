@@ -7,6 +7,7 @@ generates and chats; presets have the published models' exact sizes; combination
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -234,8 +235,11 @@ def test_a_llama_style_workspace_trains_resumes_evaluates_generates_and_chats(ll
     evaluated = run_cli("eval", "--split", "valid", cwd=ws.root)
     assert evaluated.returncode == 0, evaluated.stderr
     assert "perplexity" in evaluated.stdout
-    generated = run_cli("generate", "-t", "0", "--max-new-tokens", "8", "It is a truth", cwd=ws.root)
-    assert generated.returncode == 0 and generated.stdout.strip(), generated.stderr
+    out = tmp_path / "out.jsonl"
+    generated = run_cli("generate", "-t", "0", "--max-new-tokens", "8", "-o", str(out), "It is a truth", cwd=ws.root)
+    assert generated.returncode == 0, generated.stderr
+    record = json.loads(out.read_text())
+    assert record["completion_tokens"] + (record["finish_reason"] == "eos") >= 1
     chatted = run_cli("chat", "--max-new-tokens", "6", cwd=ws.root, input="Hello\n")
     assert chatted.returncode == 0 and chatted.stdout.strip(), chatted.stderr
 
