@@ -5,11 +5,21 @@
  * the whole step is one call and the small ops are plain loops that the compiler vectorizes. The arithmetic is
  * GPT.forward's: pre-norm blocks, fused qkv whose rows are [head, q|k|v, head_dim], softmax attention scaled by
  * 1/sqrt(head_dim), GeLU (tanh approximation), output head tied to the embedding.
+ *
+ * Each weight matrix is fp32 or quantized (see `struct mtnlg_matrix`): int8 per output channel, or int4 in groups
+ * along the inputs. A quantized product reads a quarter or an eighth of the bytes; its activations stay fp32
+ * except inside the AVX-512 VNNI kernels, which round each block of 32 (int4) or 256 (int8) inputs to int16 with
+ * its own scale (a relative error of at most 2^-16 of the block's largest value, below bf16's 2^-9 per value).
  */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define VNNI 1
+#endif
 
 /* e^x within 2 ulp for x in [-87, 88] (clamped outside), written so that loops over it vectorize (built with
  * -fno-trapping-math, which lets the clamps become vector min and max): libm's expf and tanhf do not vectorize. */
@@ -91,6 +101,272 @@ static void product(const float *restrict W, const float *restrict x, const floa
     }
 }
 
+/* ---- quantized weights ------------------------------------------------------------------------------------- */
+
+/* Weight formats (quantize.py makes them):
+ * FP32: `data` as `product` takes it (as stored when wide or square, transposed when tall).
+ * INT8: `data` int8 [rows, cols]; `scales` float [rows]: w = q * scale of its row.
+ * INT4: `data` [rows, cols / 2] bytes in blocks of 32 inputs, 16 bytes each: byte j holds input j in its low
+ *       nibble and input j + 16 in its high one; `scales` and `mins` bf16 [rows, cols / group]: w = q * scale +
+ *       min of its group (group: a multiple of 32 that divides cols). */
+enum { FP32, INT8, INT4 };
+
+struct mtnlg_matrix {
+    long format, rows, cols, group;
+    const void *data, *scales, *mins;
+};
+
+static inline float bf16(uint16_t bits) {
+    union { uint32_t bits; float value; } v = { .bits = (uint32_t)bits << 16 };
+    return v.value;
+}
+
+/* y = v, y + v or gelu(v), as `product` does */
+static inline void finish(float *y, float v, int then) {
+    *y = then == ADD ? *y + v : then == STORE_GELU ? gelu(v) : v;
+}
+
+#ifdef VNNI
+/* x as int16 in blocks of `block` values, each with its scale: q = round(x / scale), scale = max |x| / 32767 */
+static void to_int16(const float *x, long n, long block, int16_t *q, float *scales) {
+    for (long b = 0; b * block < n; b++) {
+        long start = b * block, end = start + block < n ? start + block : n;
+        float largest = 0;
+        for (long i = start; i < end; i++) largest = fmaxf(largest, fabsf(x[i]));
+        float scale = largest > 0 ? largest / 32767.0f : 1.0f, inverse = 1.0f / scale;
+        scales[b] = scale;
+        for (long i = start; i < end; i++) q[i] = (int16_t)lrintf(x[i] * inverse);
+    }
+}
+
+static inline float sum16(__m512 v) { return _mm512_reduce_add_ps(v); }
+#endif
+
+/* int8: y[r] = scale[r] * (q[r] . x) (+ b[r]). With VNNI: x in int16 blocks of 256 (256 products of int8 and
+ * int16 fit an int32), four rows at a time; each block's integer sums turn into floats times its scale. */
+static void int8_product(const struct mtnlg_matrix *m, const float *x, const float *b, float *y, int then) {
+    long rows = m->rows, cols = m->cols;
+    const int8_t *W = m->data;
+    const float *scale = m->scales;
+#ifdef VNNI
+    enum { BLOCK = 256 };
+    long blocks = cols / BLOCK, whole = blocks * BLOCK;
+    int16_t *xq = aligned_alloc(64, (whole + 32) * sizeof(int16_t));
+    float *xs = malloc((blocks + 1) * sizeof(float));
+    to_int16(x, whole, BLOCK, xq, xs);
+    #pragma omp parallel for schedule(static)
+    for (long r0 = 0; r0 < rows; r0 += 4) {
+        long n = rows - r0 < 4 ? rows - r0 : 4;
+        const int8_t *w[4];
+        for (long k = 0; k < 4; k++) w[k] = W + (r0 + (k < n ? k : 0)) * cols;
+        __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
+        for (long blk = 0; blk < blocks; blk++) {
+            __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+            for (long i = blk * BLOCK; i < (blk + 1) * BLOCK; i += 32) {
+                __m512i xv = _mm512_load_si512(xq + i);
+                a0 = _mm512_dpwssd_epi32(a0, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(w[0] + i))), xv);
+                a1 = _mm512_dpwssd_epi32(a1, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(w[1] + i))), xv);
+                a2 = _mm512_dpwssd_epi32(a2, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(w[2] + i))), xv);
+                a3 = _mm512_dpwssd_epi32(a3, _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(w[3] + i))), xv);
+            }
+            __m512 s = _mm512_set1_ps(xs[blk]);
+            f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), s, f0);
+            f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1), s, f1);
+            f2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a2), s, f2);
+            f3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a3), s, f3);
+        }
+        float sums[4] = {sum16(f0), sum16(f1), sum16(f2), sum16(f3)};
+        for (long k = 0; k < n; k++) {
+            float tail = 0;
+            for (long i = whole; i < cols; i++) tail += w[k][i] * x[i];
+            finish(y + r0 + k, (sums[k] + tail) * scale[r0 + k] + (b ? b[r0 + k] : 0.0f), then);
+        }
+    }
+    free(xq);
+    free(xs);
+#else
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const int8_t *w = W + r * cols;
+        float s = 0;
+        #pragma omp simd reduction(+:s)
+        for (long i = 0; i < cols; i++) s += w[i] * x[i];
+        finish(y + r, s * scale[r] + (b ? b[r] : 0.0f), then);
+    }
+#endif
+}
+
+/* int4: y[r] = sum over groups g of scale[r, g] * (q[r, g] . x[g]) + min[r, g] * sum(x[g]) (+ b[r]). With VNNI:
+ * x in int16 blocks of 32, two blocks per step: the low nibbles of a block's 16 bytes are its first 16 inputs and
+ * the high nibbles its last 16, so `xq` holds each pair of blocks as [A 0-15, B 0-15, A 16-31, B 16-31]; the
+ * int32 lanes 0-7 of the dot products then belong to block A and 8-15 to block B. */
+static void int4_product(const struct mtnlg_matrix *m, const float *x, const float *b, float *y, int then) {
+    long rows = m->rows, cols = m->cols, group = m->group, groups = cols / group, blocks = cols / 32;
+    const uint8_t *W = m->data;
+    const uint16_t *scales = m->scales, *mins = m->mins;
+    float *xsum = malloc(groups * sizeof(float));
+    for (long g = 0; g < groups; g++) {
+        float s = 0;
+        for (long i = g * group; i < (g + 1) * group; i++) s += x[i];
+        xsum[g] = s;
+    }
+#ifdef VNNI
+    long pairs = blocks / 2;
+    int16_t *xq = aligned_alloc(64, (64 * pairs + 64) * sizeof(int16_t)), *plain = malloc(cols * sizeof(int16_t));
+    float *xs = malloc(blocks * sizeof(float));
+    to_int16(x, cols, 32, plain, xs);
+    for (long p = 0; p < pairs; p++)
+        for (long j = 0; j < 16; j++) {
+            xq[64 * p + j] = plain[64 * p + j];
+            xq[64 * p + 16 + j] = plain[64 * p + 32 + j];
+            xq[64 * p + 32 + j] = plain[64 * p + 16 + j];
+            xq[64 * p + 48 + j] = plain[64 * p + 48 + j];
+        }
+    free(plain);
+    const __m512i nibble = _mm512_set1_epi16(15);
+    __m512i lanes[8]; /* pair k of 8: lanes 0-7 from block 2k, 8-15 from block 2k + 1 */
+    for (int k = 0; k < 8; k++)
+        lanes[k] = _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(2 * k), _mm512_set1_epi32(2 * k + 1));
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const uint8_t *w = W + r * cols / 2;
+        const uint16_t *s = scales + r * groups, *mn = mins + r * groups;
+        __m512 acc = _mm512_setzero_ps(), acc2 = acc;
+        long p = 0;
+        for (; p < pairs; p += 8) {
+            long count = pairs - p < 8 ? pairs - p : 8;
+            /* the scales of these (up to) 16 blocks times x's, one float per block, spread over 8 lanes below */
+            float block_scale[16] = {0};
+            for (long k = 0; k < 2 * count; k++) block_scale[k] = bf16(s[(2 * p + k) * 32 / group]) * xs[2 * p + k];
+            __m512 bs = _mm512_loadu_ps(block_scale);
+            for (long k = 0; k < count; k++) {
+                __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const void *)(w + 32 * (p + k))));
+                __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(bytes, nibble),
+                                                _mm512_load_si512(xq + 64 * (p + k)));
+                d = _mm512_dpwssd_epi32(d, _mm512_srli_epi16(bytes, 4), _mm512_load_si512(xq + 64 * (p + k) + 32));
+                __m512 scaled = _mm512_permutexvar_ps(lanes[k], bs);
+                if (k & 1) acc2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scaled, acc2);
+                else acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scaled, acc);
+            }
+        }
+        p = pairs;
+        float total = sum16(_mm512_add_ps(acc, acc2));
+        for (long blk = 2 * p; blk < blocks; blk++) { /* the last blocks, from the fp32 inputs */
+            const uint8_t *q = w + 16 * blk;
+            float d = 0;
+            for (long j = 0; j < 16; j++) d += (q[j] & 15) * x[32 * blk + j] + (q[j] >> 4) * x[32 * blk + 16 + j];
+            total += bf16(s[blk * 32 / group]) * d;
+        }
+        for (long g = 0; g < groups; g++) total += bf16(mn[g]) * xsum[g];
+        finish(y + r, total + (b ? b[r] : 0.0f), then);
+    }
+    free(xq);
+    free(xs);
+#else
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const uint8_t *w = W + r * cols / 2;
+        const uint16_t *s = scales + r * groups, *mn = mins + r * groups;
+        float total = 0;
+        for (long blk = 0; blk < blocks; blk++) {
+            const uint8_t *q = w + 16 * blk;
+            const float *xb = x + 32 * blk;
+            float d = 0;
+            #pragma omp simd reduction(+:d)
+            for (long j = 0; j < 16; j++) d += (q[j] & 15) * xb[j] + (q[j] >> 4) * xb[16 + j];
+            total += bf16(s[blk * 32 / group]) * d;
+        }
+        for (long g = 0; g < groups; g++) total += bf16(mn[g]) * xsum[g];
+        finish(y + r, total + (b ? b[r] : 0.0f), then);
+    }
+#endif
+    free(xsum);
+}
+
+/* y = M x + b (stored, added or GeLU'd) for a matrix of any format */
+static void matrix_product(const struct mtnlg_matrix *m, const float *x, const float *b, float *y, int then) {
+    if (m->format == INT8) int8_product(m, x, b, y, then);
+    else if (m->format == INT4) int4_product(m, x, b, y, then);
+    else product(m->data, x, b, y, m->rows, m->cols, then);
+}
+
+#ifdef VNNI
+/* int8 for 2 to 8 rows of X at once: each weight row is read and widened once for all of them. */
+static void int8_batch(const struct mtnlg_matrix *m, const float *x, const float *b, float *y, long count) {
+    enum { BLOCK = 256 };
+    long rows = m->rows, cols = m->cols, blocks = cols / BLOCK, whole = blocks * BLOCK;
+    const int8_t *W = m->data;
+    const float *scale = m->scales;
+    int16_t *xq = aligned_alloc(64, 8 * (whole + 32) * sizeof(int16_t));
+    float *xs = malloc(8 * (blocks + 1) * sizeof(float));
+    for (long k = 0; k < count; k++) to_int16(x + k * cols, whole, BLOCK, xq + k * whole, xs + k * blocks);
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        const int8_t *w = W + r * cols;
+        __m512 f[8];
+        for (long k = 0; k < 8; k++) f[k] = _mm512_setzero_ps();
+        for (long blk = 0; blk < blocks; blk++) {
+            __m512i a[8];
+            for (long k = 0; k < 8; k++) a[k] = _mm512_setzero_si512();
+            for (long i = blk * BLOCK; i < (blk + 1) * BLOCK; i += 32) {
+                __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const void *)(w + i)));
+                for (long k = 0; k < count; k++)
+                    a[k] = _mm512_dpwssd_epi32(a[k], wide, _mm512_load_si512(xq + k * whole + i));
+            }
+            for (long k = 0; k < count; k++)
+                f[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a[k]), _mm512_set1_ps(xs[k * blocks + blk]), f[k]);
+        }
+        for (long k = 0; k < count; k++) {
+            float tail = 0;
+            for (long i = whole; i < cols; i++) tail += w[i] * x[k * cols + i];
+            y[k * rows + r] = (sum16(f[k]) + tail) * scale[r] + (b ? b[r] : 0.0f);
+        }
+    }
+    free(xq);
+    free(xs);
+}
+#endif
+
+/* Y = X M^T + b for `count` rows of X [count, cols] (Y [count, rows]): the quantized layers' small batches. */
+void mtnlg_quantized_product(const struct mtnlg_matrix *m, const float *x, const float *b, float *y, long count) {
+#ifdef VNNI
+    if (m->format == INT8) {
+        for (long k = 0; k < count; k += 8) {
+            long n = count - k < 8 ? count - k : 8;
+            if (n == 1) int8_product(m, x + k * m->cols, b, y + k * m->rows, STORE);
+            else int8_batch(m, x + k * m->cols, b, y + k * m->rows, n);
+        }
+        return;
+    }
+#endif
+    for (long k = 0; k < count; k++) matrix_product(m, x + k * m->cols, b, y + k * m->rows, STORE);
+}
+
+/* The fp32 matrix [rows, cols] of a quantized one: for products over many rows (prompts), through torch. */
+void mtnlg_dequantize(const struct mtnlg_matrix *m, float *out) {
+    long rows = m->rows, cols = m->cols;
+    #pragma omp parallel for schedule(static)
+    for (long r = 0; r < rows; r++) {
+        float *o = out + r * cols;
+        if (m->format == INT8) {
+            const int8_t *q = (const int8_t *)m->data + r * cols;
+            float s = ((const float *)m->scales)[r];
+            for (long i = 0; i < cols; i++) o[i] = q[i] * s;
+        } else {
+            long groups = cols / m->group;
+            const uint8_t *q = (const uint8_t *)m->data + r * cols / 2;
+            const uint16_t *s = (const uint16_t *)m->scales + r * groups, *mn = (const uint16_t *)m->mins + r * groups;
+            for (long blk = 0; blk < cols / 32; blk++) {
+                float scale = bf16(s[blk * 32 / m->group]), low = bf16(mn[blk * 32 / m->group]);
+                for (long j = 0; j < 16; j++) {
+                    o[32 * blk + j] = (q[16 * blk + j] & 15) * scale + low;
+                    o[32 * blk + 16 + j] = (q[16 * blk + j] >> 4) * scale + low;
+                }
+            }
+        }
+    }
+}
+
 static void layer_norm(const float *x, const float *weight, const float *bias, float eps, float *out, long n) {
     float mean = 0, var = 0;
     for (long i = 0; i < n; i++) mean += x[i];
@@ -165,13 +441,13 @@ static void attention(const float *qkv, float *keys, float *values, float *score
 }
 
 /* What stays the same from one token to the next of a generation.
- * weights: wte, wpe, ln_f.weight, ln_f.bias, the output head (wte again, as `product` takes it), then per layer
- * ln_1.weight, ln_1.bias, qkv.weight, qkv.bias, proj.weight, proj.bias, ln_2.weight, ln_2.bias, fc.weight, fc.bias,
- * mlp proj.weight, mlp proj.bias; each matrix as `product` takes it.
+ * weights: wte, wpe, ln_f.weight, ln_f.bias, the output head (wte again), then per layer ln_1.weight, ln_1.bias,
+ * qkv.weight, qkv.bias, proj.weight, proj.bias, ln_2.weight, ln_2.bias, fc.weight, fc.bias, mlp proj.weight,
+ * mlp proj.bias; each matrix (the head included) a `struct mtnlg_matrix`, the rest float arrays.
  * keys, values: [layers, heads, capacity, head_dim]. work: 6 * hidden + ffn + heads * capacity floats.
  * logits: vocab floats (the rows of wte). */
 struct mtnlg_step {
-    const float *const *weights;
+    const void *const *weights;
     long layers, hidden, heads, ffn, vocab;
     float eps;
     float *keys, *values;
@@ -183,29 +459,29 @@ struct mtnlg_step {
  * logit, as torch's argmax (-1 if a logit is NaN or all are -inf): greedy decoding then needs no torch op per
  * token. */
 long mtnlg_decode_step(const struct mtnlg_step *s, long token, long position) {
-    const float *const *weights = s->weights;
+    const void *const *weights = s->weights;
     long layers = s->layers, hidden = s->hidden, heads = s->heads, ffn = s->ffn, vocab = s->vocab;
     long capacity = s->capacity;
     float eps = s->eps, *keys = s->keys, *values = s->values, *work = s->work, *logits = s->logits;
     const float *wte = weights[0], *wpe = weights[1], *ln_f_weight = weights[2], *ln_f_bias = weights[3];
-    const float *head = weights[4];
+    const struct mtnlg_matrix *head = weights[4];
     long head_dim = hidden / heads, layer_cache = heads * capacity * head_dim;
     float *x = work, *normed = x + hidden, *qkv = normed + hidden, *y = qkv + 3 * hidden, *mlp = y + hidden;
     float *scores = mlp + ffn;
     for (long i = 0; i < hidden; i++) x[i] = wte[token * hidden + i] + wpe[position * hidden + i];
     for (long l = 0; l < layers; l++) {
-        const float *const *w = weights + 5 + 12 * l;
+        const void *const *w = weights + 5 + 12 * l;
         layer_norm(x, w[0], w[1], eps, normed, hidden);
-        product(w[2], normed, w[3], qkv, 3 * hidden, hidden, STORE);
+        matrix_product(w[2], normed, w[3], qkv, STORE);
         attention(qkv, keys + l * layer_cache, values + l * layer_cache, scores, y, heads, head_dim, capacity,
                   position);
-        product(w[4], y, w[5], x, hidden, hidden, ADD);
+        matrix_product(w[4], y, w[5], x, ADD);
         layer_norm(x, w[6], w[7], eps, normed, hidden);
-        product(w[8], normed, w[9], mlp, ffn, hidden, STORE_GELU);
-        product(w[10], mlp, w[11], x, hidden, ffn, ADD);
+        matrix_product(w[8], normed, w[9], mlp, STORE_GELU);
+        matrix_product(w[10], mlp, w[11], x, ADD);
     }
     layer_norm(x, ln_f_weight, ln_f_bias, eps, normed, hidden);
-    product(head, normed, 0, logits, vocab, hidden, STORE);
+    matrix_product(head, normed, 0, logits, STORE);
     long best = -1;
     float top = -INFINITY;
     for (long i = 0; i < vocab; i++) {
