@@ -11,7 +11,10 @@ Everything runs in one process, alternating, with the same thread count:
   fastest of four ways (MKL on either layout, oneDNN on its blocked one, mtnlg's own C product on huge pages).
   Each decode is timed right after a limit, twelve pairs a round: the machine's speed drifts by more than the gap
   between the two, so besides the ratio of medians the note gives the median of each decode over its own limit;
-- decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers.
+- decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers;
+- weight-only quantization on a gpt-125m-shaped model (12 layers, hidden 768, ffn 3072, vocabulary 50,304, random
+  weights): batch-1 decode tokens/s of fp32, int8 and int4 (groups of 32), each against its own limit (the time to
+  read that format's weight bytes once, timed right before), and batch-8 decode tokens/s of int8 against fp32.
 """
 
 from __future__ import annotations
@@ -30,12 +33,17 @@ from mtnlg_cli.inference import native
 
 SHAPE = dict(vocab_size=8192, max_position_embeddings=1024, num_layers=6, hidden_size=512, num_heads=8,
              ffn_hidden_size=2048)
+GPT_125M_SHAPE = dict(vocab_size=50304, max_position_embeddings=1024, num_layers=12, hidden_size=768, num_heads=12,
+                      ffn_hidden_size=3072)
 
 
 class _IdTokenizer:
     """Just what the engine asks of a tokenizer, for a model whose ids mean nothing."""
 
-    vocab_size, pad_id, eos_id = SHAPE["vocab_size"], 0, 3
+    pad_id, eos_id = 0, 3
+
+    def __init__(self, vocab_size: int = SHAPE["vocab_size"]):
+        self.vocab_size = vocab_size
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError("the benchmark passes token ids")
@@ -224,7 +232,7 @@ def run(quick: bool = False) -> list[Result]:
     at_limit, ours_decode = [1 / limit_s for limit_s, _ in pairs], [1 / decode_s for _, decode_s in pairs]
     torch_limit_ms, decode_ms = (statistics.median(figures[k]) for k in ("torch limit ms/token", "ours ms/token ctx64"))
     paired = statistics.quantiles([limit_s / decode_s for limit_s, decode_s in pairs], n=4)
-    return [
+    return quantized_results(quick) + [
         Result("greedy generate tokens/s, batch 1 (64-token prompt)", "tokens/s", figures["ours b1 tok/s"],
                figures["theirs b1 tok/s"], "transformers generate()", notes=threads),
         Result("greedy generate tokens/s, batch 8 (64-token prompts)", "tokens/s", figures["ours b8 tok/s"],
@@ -243,6 +251,94 @@ def run(quick: bool = False) -> list[Result]:
                goal="flat as the context grows",
                notes=f"mtnlg 1000/64: {statistics.median(figures['ours ms/token ctx1000']) / decode_ms:.2f}x"),
     ]
+
+
+def format_bytes(model) -> dict[str, int]:
+    """Bytes of the weight matrices (the tied head once) in each format: what one token reads."""
+    from mtnlg_cli.inference.quantize import BLOCK
+
+    shapes = [tuple(p.shape) for name, p in model.named_parameters() if p.dim() == 2 and name != "wpe.weight"]
+    return {"fp32": sum(4 * r * c for r, c in shapes),
+            "int8": sum(r * c + 4 * r for r, c in shapes),
+            "int4": sum(r * c // 2 + 2 * 2 * r * c // BLOCK for r, c in shapes)}
+
+
+def read_limit(library, size: int) -> Callable[[], float]:
+    """Seconds to read `size` bytes once from one huge-page block (the median of a few reads)."""
+    block = native.in_one_block([torch.zeros(-(-size // 64) * 16)])[0]
+    block.view(torch.int32).random_()
+
+    def timing() -> float:
+        return statistics.median(timed(lambda: library.mtnlg_read(block.data_ptr(), block.numel() * 4))
+                                 for _ in range(8))
+    timing.block = block
+    return timing
+
+
+def quantized_results(quick: bool) -> list[Result]:
+    from mtnlg_cli.inference.engine import Generator, SamplingSettings
+    from mtnlg_cli.inference.quantize import Quantization, quantize_model
+    from mtnlg_cli.model.gpt import GPT, GPTConfig
+
+    library = native.load()
+    if library is None:
+        print("no C compiler: the quantized decoding benchmark needs the native step", file=sys.stderr)
+        return []
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**GPT_125M_SHAPE)).eval()
+    tokenizer = _IdTokenizer(GPT_125M_SHAPE["vocab_size"])
+    models = {"fp32": model, "int8": quantize_model(model, Quantization("int8")),
+              "int4": quantize_model(model, Quantization("int4", 32))}
+    generators = {name: Generator(m, tokenizer) for name, m in models.items()}
+    limits = {name: read_limit(library, size) for name, size in format_bytes(model).items()}
+    ids = torch.randint(8, GPT_125M_SHAPE["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(1))
+    new_tokens = 32 if quick else 64
+
+    def decode_seconds(name: str) -> float:
+        clock = _TokenClock(skip=0)
+        generators[name].generate(ids[:1].tolist(), SamplingSettings(max_new_tokens=new_tokens, temperature=0.0),
+                                  stop_token_ids=(), on_text=clock)
+        return clock.median_interval()
+
+    def batch8_step_seconds(name: str) -> float:
+        """Seconds per decoding step of 8 rows: the time of `new_tokens` more tokens after the prompts."""
+        def run(count: int) -> float:
+            settings = SamplingSettings(max_new_tokens=count, temperature=0.0)
+            return timed(lambda: generators[name].generate(ids.tolist(), settings, stop_token_ids=()))
+        return (run(new_tokens + 1) - run(1)) / new_tokens
+
+    decode = {name: [] for name in models}
+    paired = {name: [] for name in models}  # each decode over the read limit timed right before it
+    batch8 = {"fp32": [], "int8": []}
+    for round_ in range((3 if quick else 6) + 1):  # round 0 warms up (and builds the decoding copies)
+        for name in models:
+            limit_s, decode_s = limits[name](), decode_seconds(name)
+            print(f"round {round_} {name}: limit {1e3 * limit_s:.2f} ms, decode {1e3 * decode_s:.2f} ms/token",
+                  file=sys.stderr, flush=True)
+            if round_:
+                decode[name].append(1 / decode_s)
+                paired[name].append(limit_s / decode_s)
+        for name in batch8:
+            step_s = batch8_step_seconds(name)
+            print(f"round {round_} {name} batch 8: {1e3 * step_s:.2f} ms/step", file=sys.stderr, flush=True)
+            if round_:
+                batch8[name].append(8 / step_s)
+
+    threads = f"{torch.get_num_threads()} thread(s); shared machine, noisy"
+    sizes = format_bytes(model)
+    results = []
+    for name, goal in (("int8", ">= 2.5x fp32"), ("int4", ">= 4x fp32")):
+        results.append(Result(f"decode tokens/s at batch 1, {name} vs fp32 (gpt-125m shape)", "tokens/s",
+                              decode[name], decode["fp32"], "fp32 (C step)", goal=goal, notes=threads))
+    for name in models:
+        middle = statistics.quantiles(paired[name], n=4)
+        results.append(Result(f"decode at batch 1 vs reading the {name} weights once (gpt-125m shape)", "x limit",
+                              paired[name], goal=">= 0.85x the limit" if name != "fp32" else "",
+                              notes=f"{sizes[name] / 1e6:.0f} MB a token; each decode over the read timed right "
+                              f"before it (middle half {middle[0]:.2f}-{middle[2]:.2f}x); {threads}"))
+    results.append(Result("decode tokens/s at batch 8, int8 vs fp32 (gpt-125m shape)", "tokens/s", batch8["int8"],
+                          batch8["fp32"], "fp32", goal=">= 1.5x fp32", notes=threads))
+    return results
 
 
 if __name__ == "__main__":

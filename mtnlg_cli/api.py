@@ -146,6 +146,12 @@ class MegatronLM:
 
         return contextlib.nullcontext(ignore) if self._quiet else ConsoleReporter(Console(stderr=True))
 
+    def _show_notice(self, event) -> None:
+        from mtnlg_cli.events import Notice
+
+        if isinstance(event, Notice):
+            self._console().print(f"note: {event.message}", markup=False, highlight=False)
+
     # --- training -------------------------------------------------------------------------------------------------
 
     def train(self, data: Optional[Data] = None, *, from_scratch: bool = False, **options: Any):
@@ -189,6 +195,7 @@ class MegatronLM:
     def _inference(self):
         """(model, tokenizer, checkpoint) of the latest checkpoint, loaded once until the next train()."""
         from mtnlg_cli.checkpoint import load_for_inference
+        from mtnlg_cli.inference.quantize import Quantization, quantize_model
 
         if self._loaded is None:
             device = self._device
@@ -196,7 +203,11 @@ class MegatronLM:
                 import torch
 
                 device = "cuda" if torch.cuda.is_available() else "cpu"
-            self._loaded = load_for_inference(self.workspace, device=device)
+            model, tokenizer, checkpoint = load_for_inference(self.workspace, device=device)
+            quantization = Quantization.from_config(self.config.generate)
+            if quantization is not None:  # generate.quantize: the options' quantize="int8" or "int4"
+                model = quantize_model(model, quantization, self._show_notice)
+            self._loaded = model, tokenizer, checkpoint
         return self._loaded
 
     def _generator(self):

@@ -184,6 +184,8 @@ class SamplingSettings:
 @dataclass
 class GenerateConfig(SamplingSettings):
     system_prompt: Optional[str] = None
+    quantize: Optional[Literal["int8", "int4"]] = None  # weight-only quantization on load (None: fp32)
+    quantize_group_size: int = 32  # int4: inputs per scale and min, a multiple of 32
     prompt_styles: dict[str, str] = field(
         default_factory=lambda: {
             "plain": "{text}",
@@ -267,6 +269,9 @@ class Config:
         if p.sequence_parallel and p.tensor_parallel == 1:
             raise ConfigError("parallel.sequence_parallel=true needs parallel.tensor_parallel > 1")
         g.validate("generate.")
+        if g.quantize_group_size < 32 or g.quantize_group_size % 32:
+            raise ConfigError(f"generate.quantize_group_size={g.quantize_group_size} must be a positive multiple "
+                              "of 32")
         for name, style in g.prompt_styles.items():
             if "{text}" not in style:
                 raise ConfigError(f"generate.prompt_styles.{name} must contain {{text}}")

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
-from mtnlg_cli.commands.generate import (CheckpointOption, MaxNewTokensOption, RepetitionPenaltyOption, SeedOption,
-                                         TemperatureOption, TopKOption, TopPOption, load_generator,
-                                         sampling_settings, warnings_as_notes)
+from mtnlg_cli.commands.generate import (CheckpointOption, MaxNewTokensOption, QuantizeOption,
+                                         RepetitionPenaltyOption, SeedOption, TemperatureOption, TopKOption,
+                                         TopPOption, load_generator, sampling_settings, warnings_as_notes)
 
 
 def chat_command(
@@ -21,6 +21,7 @@ def chat_command(
     top_p: TopPOption = None,
     repetition_penalty: RepetitionPenaltyOption = None,
     seed: SeedOption = None,
+    quantize: QuantizeOption = None,
     checkpoint: CheckpointOption = None,
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
@@ -34,6 +35,6 @@ def chat_command(
     ws, config = open_workspace(workspace, overrides)
     settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
-    session = ChatSession(load_generator(ws, checkpoint), settings, system or config.generate.system_prompt)
+    session = ChatSession(load_generator(ws, checkpoint, config, quantize), settings, system or config.generate.system_prompt)
     with warnings_as_notes():
         run_repl(session)

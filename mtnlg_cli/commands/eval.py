@@ -7,7 +7,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -46,6 +46,9 @@ def eval_command(
                                                   "at least context - stride tokens of context (default: half "
                                                   "the context).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 8,
+    quantize: Annotated[Optional[Literal["int8", "int4"]], typer.Option(
+        "--quantize", "-q", help="Also score the model with its weights quantized (int8 or int4, as generate "
+        "--quantize) and show the change next to fp32 (config: generate.quantize).", show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Checkpoint folder (default: "
                                                        "checkpoints/latest).", show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the results as JSON here.",
@@ -82,7 +85,8 @@ def eval_command(
 
 def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]], build_from: Optional[Path],
               min_words: int, text_key: str, delimiter: str, context: Optional[int], stride: Optional[int],
-              batch_size: int, checkpoint: Optional[Path], output: Optional[Path], run: Optional[str],
+              batch_size: int, quantize: Optional[str], checkpoint: Optional[Path], output: Optional[Path],
+              run: Optional[str],
               device: Optional[str], workspace: Optional[Path], overrides: Optional[list[str]]) -> None:
     import torch
     from rich.console import Console
@@ -113,35 +117,50 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     if not 1 <= stride <= context:
         raise MtnlgError(f"--stride {stride} must be between 1 and the context length {context}")
 
-    rows: list[tuple[str, dict]] = []  # (data name, metrics)
+    from mtnlg_cli.commands.generate import show_notice
+    from mtnlg_cli.inference.quantize import Quantization, quantize_model
+
+    quantization = Quantization.from_config(config.generate, quantize)
+    models = [("", model)]  # (suffix of the data name, model)
+    if quantization is not None:
+        models.append((f" [{quantization.method}]", quantize_model(model, quantization, show_notice)))
+    rows: list[tuple[str, dict]] = []  # (data name, metrics), each source under every model
     with _progress(console) as progress:
         def scored(name: str, fn):
-            bar = progress.add_task(name, total=None)
-            rows.append((name, fn(lambda done, total: progress.update(bar, completed=done, total=total))))
+            for suffix, scored_model in models:
+                bar = progress.add_task(name + suffix, total=None)
+                rows.append((name + suffix, fn(scored_model, lambda done, total: progress.update(
+                    bar, completed=done, total=total))))
 
         if task is Task.perplexity:
             sources = _perplexity_sources(ws, config, data, split, text_key, tokenizer, rank)
             for name, documents in sources:
-                scored(name, lambda report: ev.evaluate_perplexity(
-                    model, documents, tokenizer.eos_id, context, stride, batch_size, report).metrics())
+                scored(name, lambda m, report: ev.evaluate_perplexity(
+                    m, documents, tokenizer.eos_id, context, stride, batch_size, report).metrics())
         elif task is Task.cloze:
             for name, items in _cloze_sources(data, build_from, min_words):
-                scored(name, lambda report: ev.evaluate_cloze(model, tokenizer, items, context, batch_size, report))
+                scored(name, lambda m, report: ev.evaluate_cloze(m, tokenizer, items, context, batch_size, report))
         else:
             for name, items in [(str(path), ev.read_choice_items(path)) for path in data]:
-                scored(name, lambda report: ev.evaluate_choice(model, tokenizer, items, context, delimiter,
-                                                               batch_size, report))
+                scored(name, lambda m, report: ev.evaluate_choice(m, tokenizer, items, context, delimiter,
+                                                                  batch_size, report))
 
     results = {"checkpoint": str(ckpt.path), "step": ckpt.step, "task": task.value, "context": context,
                **({"stride": stride} if task is Task.perplexity else {}),
                "results": {name: metrics for name, metrics in rows}}
+    changes = _quantization_changes(rows) if quantization is not None else {}
+    if quantization is not None:
+        results["quantize"] = {"method": quantization.method, "group_size": quantization.group_size,
+                               "perplexity_change": changes}
     if rank == 0:
         console.print(_table(task, ckpt, rows))
+        for name, change in changes.items():
+            console.print(f"{name}: perplexity {change:+.2%} under {quantization.describe()} (vs fp32)")
         if output is not None:
             _write_json(output, results)
             console.print(f"Wrote {output}")
-        if run_log is not None:
-            _append_to_run(run_log, ckpt.step, task, rows)
+        if run_log is not None:  # the checkpoint's own (fp32) figures
+            _append_to_run(run_log, ckpt.step, task, rows[::len(models)])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -226,6 +245,15 @@ def _cloze_sources(data, build_from, min_words) -> list[tuple[str, list]]:
                              "from; lower --min-words")
         sources.append((f"{build_from} (built)", items))
     return sources
+
+
+def _quantization_changes(rows: list[tuple[str, dict]]) -> dict[str, float]:
+    """The relative change of each source's perplexity under quantization (rows come in fp32, quantized pairs)."""
+    changes = {}
+    for (name, fp32), (_, quantized) in zip(rows[::2], rows[1::2]):
+        if "perplexity" in fp32:
+            changes[name] = quantized["perplexity"] / fp32["perplexity"] - 1
+    return changes
 
 
 def _table(task: Task, ckpt, rows: list[tuple[str, dict]]):

@@ -9,7 +9,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -34,6 +34,9 @@ RepetitionPenaltyOption = Annotated[Optional[float], typer.Option(
     "generate.repetition_penalty).", show_default=False)]
 SeedOption = Annotated[Optional[int], typer.Option(
     "--seed", help="Seed for reproducible sampling (config: generate.seed).", show_default=False)]
+QuantizeOption = Annotated[Optional[Literal["int8", "int4"]], typer.Option(
+    "--quantize", "-q", help="Quantize the weights on load: int8 (per output channel) or int4 (groups of "
+    "generate.quantize_group_size inputs) (config: generate.quantize).", show_default=False)]
 StopOption = Annotated[Optional[list[str]], typer.Option(
     "--stop", help="Stop at this string (repeatable) (config: generate.stop).", show_default=False)]
 
@@ -45,12 +48,30 @@ def sampling_settings(config, **options):
     return SamplingSettings.from_config(config.generate, **options)
 
 
-def load_generator(workspace, checkpoint: Optional[Path]):
+def load_generator(workspace, checkpoint: Optional[Path], config, quantize: Optional[str] = None):
     from mtnlg_cli.checkpoint import load_for_inference
     from mtnlg_cli.inference.engine import Generator
 
     model, tokenizer, _ = load_for_inference(workspace, checkpoint)
-    return Generator(model, tokenizer)
+    return Generator(quantized(model, config, quantize), tokenizer)
+
+
+def quantized(model, config, quantize: Optional[str] = None):
+    """`model` quantized as `--quantize` (else the config's generate.quantize) says; as it is for neither."""
+    from mtnlg_cli.inference.quantize import Quantization, quantize_model
+
+    quantization = Quantization.from_config(config.generate, quantize)
+    if quantization is None:
+        return model
+    return quantize_model(model, quantization, show_notice)
+
+
+def show_notice(event) -> None:
+    """The core's notices as `note:` lines on stderr."""
+    from mtnlg_cli.events import Notice
+
+    if isinstance(event, Notice):
+        typer.echo(f"{'warning' if event.level == 'warning' else 'note'}: {event.message}", err=True)
 
 
 @contextmanager
@@ -83,6 +104,7 @@ def generate_command(
     repetition_penalty: RepetitionPenaltyOption = None,
     seed: SeedOption = None,
     stop: StopOption = None,
+    quantize: QuantizeOption = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print prompt and generated token counts and tokens/s "
                                         "on stderr.")] = False,
     checkpoint: CheckpointOption = None,
@@ -102,7 +124,7 @@ def generate_command(
     records = [dict(record, sample=i) for record in records for i in range(num_samples)]
     texts = [style.replace("{text}", record["prompt"]) for record in records]
 
-    generator = load_generator(ws, checkpoint)
+    generator = load_generator(ws, checkpoint, config, quantize)
     stream = output_path is None and sys.stdout.isatty()
     chunk = 1 if stream else batch_size
     results, prompt_tokens, generated_tokens = [], 0, 0

@@ -56,6 +56,8 @@ def load() -> Optional[ctypes.CDLL]:
     library.mtnlg_quantized_product.restype = None
     library.mtnlg_dequantize.argtypes = [pointer, pointer]
     library.mtnlg_dequantize.restype = None
+    library.mtnlg_read.argtypes = [pointer, size]
+    library.mtnlg_read.restype = ctypes.c_uint64
     return library
 
 

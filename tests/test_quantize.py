@@ -1,0 +1,175 @@
+"""Weight-only int8/int4 quantization: the layers, the C step on quantized weights, the per-layer fallback, the
+perplexity bound on a small trained model, and --quantize on the command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.inference.quantize import (Quantization, QuantizedLinear, dequantize_int4, quantize_model)
+from mtnlg_cli.model.gpt import GPT, GPTConfig, KVCache
+
+CONTEXT = 32
+STEPS = 150
+
+
+def small_gpt(hidden: int = 64, ffn: int = 256, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(vocab_size=256, max_position_embeddings=64, num_layers=2, hidden_size=hidden,
+                         num_heads=4, ffn_hidden_size=ffn)).eval()
+
+
+@pytest.mark.parametrize("method,group", [("int8", 32), ("int4", 32), ("int4", 64)])
+def test_a_quantized_layer_computes_with_its_dequantized_weight_within_the_format_error(method, group):
+    torch.manual_seed(0)
+    weight, bias = torch.randn(200, 320) * 0.02, torch.randn(200)
+    layer = QuantizedLinear(weight, bias, Quantization(method, group))
+    dequantized = layer.dequantize()
+    if method == "int8":  # each row: q * scale, off by at most half a step
+        scale = weight.abs().amax(dim=1) / 127
+        assert torch.equal(dequantized, layer.qweight.float() * layer.scales[:, None])
+        assert ((dequantized - weight).abs() <= scale[:, None] / 2 + 1e-7).all()
+    else:  # each group: q * scale + min, off by at most half a step (the stored scale is bf16, a step is about that)
+        assert torch.equal(dequantized, dequantize_int4(layer.qweight, layer.scales, layer.mins, group))
+        steps = layer.scales.float().repeat_interleave(group, dim=1)
+        assert ((dequantized - weight).abs() <= 0.52 * steps + 1e-6).all()
+    for rows in (1, 3, 8, 20):  # one row (the decoding step's kernels), a small batch, a prompt (dequantized)
+        x = torch.randn(rows, 320)
+        expected = F.linear(x, dequantized, bias)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
+def test_the_c_step_on_quantized_weights_computes_what_the_quantized_model_computes():
+    from mtnlg_cli.inference import native
+
+    library = native.load()
+    if library is None:
+        pytest.skip("no C compiler")
+    model = small_gpt()
+    tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
+    for quantization in (Quantization("int8"), Quantization("int4")):
+        quantized = quantize_model(model, quantization)
+        assert isinstance(quantized.layers[1].mlp.fc, QuantizedLinear)
+        assert isinstance(quantized.output_head, QuantizedLinear)  # the tied head's own quantized copy
+        assert quantized.wte.weight is model.wte.weight  # the embedding stays fp32, shared
+        with torch.inference_mode():
+            full = quantized(tokens)
+            cache = KVCache(quantized.config, 1, 16)
+            quantized(tokens[:, :6], cache=cache)
+            step = native.NativeStep(native.NativeWeights(library, quantized), cache)
+            steps = torch.cat([step(int(t)).clone() for t in tokens[0, 6:]])
+        torch.testing.assert_close(steps, full[0, 6:], rtol=1e-4, atol=1e-4)
+
+
+def test_int4_keeps_layers_of_unfit_shapes_fp32_with_a_notice():
+    model = small_gpt(hidden=48, ffn=192)  # 48 inputs are not a multiple of 32; 192 are
+    notices = []
+    quantized = quantize_model(model, Quantization("int4"), notices.append)
+    kept = sorted(n.message.split(" stays")[0] for n in notices)
+    assert kept == ["layers.0.attn.proj", "layers.0.attn.qkv", "layers.0.mlp.fc", "layers.1.attn.proj",
+                    "layers.1.attn.qkv", "layers.1.mlp.fc", "the output head"]
+    assert all("48 inputs are not a multiple of the group size 32" in n.message for n in notices)
+    assert type(quantized.layers[0].attn.qkv) is nn.Linear and isinstance(quantized.layers[0].mlp.proj,
+                                                                          QuantizedLinear)
+    tokens = torch.randint(0, 256, (2, 10))
+    with torch.inference_mode():  # the kept layers compute in fp32: only mlp.proj differs from the model
+        exact = model(tokens)
+        close = quantized(tokens)
+    assert 0 < (close - exact).abs().max() < 0.1 * exact.abs().max()
+    assert quantize_model(model, Quantization("int8"), notices.append) and len(notices) == 7  # int8 takes any shape
+
+
+def test_bad_quantization_settings_are_refused():
+    with pytest.raises(MtnlgError, match="unknown quantization 'int3'"):
+        Quantization("int3")
+    with pytest.raises(MtnlgError, match="group size 48 must be a positive multiple of 32"):
+        Quantization("int4", 48)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with a checkpoint of a small GPT trained for a moment on its sample text."""
+    from mtnlg_cli.checkpoint import save_checkpoint
+    from mtnlg_cli.data.tokenizer import train_tokenizer
+    from mtnlg_cli.workspace import init_workspace
+
+    overrides = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", f"model.seq_length={CONTEXT}",
+                 "model.max_position_embeddings=64", "model.vocab_size=512", "model.make_vocab_size_divisible_by=64"]
+    workspace = init_workspace(tmp_path_factory.mktemp("quantize") / "ws", overrides=overrides)
+    config = workspace.load_config()
+    text = (workspace.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")[:60_000]
+    tokenizer = train_tokenizer(text.splitlines(), workspace.tokenizer_dir, config.model.vocab_size)
+    torch.manual_seed(0)
+    model_config = GPTConfig.from_model_config(config.model)
+    model = GPT(model_config)
+    stream = torch.tensor(tokenizer.encode(text))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(STEPS):
+        starts = torch.randint(0, len(stream) - CONTEXT - 1, (16,))
+        batch = torch.stack([stream[s:s + CONTEXT + 1] for s in starts])
+        model(batch[:, :-1], batch[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval().requires_grad_(False)
+    save_checkpoint(workspace.checkpoints_dir, STEPS, {"model": model.state_dict()},
+                    {"model_config": model_config.to_dict(), "config": config.to_dict(),
+                     "tokenizer_hash": tokenizer.hash, "consumed_samples": 0, "loss": None})
+    return workspace, model, tokenizer, text
+
+
+def invoke(*args: str):
+    from typer.testing import CliRunner
+
+    from mtnlg_cli.cli import app
+
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def test_eval_quantize_reports_perplexity_next_to_fp32_within_the_bounds(trained, tmp_path):
+    workspace, _, _, text = trained
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(text[40_000:52_000], encoding="utf-8")
+    changes = {}
+    for method, bound in (("int8", 0.01), ("int4", 0.05)):
+        out = tmp_path / f"{method}.json"
+        result = invoke("eval", "-w", str(workspace.root), "--data", str(held_out), "--quantize", method,
+                        "-o", str(out))
+        assert result.exit_code == 0, result.output
+        report = json.loads(out.read_text())
+        fp32, quantized = report["results"][str(held_out)], report["results"][f"{held_out} [{method}]"]
+        change = quantized["perplexity"] / fp32["perplexity"] - 1
+        assert report["quantize"]["perplexity_change"][str(held_out)] == pytest.approx(change)
+        assert f"perplexity {change:+.2%} under {method}" in result.output.replace("\n", "")
+        assert abs(change) <= bound, (method, change)
+        changes[method] = change
+    assert abs(changes["int8"]) < abs(changes["int4"])
+
+
+def test_generate_and_chat_with_quantize_and_bad_input(trained):
+    workspace, model, tokenizer, _ = trained
+    from mtnlg_cli.inference.engine import Generator, SamplingSettings
+
+    settings = SamplingSettings(max_new_tokens=12, temperature=0.0)
+    expected = Generator(quantize_model(model, Quantization("int4")), tokenizer).generate(["It is a truth"],
+                                                                                          settings)[0].text
+    result = invoke("generate", "-w", str(workspace.root), "--quantize", "int4", "-t", "0", "-n", "12",
+                    "It is a truth")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == expected.strip()
+    by_config = invoke("generate", "-w", str(workspace.root), "--set", "generate.quantize=int4", "-t", "0", "-n",
+                       "12", "It is a truth")
+    assert by_config.stdout == result.stdout
+
+    from conftest import run_cli
+
+    bad = run_cli("generate", "-w", str(workspace.root), "--quantize", "int4", "--set",
+                  "generate.quantize_group_size=48", "x")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: generate.quantize_group_size=48 must be a positive multiple of 32"], bad.stderr
+    unknown = invoke("generate", "-w", str(workspace.root), "--quantize", "int3", "x")
+    assert unknown.exit_code == 2 and "'int3' is not one of 'int8', 'int4'" in unknown.output, unknown.output
