@@ -18,16 +18,18 @@ def convert_command(
         show_default=False)],
     path: Annotated[Path, typer.Argument(help="export: the folder to write; import: the folder to read.",
                                          show_default=False)],
-    to: Annotated[Optional[Literal["safetensors", "hf", "megatron"]], typer.Option(
-        "--to", help="export: plain safetensors (default), a Hugging Face GPT2LMHeadModel folder, or a "
-        "Megatron-LM legacy GPT checkpoint.", show_default=False)] = None,
+    to: Annotated[Optional[Literal["safetensors", "hf", "megatron", "gguf"]], typer.Option(
+        "--to", help="export: plain safetensors (default), a Hugging Face GPT2LMHeadModel folder, a "
+        "Megatron-LM legacy GPT checkpoint, or one GGUF file for llama.cpp (PATH is the file).",
+        show_default=False)] = None,
     source_format: Annotated[Optional[Literal["auto", "hf", "megatron", "safetensors"]], typer.Option(
         "--from", help="import: the format of PATH (default: detected).", show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(
         "--checkpoint", "-c", help="export: the checkpoint folder (default: the workspace's latest).",
         show_default=False)] = None,
-    dtype: Annotated[Optional[Literal["fp32", "bf16", "fp16"]], typer.Option(
-        "--dtype", help="export: the tensors' type (default fp32).", show_default=False)] = None,
+    dtype: Annotated[Optional[Literal["fp32", "bf16", "fp16", "q8_0", "q4_0"]], typer.Option(
+        "--dtype", help="export: the tensors' type (default fp32); gguf also takes llama.cpp's q8_0 and q4_0.",
+        show_default=False)] = None,
     max_shard_size: Annotated[Optional[str], typer.Option(
         "--max-shard-size", help="export to safetensors or hf: split into files of at most this size "
         "(e.g. 500MB, 2GB) with an index json.", show_default=False)] = None,
@@ -47,6 +49,8 @@ def convert_command(
     """Export a checkpoint as safetensors, Hugging Face or Megatron-LM weights, or import such weights.
 
     mtnlg convert export OUT [--to hf|megatron] [--dtype bf16] [--max-shard-size 2GB] [-t 2] [-p 2]
+
+    mtnlg convert export model.gguf --to gguf [--dtype fp16|q8_0|q4_0]
 
     mtnlg convert import DIR [--from hf|megatron|safetensors] [--step N]
     """
@@ -82,12 +86,19 @@ def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_pat
                                            config.model.make_vocab_size_divisible_by)
     with console.status(f"Writing {out_dir}..."):
         files = export_weights(weights, out_dir, to, dtype, max_shard_size, tensor_parallel, pipeline_parallel,
-                               vocab_multiple, force)
-    total = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+                               vocab_multiple, force, _show_notice(console))
+    total = (out_dir.stat().st_size if out_dir.is_file()
+             else sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()))
     console.print(f"Exported {checkpoint.path.name} as {to} ({dtype}) to [bold]{out_dir}[/]: "
                   f"{len(files)} files, {total / 1e6:.1f} MB")
     for name in files:
         console.print(f"  {name}")
+
+
+def _show_notice(console: Console):
+    def show(event) -> None:
+        console.print(f"note: {event.message}", markup=False, highlight=False)
+    return show
 
 
 def _import(console: Console, ws, source: Path, source_format: str, step: Optional[int]) -> None:

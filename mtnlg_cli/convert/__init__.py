@@ -19,6 +19,7 @@ from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.checkpoint import Checkpoint, save_checkpoint, step_dir_name
 from mtnlg_cli.convert.common import (DTYPES, Weights, check_shapes, folder_summary,
                                             parse_size, staged_output)
+from mtnlg_cli.convert.gguf_file import export_gguf
 from mtnlg_cli.convert.hf import export_hf, is_hf, read_hf
 from mtnlg_cli.convert.megatron import export_megatron, is_megatron, read_megatron
 from mtnlg_cli.convert.plain import export_plain, is_plain, read_plain
@@ -27,7 +28,7 @@ from mtnlg_cli.model.architecture import Architecture
 __all__ = ["DTYPES", "EXPORT_FORMATS", "IMPORT_FORMATS", "Weights", "detect_format", "export_weights",
            "import_weights", "parse_size", "read_weights", "weights_from_checkpoint"]
 
-EXPORT_FORMATS = ("safetensors", "hf", "megatron")
+EXPORT_FORMATS = ("safetensors", "hf", "megatron", "gguf")
 IMPORT_FORMATS = ("hf", "megatron", "safetensors")
 _DETECTORS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
     ("safetensors", is_plain), ("hf", is_hf), ("megatron", is_megatron))
@@ -51,12 +52,19 @@ def weights_from_checkpoint(checkpoint: Checkpoint, tokenizer_path: Optional[Pat
 
 def export_weights(weights: Weights, out_dir: Path, to: str = "safetensors", dtype: str = "fp32",
                    max_shard_size: Optional[str] = None, tensor_parallel: int = 1, pipeline_parallel: int = 1,
-                   vocab_multiple: int = 128, force: bool = False) -> list[str]:
-    """Writes `weights` as `to` into `out_dir` (atomically); returns the names of the files written."""
+                   vocab_multiple: int = 128, force: bool = False, report=None) -> list[str]:
+    """Writes `weights` as `to` into `out_dir` (atomically; for gguf, `out_dir` is the file); returns the names of
+    the files written."""
     if to not in EXPORT_FORMATS:
         raise MtnlgError(f"unknown export format {to!r}; choose one of: {', '.join(EXPORT_FORMATS)}")
+    if to == "gguf":
+        if max_shard_size is not None or tensor_parallel != 1 or pipeline_parallel != 1:
+            raise MtnlgError("a GGUF export is one file: --max-shard-size, --tensor-parallel and "
+                             "--pipeline-parallel do not apply")
+        return export_gguf(weights, Path(out_dir), dtype, force, report)
     if dtype not in DTYPES:
-        raise MtnlgError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
+        raise MtnlgError(f"dtype {dtype!r} applies to gguf exports only" if dtype in ("q8_0", "q4_0")
+                         else f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
     if max_shard_size is not None and to == "megatron":
         raise MtnlgError("--max-shard-size applies to safetensors and hf exports; Megatron-LM writes one file per rank")
     for option, size in (("--tensor-parallel", tensor_parallel), ("--pipeline-parallel", pipeline_parallel)):

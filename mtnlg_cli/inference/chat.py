@@ -26,6 +26,11 @@ from mtnlg_cli.inference.engine import Generator
 
 ROLES = ("system", "user", "assistant")
 
+# `render_chat` as a Jinja template over the text (for files that carry their chat template, such as GGUF): each
+# content is encoded on its own, so SentencePiece's dummy prefix puts one space between the role token and it.
+CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + '<|end|>\\n' }}"
+                 "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
 
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` ({"role", "content"} dicts) in the chat template, ending with the assistant's
