@@ -146,12 +146,6 @@ class MegatronLM:
 
         return contextlib.nullcontext(ignore) if self._quiet else ConsoleReporter(Console(stderr=True))
 
-    def _show_notice(self, event) -> None:
-        from mtnlg_cli.events import Notice
-
-        if isinstance(event, Notice):
-            self._console().print(f"note: {event.message}", markup=False, highlight=False)
-
     # --- training -------------------------------------------------------------------------------------------------
 
     def train(self, data: Optional[Data] = None, *, from_scratch: bool = False, **options: Any):
@@ -206,7 +200,8 @@ class MegatronLM:
             model, tokenizer, checkpoint = load_for_inference(self.workspace, device=device)
             quantization = Quantization.from_config(self.config.generate)
             if quantization is not None:  # generate.quantize: the options' quantize="int8" or "int4"
-                model = quantize_model(model, quantization, self._show_notice)
+                with self._reporter() as report:
+                    model = quantize_model(model, quantization, report)
             self._loaded = model, tokenizer, checkpoint
         return self._loaded
 

@@ -164,6 +164,10 @@ def test_generate_and_chat_with_quantize_and_bad_input(trained):
     by_config = invoke("generate", "-w", str(workspace.root), "--set", "generate.quantize=int4", "-t", "0", "-n",
                        "12", "It is a truth")
     assert by_config.stdout == result.stdout
+    from mtnlg_cli import MegatronLM
+
+    api = MegatronLM.from_workspace(workspace.root, quantize="int4", quiet=True, device="cpu")
+    assert api.generate("It is a truth", max_new_tokens=12, temperature=0.0) == "It is a truth" + expected
 
     from conftest import run_cli
 

@@ -75,6 +75,7 @@ def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_pat
             max_shard_size: Optional[str], tensor_parallel: int, pipeline_parallel: int, force: bool) -> None:
     from mtnlg_cli.data.tokenizer import Tokenizer
     from mtnlg_cli.checkpoint import check_tokenizer, resolve_checkpoint
+    from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.convert import export_weights, weights_from_checkpoint
 
     with console.status(f"Reading the checkpoint for a {to} export..."):
@@ -86,19 +87,13 @@ def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_pat
                                            config.model.make_vocab_size_divisible_by)
     with console.status(f"Writing {out_dir}..."):
         files = export_weights(weights, out_dir, to, dtype, max_shard_size, tensor_parallel, pipeline_parallel,
-                               vocab_multiple, force, _show_notice(console))
+                               vocab_multiple, force, ConsoleReporter(console))
     total = (out_dir.stat().st_size if out_dir.is_file()
              else sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file()))
     console.print(f"Exported {checkpoint.path.name} as {to} ({dtype}) to [bold]{out_dir}[/]: "
                   f"{len(files)} files, {total / 1e6:.1f} MB")
     for name in files:
         console.print(f"  {name}")
-
-
-def _show_notice(console: Console):
-    def show(event) -> None:
-        console.print(f"note: {event.message}", markup=False, highlight=False)
-    return show
 
 
 def _import(console: Console, ws, source: Path, source_format: str, step: Optional[int]) -> None:

@@ -117,13 +117,13 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     if not 1 <= stride <= context:
         raise MtnlgError(f"--stride {stride} must be between 1 and the context length {context}")
 
-    from mtnlg_cli.commands.generate import show_notice
-    from mtnlg_cli.inference.quantize import Quantization, quantize_model
+    from mtnlg_cli.commands.generate import quantized
+    from mtnlg_cli.inference.quantize import Quantization
 
     quantization = Quantization.from_config(config.generate, quantize)
     models = [("", model)]  # (suffix of the data name, model)
     if quantization is not None:
-        models.append((f" [{quantization.method}]", quantize_model(model, quantization, show_notice)))
+        models.append((f" [{quantization.method}]", quantized(model, config, quantize)))
     rows: list[tuple[str, dict]] = []  # (data name, metrics), each source under every model
     with _progress(console) as progress:
         def scored(name: str, fn):

@@ -60,18 +60,15 @@ def quantized(model, config, quantize: Optional[str] = None):
     """`model` quantized as `--quantize` (else the config's generate.quantize) says; as it is for neither."""
     from mtnlg_cli.inference.quantize import Quantization, quantize_model
 
+    from rich.console import Console
+
+    from mtnlg_cli.commands.render import ConsoleReporter
+
     quantization = Quantization.from_config(config.generate, quantize)
     if quantization is None:
         return model
-    return quantize_model(model, quantization, show_notice)
-
-
-def show_notice(event) -> None:
-    """The core's notices as `note:` lines on stderr."""
-    from mtnlg_cli.events import Notice
-
-    if isinstance(event, Notice):
-        typer.echo(f"{'warning' if event.level == 'warning' else 'note'}: {event.message}", err=True)
+    with ConsoleReporter(Console(stderr=True)) as report:
+        return quantize_model(model, quantization, report)
 
 
 @contextmanager

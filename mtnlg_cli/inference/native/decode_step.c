@@ -223,6 +223,8 @@ static void int4_product(const struct mtnlg_matrix *m, const float *x, const flo
             xq[64 * p + 48 + j] = plain[64 * p + 48 + j];
         }
     free(plain);
+    long *group_of = malloc(blocks * sizeof(long)); /* each block's group: no division per row */
+    for (long blk = 0; blk < blocks; blk++) group_of[blk] = blk * 32 / group;
     const __m512i nibble = _mm512_set1_epi16(15);
     __m512i lanes[8]; /* pair k of 8: lanes 0-7 from block 2k, 8-15 from block 2k + 1 */
     for (int k = 0; k < 8; k++)
@@ -236,9 +238,15 @@ static void int4_product(const struct mtnlg_matrix *m, const float *x, const flo
         for (; p < pairs; p += 8) {
             long count = pairs - p < 8 ? pairs - p : 8;
             /* the scales of these (up to) 16 blocks times x's, one float per block, spread over 8 lanes below */
-            float block_scale[16] = {0};
-            for (long k = 0; k < 2 * count; k++) block_scale[k] = bf16(s[(2 * p + k) * 32 / group]) * xs[2 * p + k];
-            __m512 bs = _mm512_loadu_ps(block_scale);
+            __m512 bs;
+            if (group == 32 && count == 8) { /* a block is a group: 16 scales at once, bf16 to fp32 by a shift */
+                __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)(s + 2 * p)));
+                bs = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(bits, 16)), _mm512_loadu_ps(xs + 2 * p));
+            } else {
+                float block_scale[16] = {0};
+                for (long k = 0; k < 2 * count; k++) block_scale[k] = bf16(s[group_of[2 * p + k]]) * xs[2 * p + k];
+                bs = _mm512_loadu_ps(block_scale);
+            }
             for (long k = 0; k < count; k++) {
                 __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const void *)(w + 32 * (p + k))));
                 __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_and_si512(bytes, nibble),
@@ -255,13 +263,14 @@ static void int4_product(const struct mtnlg_matrix *m, const float *x, const flo
             const uint8_t *q = w + 16 * blk;
             float d = 0;
             for (long j = 0; j < 16; j++) d += (q[j] & 15) * x[32 * blk + j] + (q[j] >> 4) * x[32 * blk + 16 + j];
-            total += bf16(s[blk * 32 / group]) * d;
+            total += bf16(s[group_of[blk]]) * d;
         }
         for (long g = 0; g < groups; g++) total += bf16(mn[g]) * xsum[g];
         finish(y + r, total + (b ? b[r] : 0.0f), then);
     }
     free(xq);
     free(xs);
+    free(group_of);
 #else
     #pragma omp parallel for schedule(static)
     for (long r = 0; r < rows; r++) {
