@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.inference.quantize import (Quantization, QuantizedLinear, dequantize_int4, quantize_model)
-from mtnlg_cli.model.gpt import GPT, GPTConfig, KVCache
+from mtnlg_cli.model.architecture import Architecture
+from mtnlg_cli.model.gpt import GPT, KVCache
 
 CONTEXT = 32
 STEPS = 150
@@ -20,7 +21,7 @@ STEPS = 150
 
 def small_gpt(hidden: int = 64, ffn: int = 256, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return GPT(GPTConfig(vocab_size=256, max_position_embeddings=64, num_layers=2, hidden_size=hidden,
+    return GPT(Architecture(vocab_size=256, max_position_embeddings=64, num_layers=2, hidden_size=hidden,
                          num_heads=4, ffn_hidden_size=ffn)).eval()
 
 
@@ -54,8 +55,8 @@ def test_the_c_step_on_quantized_weights_computes_what_the_quantized_model_compu
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     for quantization in (Quantization("int8"), Quantization("int4")):
         quantized = quantize_model(model, quantization)
-        assert isinstance(quantized.layers[1].mlp.fc, QuantizedLinear)
-        assert isinstance(quantized.output_head, QuantizedLinear)  # the tied head's own quantized copy
+        assert isinstance(quantized.layers["1"].mlp.fc, QuantizedLinear)
+        assert isinstance(quantized.lm_head, QuantizedLinear)  # the tied head's own quantized copy
         assert quantized.wte.weight is model.wte.weight  # the embedding stays fp32, shared
         with torch.inference_mode():
             full = quantized(tokens)
@@ -74,7 +75,7 @@ def test_int4_keeps_layers_of_unfit_shapes_fp32_with_a_notice():
     assert kept == ["layers.0.attn.proj", "layers.0.attn.qkv", "layers.0.mlp.fc", "layers.1.attn.proj",
                     "layers.1.attn.qkv", "layers.1.mlp.fc", "the output head"]
     assert all("48 inputs are not a multiple of the group size 32" in n.message for n in notices)
-    assert type(quantized.layers[0].attn.qkv) is nn.Linear and isinstance(quantized.layers[0].mlp.proj,
+    assert type(quantized.layers["0"].attn.qkv) is nn.Linear and isinstance(quantized.layers["0"].mlp.proj,
                                                                           QuantizedLinear)
     tokens = torch.randint(0, 256, (2, 10))
     with torch.inference_mode():  # the kept layers compute in fp32: only mlp.proj differs from the model
@@ -105,7 +106,7 @@ def trained(tmp_path_factory):
     text = (workspace.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")[:60_000]
     tokenizer = train_tokenizer(text.splitlines(), workspace.tokenizer_dir, config.model.vocab_size)
     torch.manual_seed(0)
-    model_config = GPTConfig.from_model_config(config.model)
+    model_config = Architecture.from_model_config(config.model)
     model = GPT(model_config)
     stream = torch.tensor(tokenizer.encode(text))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -152,7 +153,8 @@ def test_eval_quantize_reports_perplexity_next_to_fp32_within_the_bounds(trained
 
 def test_generate_and_chat_with_quantize_and_bad_input(trained):
     workspace, model, tokenizer, _ = trained
-    from mtnlg_cli.inference.engine import Generator, SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference.engine import Generator
 
     settings = SamplingSettings(max_new_tokens=12, temperature=0.0)
     expected = Generator(quantize_model(model, Quantization("int4")), tokenizer).generate(["It is a truth"],

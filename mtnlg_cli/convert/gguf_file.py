@@ -37,7 +37,7 @@ BLOCK = 32  # q8_0 and q4_0 quantize blocks of 32 values along a row
 @dataclass(frozen=True)
 class Architecture:
     name: str  # llama.cpp's
-    hyperparameters: Callable[[object], dict[str, object]]  # GPTConfig -> {key suffix: value}
+    hyperparameters: Callable[[object], dict[str, object]]  # Architecture -> {key suffix: value}
     tensors: dict[str, str]  # mtnlg name (per layer "layers.{i}.") -> llama.cpp name ("blk.{i}.")
     reorder: dict[str, Callable[[torch.Tensor, object], torch.Tensor]]  # mtnlg name -> its layout for llama.cpp
 

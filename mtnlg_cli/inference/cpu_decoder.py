@@ -92,9 +92,11 @@ def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
                     setattr(module, name, PrepackedLinear(child.weight, child.bias, batch_size))
                 elif child.in_features <= child.out_features:
                     child.weight = _stored_in_by_out(child.weight)
-    # the tied head gets a product of its own; the embedding keeps its rows whole: looking up a token in an
-    # [in, out] copy would gather one float from each of `hidden` pages
-    if pack:
+    # a tied head gets a product of its own, unless the model already has one (a quantized copy); the embedding
+    # keeps its rows whole: looking up a token in an [in, out] copy would gather one float from each of `hidden` pages
+    if decoder.lm_head is not None:
+        pass
+    elif pack:
         decoder.lm_head = PrepackedLinear(model.wte.weight, None, batch_size)
     else:
         head = nn.Linear(*reversed(model.wte.weight.shape), bias=False, device="meta")
