@@ -25,7 +25,8 @@ def exported_workspace(tmp_path_factory):
     """A workspace with a SentencePiece tokenizer and a checkpoint of a small GPT (random weights)."""
     from mtnlg_cli.checkpoint import save_checkpoint
     from mtnlg_cli.data.tokenizer import train_tokenizer
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.model.gpt import GPT
     from mtnlg_cli.workspace import init_workspace
 
     overrides = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", "model.seq_length=32",
@@ -35,7 +36,7 @@ def exported_workspace(tmp_path_factory):
     text = (workspace.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")[:30_000]
     tokenizer = train_tokenizer(text.splitlines(), workspace.tokenizer_dir, config.model.vocab_size)
     torch.manual_seed(0)
-    model_config = GPTConfig.from_model_config(config.model)
+    model_config = Architecture.from_model_config(config.model)
     model = GPT(model_config)
     save_checkpoint(workspace.checkpoints_dir, 7, {"model": model.state_dict()},
                     {"model_config": model_config.to_dict(), "config": config.to_dict(),

@@ -45,7 +45,7 @@ class Architecture:
 def _gpt2_hyperparameters(config) -> dict[str, object]:
     return {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
             "feed_forward_length": config.ffn_hidden_size, "block_count": config.num_layers,
-            "attention.head_count": config.num_heads, "attention.layer_norm_epsilon": config.layernorm_epsilon}
+            "attention.head_count": config.num_heads, "attention.layer_norm_epsilon": config.norm_epsilon}
 
 
 def _qkv_blocks(tensor: torch.Tensor, config) -> torch.Tensor:
