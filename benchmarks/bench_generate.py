@@ -278,14 +278,15 @@ def read_limit(library, size: int) -> Callable[[], float]:
 def quantized_results(quick: bool) -> list[Result]:
     from mtnlg_cli.inference.engine import Generator, SamplingSettings
     from mtnlg_cli.inference.quantize import Quantization, quantize_model
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.model.gpt import GPT
 
     library = native.load()
     if library is None:
         print("no C compiler: the quantized decoding benchmark needs the native step", file=sys.stderr)
         return []
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**GPT_125M_SHAPE)).eval()
+    model = GPT(Architecture.from_dict(GPT_125M_SHAPE)).eval()
     tokenizer = _IdTokenizer(GPT_125M_SHAPE["vocab_size"])
     models = {"fp32": model, "int8": quantize_model(model, Quantization("int8")),
               "int4": quantize_model(model, Quantization("int4", 32))}

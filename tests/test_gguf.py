@@ -94,7 +94,7 @@ def test_gguf_export_reads_back_with_every_tensor_and_the_keys_llama_cpp_needs(e
     assert [field_value(reader, f"gpt2.{key}") for key in ("context_length", "embedding_length", "block_count",
                                                             "feed_forward_length", "attention.head_count")] == [
         c.max_position_embeddings, c.hidden_size, c.num_layers, c.ffn_hidden_size, c.num_heads]
-    assert field_value(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(c.layernorm_epsilon)
+    assert field_value(reader, "gpt2.attention.layer_norm_epsilon") == pytest.approx(c.norm_epsilon)
     sp = tokenizer.sp
     pieces = [sp.id_to_piece(i) for i in range(tokenizer.vocab_size)]
     assert field_value(reader, "tokenizer.ggml.model") == "llama"
