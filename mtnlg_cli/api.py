@@ -42,6 +42,7 @@ from mtnlg_cli.workspace import CONFIG_NAME, DEFAULT_TEMPLATE, Workspace, find_w
 ALIASES = {"gpt2": DEFAULT_TEMPLATE, "gpt": DEFAULT_TEMPLATE, "megatron": DEFAULT_TEMPLATE,
            "megatron-gpt": DEFAULT_TEMPLATE}
 API_DATA_FILE = "data/api/documents.jsonl"
+API_BATCH_ROWS = 32  # prompts of one generate() call decoding together at most
 
 Data = Union[str, os.PathLike, Sequence[str]]
 
@@ -232,16 +233,23 @@ class MegatronLM:
             raise MtnlgError("give max_length or max_new_tokens, not both")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         generator = self._generator()
-        texts = []
-        for text in prompts:  # one at a time: max_length leaves each prompt its own number of new tokens
+        settings_each = []
+        for text in prompts:  # max_length leaves each prompt its own number of new tokens
             budget = max_new_tokens
             if max_length is not None:
                 budget = max_length - len(generator.encode(text))
                 if budget < 1:
                     raise MtnlgError(f"max_length={max_length} leaves no room after the prompt's "
                                      f"{len(generator.encode(text))} tokens")
-            [completion] = generator.generate([text], self._sampling(max_new_tokens=budget, **settings))
-            texts.append(text + completion.text)
+            settings_each.append(self._sampling(max_new_tokens=budget, **settings))
+        if len(prompts) <= 1:
+            completions = generator.generate(prompts, settings_each[0]) if prompts else []
+        else:  # continuous batching: each prompt with its own budget and seed, as if it ran alone
+            from mtnlg_cli.inference.scheduler import Scheduler
+
+            scheduler = Scheduler(generator, max_batch=min(len(prompts), API_BATCH_ROWS))
+            completions = scheduler.generate(prompts, settings_each)
+        texts = [text + completion.text for text, completion in zip(prompts, completions)]
         return texts[0] if isinstance(prompt, str) else texts
 
     def evaluate(self, text: str | Sequence[str], context: Optional[int] = None) -> float:

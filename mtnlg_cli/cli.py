@@ -12,13 +12,13 @@ from typing import Annotated, Optional
 import typer
 
 from mtnlg_cli import __version__
-from mtnlg_cli.commands import chat, convert, eval, generate, info, init, plan, preprocess, train
+from mtnlg_cli.commands import chat, convert, eval, generate, info, init, plan, preprocess, serve, train
 from mtnlg_cli.errors import MtnlgError
 
 app = typer.Typer(
     name="mtnlg",
     help="Take a GPT-style (Megatron-Turing NLG) language model through its life: init, preprocess, train, "
-         "eval, generate, chat, convert.",
+         "eval, generate, chat, serve, convert.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
@@ -34,6 +34,7 @@ app.command("train", context_settings=_PASS_THROUGH)(train.train_command)
 app.command("eval", context_settings=_PASS_THROUGH)(eval.eval_command)
 app.command("generate", context_settings=_PASS_THROUGH)(generate.generate_command)
 app.command("chat", context_settings=_PASS_THROUGH)(chat.chat_command)
+app.command("serve")(serve.serve_command)
 app.command("convert")(convert.convert_command)
 app.command("plan")(plan.plan_command)
 app.command("info")(info.info_command)

@@ -150,6 +150,8 @@ class SamplingSettings:
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
     repetition_penalty: float = 1.0  # 1: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from each token already generated; 0: off
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence in the generated text; 0: off
     seed: Optional[int] = None  # None: a fresh random seed each call
     stop: list[str] = field(default_factory=list)  # strings that end a continuation (cut before them)
 
@@ -176,6 +178,9 @@ class SamplingSettings:
             raise ConfigError(f"{where}top_p={self.top_p} must be in (0, 1]")
         if self.repetition_penalty <= 0:
             raise ConfigError(f"{where}repetition_penalty={self.repetition_penalty} must be positive (1 means off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ConfigError(f"{where}{name}={getattr(self, name)} must be between -2 and 2 (0 means off)")
         if any(not s for s in self.stop):
             raise ConfigError(f"{where}stop strings must not be empty")
         return self

@@ -17,7 +17,7 @@ ENGLISH = "It is a truth universally acknowledged"
 CHINESE = "床前明月光，疑是地上霜。"
 
 
-def make_trained_workspace(root: Path):
+def make_trained_workspace(root: Path, context: int = CONTEXT):
     """A workspace with a tokenizer and a checkpoint of a tiny random GPT (no trainer needed).
 
     The model never ends a text on its own: the output rows of the end-of-document and role tokens point away
@@ -34,8 +34,8 @@ def make_trained_workspace(root: Path):
         encoding="utf-8")[:60_000] + "\n" + CHINESE
     tokenizer = train_tokenizer([line for line in text.split("\n") if line], root / "tok", vocab_size=600)
     ws = init_workspace(root / "ws", overrides=[
-        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", f"model.max_position_embeddings={CONTEXT}",
-        f"model.seq_length={CONTEXT}", f"model.vocab_size={tokenizer.vocab_size}"])
+        "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", f"model.max_position_embeddings={context}",
+        f"model.seq_length={context}", f"model.vocab_size={tokenizer.vocab_size}"])
     for name in ("tokenizer.model", "tokenizer.json"):
         (ws.tokenizer_dir / name).write_bytes((root / "tok" / name).read_bytes())
     cfg = ws.load_config()

@@ -1,7 +1,9 @@
-"""Picking the next token: greedy, temperature, top-k, top-p and a repetition penalty, seeded per call.
+"""Picking the next token: greedy, temperature, top-k, top-p, a repetition penalty and OpenAI's presence and
+frequency penalties, seeded per call.
 
-The settings are `mtnlg_cli.config.SamplingSettings` (temperature 0 is greedy; top_k 0, top_p 1 and
-repetition_penalty 1 are off; `seed` makes sampling reproducible, None a fresh random seed).
+The settings are `mtnlg_cli.config.SamplingSettings` (temperature 0 is greedy; top_k 0, top_p 1,
+repetition_penalty 1 and the presence and frequency penalties 0 are off; `seed` makes sampling reproducible, None
+a fresh random seed). The presence and frequency penalties count the generated tokens only, as OpenAI's do.
 """
 
 from __future__ import annotations
@@ -30,13 +32,16 @@ class Sampler:
             self.seen = torch.zeros(len(prompts), self.vocab_size, dtype=torch.bool, device=device)
             for row, ids in enumerate(prompts):
                 self.seen[row, torch.tensor(ids, device=device)] = True
+        self.counts: Optional[torch.Tensor] = None  # (batch, vocab): generated tokens, for the OpenAI penalties
+        if settings.presence_penalty or settings.frequency_penalty:
+            self.counts = torch.zeros(len(prompts), self.vocab_size, device=device)
 
     def __call__(self, logits: torch.Tensor, argmaxes: Optional[list[int]] = None) -> list[int]:
         """The next token of each row. `argmaxes`, each row's `logits.argmax()` when the caller has it already (the
         C step computes it), is plain greedy decoding's answer whenever it is a token that may be picked: then no
         torch op runs, and each costs 10-30 us right after a decoding step has streamed the weights."""
         s = self.settings
-        if (argmaxes is not None and s.temperature == 0 and self.seen is None
+        if (argmaxes is not None and s.temperature == 0 and self.seen is None and self.counts is None
                 and max(argmaxes) < self.vocab_size and self.banned not in argmaxes):
             return argmaxes
         logits = logits[:, :self.vocab_size].float()
@@ -45,12 +50,16 @@ class Sampler:
             # CTRL's penalty: a token already in the row is made less likely whatever its logit's sign
             penalized = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
             logits = torch.where(self.seen, penalized, logits)
+        if self.counts is not None:
+            logits = logits - s.frequency_penalty * self.counts - s.presence_penalty * (self.counts > 0)
         if s.temperature == 0:
             chosen = logits.argmax(dim=-1)
         else:
             chosen = self._sample(logits / s.temperature)
         if self.seen is not None:
             self.seen[torch.arange(len(chosen), device=chosen.device), chosen] = True
+        if self.counts is not None:
+            self.counts[torch.arange(len(chosen), device=chosen.device), chosen] += 1
         return chosen.tolist()
 
     def _sample(self, logits: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ Two layout choices serve the rest of the core:
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Optional
 
@@ -36,21 +37,68 @@ Rotary = tuple[torch.Tensor, torch.Tensor]  # cos and sin of each position's ang
 
 class KVCache:
     """Keys and values of every layer for `max_length` positions, allocated once for a whole generation; one
-    key/value head per query group."""
+    key/value head per query group.
+
+    Rows normally fill together: `length` positions each, the next tokens written after them. Rows of different
+    lengths can decode together (continuous batching): with `row_columns` set, each row's one new token goes to
+    its own column, `length` is the number of columns in use, and the caller passes each row's position and a mask
+    of its own columns to `GPT.forward`. `rows(...)` is a cache over some rows sharing this one's storage (to fill
+    one row's prompt on its own), and `resized` and `move_row` reshape the set of rows as requests come and go.
+    """
 
     def __init__(self, config: Architecture, batch_size: int, max_length: int, device=None, dtype=torch.float32):
-        shape = (config.num_layers, batch_size, config.query_groups, max_length, config.head_dim)
+        shape = self.shape(config, batch_size, max_length)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far; the model advances it after the last layer
         self.max_length = max_length
+        self.row_columns: Optional[torch.Tensor] = None  # (batch,): where each row's next token goes, if per row
+
+    @staticmethod
+    def shape(config: Architecture, batch_size: int, max_length: int) -> tuple[int, ...]:
+        """The shape of `keys` (and of `values`): (layers, rows, query groups, columns, head_dim)."""
+        return config.num_layers, batch_size, config.query_groups, max_length, config.head_dim
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the new keys and values of `layer` and returns all of them so far."""
         end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
+        if self.row_columns is None:
+            self.keys[layer, :, :, self.length:end] = k
+            self.values[layer, :, :, self.length:end] = v
+        else:
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.keys[layer, rows, :, self.row_columns] = k[:, :, 0]
+            self.values[layer, rows, :, self.row_columns] = v[:, :, 0]
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A cache over rows [start, stop) that writes into this one's storage, empty until its caller fills it."""
+        view = copy.copy(self)
+        view.keys, view.values = self.keys[:, start:stop], self.values[:, start:stop]
+        view.length, view.row_columns = 0, None
+        return view
+
+    def resized(self, batch_size: int, max_length: int) -> "KVCache":
+        """A new cache of `batch_size` rows and `max_length` columns holding what fits of this one's."""
+        bigger = copy.copy(self)
+        shape = list(self.keys.shape)  # (layers, rows, query groups, columns, head_dim)
+        shape[1], shape[3] = batch_size, max_length
+        rows, columns = min(batch_size, self.batch_size), min(max_length, self.max_length)
+        bigger.keys = self.keys.new_zeros(shape)
+        bigger.values = self.values.new_zeros(shape)
+        bigger.keys[:, :rows, :, :columns] = self.keys[:, :rows, :, :columns]
+        bigger.values[:, :rows, :, :columns] = self.values[:, :rows, :, :columns]
+        bigger.max_length = max_length
+        return bigger
+
+    def move_row(self, source: int, target: int, columns: int) -> None:
+        """Copies the first `columns` positions of row `source` over row `target`."""
+        self.keys[:, target, :, :columns] = self.keys[:, source, :, :columns]
+        self.values[:, target, :, :columns] = self.values[:, source, :, :columns]
 
 
 def norm(config: Architecture) -> nn.Module:
