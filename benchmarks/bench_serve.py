@@ -4,7 +4,7 @@ A 23.6M-parameter fp32 GPT (6 layers, hidden 512, 8 heads, 1024 positions; bench
 weights and an 8,000-piece SentencePiece tokenizer trained on tests/data, saved as a workspace; its end-of-document
 and role tokens are made unlikely so that every request runs to its `max_tokens`, and each round's work is the same.
 The server runs as `mtnlg serve` in its own process (`--max-batch 32`). Each round sends the same fixed list of
-requests (prompts of 5 to 60 words of real text, 32 new tokens each, temperature 0.8, a seed per request) with 1, 8
+requests (prompts of 5 to 60 words of real text, 64 new tokens each, temperature 0.8, a seed per request) with 1, 8
 and 32 clients, each client sending its next request as soon as its stream ends, the concurrencies alternating
 round after round. Reported: aggregate completion tokens/s (the 8- and 32-client rates over the 1-client rate),
 time to first token and the time between streamed chunks (p50, p99) at 32 clients against 1, and errors (any
@@ -32,7 +32,7 @@ ENGLISH = REPO / "tests" / "data" / "en_austen_pride_sense.txt"
 SHAPE = dict(num_layers=6, hidden_size=512, num_heads=8, max_position_embeddings=1024)
 CONCURRENCY = (1, 8, 32)
 REQUESTS = 64
-NEW_TOKENS = 32
+NEW_TOKENS = 64
 
 
 def make_workspace(root: Path) -> Path:
@@ -94,7 +94,7 @@ async def one_request(client, url: str, index: int, prompt: str, model: str) -> 
     body = {"model": model, "prompt": prompt, "max_tokens": NEW_TOKENS, "temperature": 0.8, "seed": index,
             "stream": True, "stream_options": {"include_usage": True}}
     sent = time.perf_counter()
-    arrivals, tokens, done = [], 0, False
+    arrivals, tokens, prompt_tokens, done = [], 0, 0, False
     async with client.stream("POST", url + "/v1/completions", json=body) as response:
         if response.status_code != 200:
             await response.aread()
@@ -109,10 +109,11 @@ async def one_request(client, url: str, index: int, prompt: str, model: str) -> 
             if chunk["choices"] and chunk["choices"][0]["text"]:
                 arrivals.append(time.perf_counter())
             if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+                tokens, prompt_tokens = chunk["usage"]["completion_tokens"], chunk["usage"]["prompt_tokens"]
     if not done or tokens != NEW_TOKENS or not arrivals:
         return {"error": f"incomplete stream ({tokens} tokens, [DONE] {'seen' if done else 'missing'})"}
-    return {"tokens": tokens, "ttft": arrivals[0] - sent, "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])]}
+    return {"tokens": tokens, "prompt_tokens": prompt_tokens, "ttft": arrivals[0] - sent,
+            "gaps": [b - a for a, b in zip(arrivals, arrivals[1:])]}
 
 
 async def load(url: str, model: str, texts: list[str], clients: int) -> dict:
@@ -135,6 +136,7 @@ async def load(url: str, model: str, texts: list[str], clients: int) -> dict:
         seconds = time.perf_counter() - start
     good = [r for r in results if "error" not in r]
     return {"tokens_per_s": sum(r["tokens"] for r in good) / seconds, "ttft": [r["ttft"] for r in good],
+            "prompt_tokens": sum(r["prompt_tokens"] for r in good),
             "gaps": [g for r in good for g in r["gaps"]], "errors": [r["error"] for r in results if "error" in r]}
 
 
@@ -171,7 +173,8 @@ def run(quick: bool = False) -> list[Result]:
     work = f"{REQUESTS} requests x {NEW_TOKENS} tokens, streamed"
     results = [Result(f"serve aggregate tokens/s, {c} clients vs 1 ({work})", "tokens/s", rates(c), rates(1),
                       "1 client at a time", ">= 4x 1 client" if c == 32 else "",
-                      notes=f"1 client: {statistics.median(rates(1)):.0f} tokens/s")
+                      notes=f"1 client: {statistics.median(rates(1)):.0f} tokens/s; each round "
+                            f"{figures[1][0]['prompt_tokens']:,} prompt tokens in, {REQUESTS * NEW_TOKENS:,} out")
                for c in CONCURRENCY[1:]]
     for key, name in (("ttft", "time to first token"), ("gaps", "time between streamed chunks")):
         for q in (0.5, 0.99):

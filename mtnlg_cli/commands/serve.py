@@ -53,8 +53,10 @@ def serve_command(
     except ImportError:
         raise MtnlgError("mtnlg serve needs the serve extra: pip install 'mtnlg-cli[serve]'") from None
     import torch
+    from rich.console import Console
 
     from mtnlg_cli.checkpoint import load_for_inference
+    from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.inference.engine import Generator
     from mtnlg_cli.inference.openai_server import OpenAIServer, bind, run
     from mtnlg_cli.inference.scheduler import Scheduler
@@ -66,8 +68,8 @@ def serve_command(
     model, tokenizer, loaded = load_for_inference(ws, checkpoint, device=device)
     scheduler = Scheduler(Generator(model, tokenizer), max_batch=max_batch, max_waiting=max_queue)
     name = model_name or Path(ws.root).resolve().name
-    server = OpenAIServer(scheduler, name, defaults, api_key=api_key or None,
-                          report=lambda event: typer.echo(event.message))
+    log = ConsoleReporter(Console(soft_wrap=True))  # a request's line stays one line in a log file
+    server = OpenAIServer(scheduler, name, defaults, api_key=api_key or None, report=log)
     try:
         sock = bind(host, port)
     except OSError as exc:

@@ -15,13 +15,14 @@ Each running request holds one row of a `KVCache` (a row per request, a column p
 1. cancelled requests leave, and the last row moves into each freed one, so the rows in use stay the first ones;
 2. waiting requests take free rows: their prompts but the last token run through the model together, right-padded
    (causal attention never lets a real token see the padding after it, and the padding's columns are overwritten
-   before any row reads them);
+   before any row reads them), shortest first, in groups of similar lengths so that padding stays a small share;
 3. every row is fed its next token (for a new row, its prompt's last) in one forward pass, each at its own
    position, attending to its own columns only;
 4. each row's next token is chosen by the request's own `Sampler`, with its settings and its own torch.Generator,
    so a seed gives the same text whether the request ran alone or beside others; its `TextStream` releases the
    text (stop strings, UTF-8 holdback), and finished requests leave.
-A request joins at the next step and never waits for another to finish, unless all `max_batch` rows are taken.
+A request joins at the next step and never waits for another to finish, unless all `max_batch` rows are taken
+(or, when many arrive at once, until the `prefill_tokens` of the prompts before it have joined).
 A row that fills the context window slides as `Generator` does: it is refilled from the last half window.
 
 Requests report through `on_event`, called on the scheduler's thread: a `Delta` per step (the text that became
@@ -47,6 +48,9 @@ from mtnlg_cli.inference.cpu_decoder import CpuDecoder
 from mtnlg_cli.inference.engine import Completion, GenerationWarning, Generator, Prompt, TextStream
 from mtnlg_cli.inference.sampling import Sampler
 from mtnlg_cli.model.gpt import GPT, KVCache
+
+
+PADDING_ALLOWANCE = 1.25  # prompts prefilled together hold at most this many times their own tokens, padding included
 
 
 class QueueFull(MtnlgError):
@@ -236,19 +240,25 @@ class Scheduler:
     """Continuous batching of `Request`s on one model (see the module docstring).
 
     `max_batch`: rows decoding together (each can hold a whole context window of keys and values). `max_waiting`:
-    how many requests may wait for a row beyond those that take a free one at the next step (None: no limit);
-    `submit` raises QueueFull past it.
+    how many requests may wait for a row beyond those that take a free one (None: no limit); `submit` raises
+    QueueFull past it. `prefill_tokens`: prompt tokens that may join in one step (at least one request does): a
+    wave of new prompts is prefilled over several steps, between which the running rows go on and the first
+    prompts already get their first tokens.
     """
 
-    def __init__(self, generator: Generator, max_batch: int = 32, max_waiting: Optional[int] = None):
+    def __init__(self, generator: Generator, max_batch: int = 32, max_waiting: Optional[int] = None,
+                 prefill_tokens: int = 256):
         if max_batch < 1:
             raise MtnlgError(f"max_batch={max_batch} must be positive")
         if max_waiting is not None and max_waiting < 0:
             raise MtnlgError(f"max_waiting={max_waiting} must be non-negative")
+        if prefill_tokens < 1:
+            raise MtnlgError(f"prefill_tokens={prefill_tokens} must be positive")
         self.generator = generator
         self.tokenizer = generator.tokenizer
         self.max_batch = max_batch
         self.max_waiting = max_waiting
+        self.prefill_tokens = prefill_tokens
         self._running: list[_Running] = []  # in the order of the cache's rows
         self._slots: Optional[SlotCache] = None  # while requests run
         self._waiting: deque[Request] = deque()
@@ -376,12 +386,19 @@ class Scheduler:
 
     def _admit(self) -> None:
         admitted: list[Request] = []
+        budget = self.prefill_tokens
         with self._condition:
             while self._waiting and self._occupied < self.max_batch:
-                request = self._waiting.popleft()
+                request = self._waiting[0]
                 if request.cancelled:
+                    self._waiting.popleft()
                     request._finish(ScheduledCompletion("", [], "cancelled", len(request.prompt)))
                     continue
+                tokens = min(len(request.prompt), self.context_length)
+                if admitted and tokens > budget:
+                    break
+                self._waiting.popleft()
+                budget -= tokens
                 admitted.append(request)
                 self._occupied += 1
         if not admitted:
@@ -391,12 +408,20 @@ class Scheduler:
             if CpuDecoder.applies(model):
                 model = self.generator.cpu_decoder.model_for(self.max_batch)
             self._slots = SlotCache(model, self.max_batch)
-        first = len(self._running)
         device = self._slots.model.wte.weight.device
-        for request in admitted:
-            prompt = (request.prompt or [self.tokenizer.eos_id])[-self.context_length:]
-            self._running.append(_Running(request, prompt, self.tokenizer, device))
-        self._slots.fill(first, [r.tokens[:-1] for r in self._running[first:]], self.tokenizer.pad_id)
+        joining = sorted((_Running(request, (request.prompt or [self.tokenizer.eos_id])[-self.context_length:],
+                                   self.tokenizer, device) for request in admitted),
+                         key=lambda running: len(running.tokens))
+        while joining:
+            size, held = 1, len(joining[0].tokens)
+            while size < len(joining) and (size + 1) * len(joining[size].tokens) <= PADDING_ALLOWANCE * (
+                    held + len(joining[size].tokens)):
+                held += len(joining[size].tokens)
+                size += 1
+            group, joining = joining[:size], joining[size:]
+            first = len(self._running)
+            self._running += group
+            self._slots.fill(first, [r.tokens[:-1] for r in group], self.tokenizer.pad_id)
 
     def _decode(self) -> None:
         keep = max(1, self.context_length // 2)
