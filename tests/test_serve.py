@@ -51,8 +51,8 @@ class Server:
     def client(self, key: str = KEY) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
 
-    def post(self, path: str, content: bytes, key: str = KEY) -> httpx.Response:
-        return httpx.post(self.url + path, content=content, timeout=60,
+    def post(self, path: str, content: bytes, key: str = KEY, timeout: float = 60) -> httpx.Response:
+        return httpx.post(self.url + path, content=content, timeout=timeout,
                           headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
 
     def health(self) -> dict:
@@ -201,6 +201,12 @@ def test_a_client_that_disconnects_frees_its_slot_while_others_go_on(server):
     assert client.completions.create(model=server.model, prompt="Hi", max_tokens=4).usage.completion_tokens == 4
     rest = list(staying)
     assert rest[-1].choices[0].finish_reason == "length"
+    wait_until(lambda: server.health()["running"] == 0)
+
+    with pytest.raises(httpx.ReadTimeout):  # a client that gives up on a whole (not streamed) answer
+        server.post("/v1/completions", json.dumps({"model": server.model, "prompt": ENGLISH, "max_tokens": 900,
+                                                   "stream": False}).encode(), timeout=0.3)
+    wait_until(lambda: sum("cancelled (client disconnected)" in line for line in server.lines) == 2)
     wait_until(lambda: server.health()["running"] == 0)
 
 
