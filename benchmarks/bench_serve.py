@@ -40,7 +40,8 @@ def make_workspace(root: Path) -> Path:
 
     from mtnlg_cli.checkpoint import save_checkpoint
     from mtnlg_cli.data.tokenizer import train_tokenizer
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.model.gpt import GPT
     from mtnlg_cli.workspace import init_workspace
 
     text = ENGLISH.read_text(encoding="utf-8")
@@ -52,7 +53,7 @@ def make_workspace(root: Path) -> Path:
         (ws.tokenizer_dir / name).write_bytes((root / "tok" / name).read_bytes())
     cfg = ws.load_config()
     torch.manual_seed(0)
-    model = GPT(GPTConfig.from_model_config(cfg.model)).eval()
+    model = GPT(Architecture.from_model_config(cfg.model)).eval()
     with torch.no_grad():  # the final hidden state leans one way; the ending tokens' rows point the other
         away = torch.nn.functional.normalize(torch.randn(cfg.model.hidden_size), dim=0)
         model.ln_f.bias.copy_(20 * away)
