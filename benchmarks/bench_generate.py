@@ -41,6 +41,7 @@ class _IdTokenizer:
     """Just what the engine asks of a tokenizer, for a model whose ids mean nothing."""
 
     pad_id, eos_id = 0, 3
+    eos_ids, never_sampled = (eos_id,), (pad_id,)
 
     def __init__(self, vocab_size: int = SHAPE["vocab_size"]):
         self.vocab_size = vocab_size

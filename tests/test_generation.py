@@ -36,7 +36,7 @@ def make_trained_workspace(root: Path, context: int = CONTEXT):
     ws = init_workspace(root / "ws", overrides=[
         "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", f"model.max_position_embeddings={context}",
         f"model.seq_length={context}", f"model.vocab_size={tokenizer.vocab_size}"])
-    for name in ("tokenizer.model", "tokenizer.json"):
+    for name in ("tokenizer.model", "info.json"):
         (ws.tokenizer_dir / name).write_bytes((root / "tok" / name).read_bytes())
     cfg = ws.load_config()
     torch.manual_seed(0)

@@ -57,7 +57,7 @@ def test_quick_start_preprocess_then_up_to_date(tmp_path):
     assert manifest["tokenizer_hash"] == tokenizer.hash and tokenizer.vocab_size == 4000
     assert [f["path"].rsplit("/", 1)[-1] for f in manifest["inputs"]] == ["en_austen_pride.txt", "zh_tang_poems.txt"]
     assert all(f["sha256"].startswith("sha256:") and f["bytes"] > 0 for f in manifest["inputs"])
-    info = json.loads((demo / "tokenizer/tokenizer.json").read_text())
+    info = json.loads((demo / "tokenizer/info.json").read_text())
     assert info["special_tokens"]["eos"] == 3 and info["hash"] == tokenizer.hash
     stamps = {p.name: p.stat().st_mtime_ns for p in (demo / "data/tokenized").iterdir()}
 

@@ -1,6 +1,6 @@
 """`mtnlg info`: what a workspace holds, and its resolved config.
 
-Reads only small files (state.json, tokenizer.json, .idx headers, the last line of each metrics log) and never
+Reads only small files (state.json, tokenizer/info.json, .idx headers, the last line of each metrics log) and never
 imports torch, so it answers at once even beside large checkpoints. Every part tolerates what is missing or
 unreadable: it says so in that part and goes on.
 """
@@ -68,22 +68,26 @@ def model_summary(config: Config) -> dict[str, Any]:
 
 
 def tokenizer_summary(workspace: Workspace) -> dict[str, Any]:
-    """The tokenizer's vocabulary and special tokens, from tokenizer.json, else from the model itself."""
-    from mtnlg_cli.data.tokenizer import INFO_FILE, MODEL_FILE, Tokenizer
+    """The tokenizer's vocabulary and special tokens, from its info.json, else from the tokenizer itself."""
+    from mtnlg_cli.data.tokenizer import HF_FILE, INFO_FILE, MODEL_FILE, Tokenizer
 
-    model_path = workspace.tokenizer_dir / MODEL_FILE
-    if not model_path.is_file():
+    found = [workspace.tokenizer_dir / name for name in (MODEL_FILE, HF_FILE)
+             if (workspace.tokenizer_dir / name).is_file()]
+    if not found:
         return {"present": False}
     info_path = workspace.tokenizer_dir / INFO_FILE
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
-        if not isinstance(info, dict) or "vocab_size" not in info:
+        if not isinstance(info, dict) or "vocab_size" not in info or "model_file" not in info:
             raise ValueError(f"{info_path.name} lacks vocab_size")
-    except (OSError, ValueError):  # no or an unreadable tokenizer.json: ask the model (a few milliseconds)
+    except (OSError, ValueError):  # no or an unreadable info.json: ask the tokenizer (a few milliseconds)
         try:
-            info = Tokenizer.load(model_path).info()
+            info = Tokenizer.load(workspace.tokenizer_dir).info()
         except MtnlgError as exc:
             return {"present": True, "error": str(exc)}
+    model_path = workspace.tokenizer_dir / str(info["model_file"])
+    if not model_path.is_file():
+        model_path = found[0]
     return {"present": True, "path": str(model_path), "size_bytes": model_path.stat().st_size, **info}
 
 
@@ -202,8 +206,9 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
         console.print(f"[bold]tokenizer[/] [red]{tokenizer['error']}[/]")
     else:
         special = ", ".join(f"{name}={token_id}" for name, token_id in tokenizer.get("special_tokens", {}).items())
+        template = "; the model's chat template" if tokenizer.get("chat_template") else ""
         console.print(f"[bold]tokenizer[/] {tokenizer['path']}: vocabulary {tokenizer['vocab_size']:,}; "
-                      f"special tokens {special}", highlight=False)
+                      f"special tokens {special}{template}", highlight=False)
 
     if summary["datasets"]:
         table = _table("datasets (data/tokenized)", ("name", "documents", "tokens", "train/valid/test docs", "size"))

@@ -27,7 +27,8 @@ def preprocess_command(
         "--tokenizer-model", help="Use this SentencePiece .model instead of training one (default: "
         "tokenizer.model_file).", show_default=False)] = None,
     force: Annotated[bool, typer.Option(
-        "--force", help="Retrain the tokenizer (unless one is given) and rebuild every dataset.")] = False,
+        "--force", help="Retrain the tokenizer (unless one is given, or the workspace holds a pretrained "
+        "model's) and rebuild every dataset.")] = False,
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
 ) -> None:

@@ -1,4 +1,5 @@
-"""The preprocess pipeline: tokenizer (trained or given), then each source tokenized into a Megatron dataset.
+"""The preprocess pipeline: tokenizer (trained, given, or the pretrained model's), then each source tokenized into a
+Megatron dataset, of uint16 tokens while the vocabulary fits and int32 beyond (as Megatron-LM chooses).
 
 Each `data.sources` entry becomes `data/tokenized/NAME.{bin,idx,json}`. The JSON manifest records the tokenizer
 hash, the input files (size, mtime, sha256) and the settings that shaped the output; a source whose manifest
@@ -31,7 +32,7 @@ from mtnlg_cli.atomic import remove_stale_temporaries, write_bytes_atomically
 from mtnlg_cli.data.corpus import (Chunk, DocumentSpec, chunk_documents, expand_paths, file_format, read_chunks,
                                    training_sentences)
 from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter, token_dtype
-from mtnlg_cli.data.tokenizer import MODEL_FILE, Tokenizer, file_hash, train_tokenizer
+from mtnlg_cli.data.tokenizer import HF_FILE, MODEL_FILE, Tokenizer, file_hash, train_tokenizer
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice, Progress, Reporter, ignore
 from mtnlg_cli.workspace import Workspace
@@ -104,18 +105,45 @@ def plan_sources(workspace: Workspace, config: Config, sources: Optional[list[Da
 
 
 def check_vocab_size(tokenizer: Tokenizer, config: Config) -> None:
+    """mtnlg's own tokenizer is trained to model.vocab_size pieces; a pretrained model's embedding may have rows
+    beyond its tokenizer's vocabulary (model.vocab_size is then the embedding's size)."""
+    if tokenizer.backend != "sentencepiece":
+        if tokenizer.vocab_size > config.model.vocab_size:
+            raise MtnlgError(f"the workspace tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
+                             f"{config.model.vocab_size}; the model cannot embed them")
+        return
     if tokenizer.vocab_size != config.model.vocab_size:
         raise MtnlgError(f"the workspace tokenizer has {tokenizer.vocab_size} pieces but model.vocab_size="
                          f"{config.model.vocab_size}; set model.vocab_size: {tokenizer.vocab_size} in mtnlg.yaml, "
                          "or retrain the tokenizer with mtnlg preprocess --force")
 
 
+def workspace_tokenizer(workspace: Workspace) -> Optional[Tokenizer]:
+    """The workspace's tokenizer, or None when it has none yet."""
+    folder = workspace.tokenizer_dir
+    if not any((folder / name).is_file() for name in (MODEL_FILE, HF_FILE)):
+        return None
+    return Tokenizer.load(folder)
+
+
 def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePlan], model_file: Optional[str],
                       force: bool, report: Reporter = ignore) -> Tokenizer:
-    """The workspace tokenizer: the existing one, a copy of `model_file`, or one trained on the corpus."""
+    """The workspace tokenizer: the existing one, a copy of `model_file`, or one trained on the corpus.
+
+    A pretrained model's tokenizer (installed by `mtnlg init --from`) is never retrained or replaced: its
+    model's weights were trained on its ids."""
     target = workspace.tokenizer_dir / MODEL_FILE
-    if model_file:
+    existing = workspace_tokenizer(workspace)
+    if existing is not None and existing.backend != "sentencepiece":
+        if model_file:
+            raise MtnlgError(f"the workspace holds its pretrained model's tokenizer ({existing.path}), which the "
+                             f"weights need; it cannot be replaced by {model_file} (tokenizer.model_file)")
+        tokenizer = existing
+    elif model_file:
         given = Tokenizer.load(workspace.resolve(model_file))
+        if given.backend != "sentencepiece":
+            raise MtnlgError(f"{model_file} is not a SentencePiece model; a pretrained model's tokenizer comes "
+                             "with its model: mtnlg init DIR --from MODEL")
         if target.is_file() and file_hash(target) != given.hash and not force:
             raise MtnlgError(f"the workspace already has a different tokenizer ({target}); use --force to replace "
                              "it (checkpoints trained with the old one will no longer load)")
@@ -125,8 +153,8 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
             given.save_info(workspace.tokenizer_dir)
             report(Notice(f"Tokenizer: using {given.path} ({given.vocab_size} pieces)"))
         tokenizer = Tokenizer.load(target)
-    elif target.is_file() and not force:
-        tokenizer = Tokenizer.load(target)
+    elif existing is not None and not force:
+        tokenizer = existing
     else:
         files = [(f, spec) for plan in plans for f, spec in zip(plan.files, plan.specs)]
         if not files:
@@ -202,15 +230,16 @@ def _write_json_atomically(path: Path, data: dict) -> None:
 _worker_tokenizer: Optional[Tokenizer] = None
 
 
-def _init_worker(model_path: str) -> None:
+def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C and stops the pool
-    _worker_tokenizer = Tokenizer.load(Path(model_path))
+    _worker_tokenizer = Tokenizer.load(Path(tokenizer_path))
 
 
 def encode_chunk(chunk: Chunk, spec: DocumentSpec, tokenizer: Tokenizer,
                  dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, int]:
-    """(tokens of the chunk's documents, each followed by eos; document lengths; malformed lines skipped)."""
+    """(tokens of the chunk's documents, each framed as the tokenizer frames a document (its prefix, then the text,
+    then eos); document lengths; malformed lines skipped)."""
     docs, bad = chunk_documents(chunk, spec)
     ids = tokenizer.encode_batch(docs, add_eos=True)
     lengths = np.fromiter(map(len, ids), np.int32, count=len(ids))

@@ -20,8 +20,8 @@ import numpy as np
 from mtnlg_cli.config import Config
 from mtnlg_cli.data.indexed_dataset import IndexedDataset
 from mtnlg_cli.data.preprocess import (check_vocab_size, dataset_prefix, plan_sources, preprocess,
-                                       read_manifest)
-from mtnlg_cli.data.tokenizer import MODEL_FILE, Tokenizer
+                                       read_manifest, workspace_tokenizer)
+from mtnlg_cli.data.tokenizer import Tokenizer
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice, Reporter, ignore
 from mtnlg_cli.workspace import Workspace
@@ -155,7 +155,7 @@ def ensure_datasets(workspace: Workspace, config: Config, report: Reporter = ign
     """Makes sure the tokenizer and every source's dataset exist (running preprocess when any is missing) and
     were built with the workspace tokenizer. Call it from one process before others open splits."""
     plans = plan_sources(workspace, config, expand=False)
-    missing = not (workspace.tokenizer_dir / MODEL_FILE).is_file() or any(
+    missing = workspace_tokenizer(workspace) is None or any(
         plan.prebuilt is None and read_manifest(workspace, plan.name) is None for plan in plans)
     if missing:
         report(Notice("No tokenized data yet: preprocessing the corpus first."))
@@ -165,7 +165,7 @@ def ensure_datasets(workspace: Workspace, config: Config, report: Reporter = ign
 
 def _open_datasets(workspace: Workspace, config: Config) -> list[tuple[str, float, IndexedDataset]]:
     """(name, weight, dataset) of every source, checked against the workspace tokenizer."""
-    tokenizer = Tokenizer.load(workspace.tokenizer_dir / MODEL_FILE)
+    tokenizer = Tokenizer.load(workspace.tokenizer_dir)
     check_vocab_size(tokenizer, config)
     opened = []
     for plan in plan_sources(workspace, config, expand=False):

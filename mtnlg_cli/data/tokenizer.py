@@ -1,6 +1,15 @@
-"""The SentencePiece tokenizer: trained so that every string in any language round-trips exactly.
+"""The workspace's tokenizer: one interface, two backends, chosen by what the tokenizer folder holds.
 
-Exact round trips need non-default options (measured in shared/FACTS.md): identity normalisation, no removal of
+- mtnlg's own SentencePiece model (`tokenizer.model` with mtnlg's special tokens), trained by `mtnlg preprocess`;
+- a pretrained model's own tokenizer (`tokenizer.json` read with the `tokenizers` library, with the special
+  tokens and chat template of its config files), installed by `mtnlg init --from`; see `pretrained_tokenizer.py`.
+
+Both encode text without special tokens (`encode`), end each document with the end-of-document token
+(`encode_batch(..., add_eos=True)`, after the `prefix_ids` a model expects at the start of a sequence), decode
+exactly, and name the tokens that end generation (`eos_ids`). A workspace's `tokenizer/info.json` records the
+vocabulary, the special tokens and the hash, for `mtnlg info`.
+
+SentencePiece: exact round trips need non-default options (measured in shared/FACTS.md): identity normalisation, no removal of
 extra whitespace, byte fallback; a `\\n` user-defined symbol makes each newline one token. Special tokens have
 fixed ids so that datasets, checkpoints and chat templates agree: pad=0, unk=1, bos=2, eos=3 (the end-of-document
 token), then the chat role tokens.
@@ -11,9 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from mtnlg_cli.atomic import write_bytes_atomically
 from mtnlg_cli.errors import MtnlgError
@@ -22,7 +30,8 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 NEWLINE = "\n"
 MODEL_FILE = "tokenizer.model"
-INFO_FILE = "tokenizer.json"
+INFO_FILE = "info.json"
+HF_FILE = "tokenizer.json"
 
 
 def file_hash(path: Path) -> str:
@@ -34,16 +43,100 @@ def file_hash(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-@dataclass
 class Tokenizer:
+    """What every backend offers. `Tokenizer.load(path)` picks the backend from what `path` holds."""
+
+    path: Path  # the file whose content `hash` names: tokenizer.model or tokenizer.json
+    hash: str  # "sha256:<hex>" of that file; checkpoints and datasets record it
+    backend: str  # "sentencepiece" or "huggingface"
+    vocab_size: int  # every id below it is a token
+    eos_id: int  # ends each document
+    eos_ids: tuple[int, ...]  # end generation (the model's end-of-sequence tokens, `eos_id` first)
+    bos_id: Optional[int]
+    pad_id: int  # fills the left of shorter prompts in a batch (masked out, never read)
+    prefix_ids: tuple[int, ...]  # what the model expects at the start of a sequence (a beginning-of-sequence token)
+    never_sampled: tuple[int, ...]  # ids that generation never picks
+    chat_template: Optional[str] = None  # a Jinja chat template that the model ships
+
+    @classmethod
+    def load(cls, path: Path) -> "Tokenizer":
+        """The tokenizer in `path`: a folder (a workspace's tokenizer/ or a model folder), `tokenizer.model` or
+        `tokenizer.json`. A folder's mtnlg SentencePiece model wins over a `tokenizer.json` beside it (mtnlg's
+        Hugging Face exports carry both)."""
+        path = Path(path)
+        if path.is_dir():
+            model, hf = path / MODEL_FILE, path / HF_FILE
+            if model.is_file():
+                try:
+                    return SentencePieceTokenizer(model, file_hash(model))
+                except NotMtnlgModel:
+                    if not hf.is_file():
+                        raise
+            if hf.is_file():
+                return _pretrained(hf)
+            raise MtnlgError(f"no tokenizer in {path} ({MODEL_FILE} or {HF_FILE}); run mtnlg preprocess first")
+        if not path.is_file():
+            raise MtnlgError(f"no tokenizer at {path}; run mtnlg preprocess first")
+        if path.suffix == ".json":
+            return _pretrained(path)
+        return SentencePieceTokenizer(path, file_hash(path))
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The names of the files in `path`'s folder that make up this tokenizer (what an export copies)."""
+        raise NotImplementedError
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text` alone: no special tokens added."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str], num_threads: int = 1, add_eos: bool = False) -> list[list[int]]:
+        """`encode` of each text; with `add_eos`, each as a document: `prefix_ids`, the text, `eos_id`."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt as the model saw documents start in training: `prefix_ids`, then the text."""
+        return [*self.prefix_ids, *self.encode(text)]
+
+    def info(self) -> dict:
+        """What `mtnlg info` shows: the backend, the file and its hash, the vocabulary and the special tokens."""
+        raise NotImplementedError
+
+    def save_info(self, directory: Path) -> None:
+        write_bytes_atomically(Path(directory) / INFO_FILE,
+                               (json.dumps(self.info(), indent=2, ensure_ascii=False) + "\n").encode())
+
+    def copy_to(self, directory: Path) -> list[str]:
+        """Copies this tokenizer's files into `directory` (atomically each); returns their names."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in self.files:
+            write_bytes_atomically(directory / name, (self.path.parent / name).read_bytes())
+        return list(self.files)
+
+
+class NotMtnlgModel(MtnlgError):
+    """A SentencePiece model without mtnlg's special tokens (another project's `tokenizer.model`)."""
+
+
+def _pretrained(path: Path) -> Tokenizer:
+    from mtnlg_cli.data.pretrained_tokenizer import PretrainedTokenizer
+
+    return PretrainedTokenizer.load(path.parent)
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A loaded SentencePiece model with mtnlg's special tokens."""
 
-    path: Path
-    hash: str
+    backend = "sentencepiece"
 
-    def __post_init__(self) -> None:
+    def __init__(self, path: Path, hash: str):
         import sentencepiece as spm
 
+        self.path, self.hash = Path(path), hash
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(self.path))
@@ -51,44 +144,22 @@ class Tokenizer:
             raise MtnlgError(f"{self.path} is not a SentencePiece model ({str(exc).splitlines()[0]})") from None
         for name in (PAD, UNK, BOS, EOS, *ROLE_TOKENS):
             if self.sp.piece_to_id(name) == self.sp.unk_id() and name != UNK:
-                raise MtnlgError(f"{self.path} lacks the special token {name!r} that mtnlg needs; "
-                                 "train a tokenizer with mtnlg preprocess")
-
-    @classmethod
-    def load(cls, path: Path) -> "Tokenizer":
-        path = Path(path)
-        if path.is_dir():
-            path = path / MODEL_FILE
-        if not path.is_file():
-            raise MtnlgError(f"no tokenizer at {path}; run mtnlg preprocess first")
-        return cls(path, file_hash(path))
+                raise NotMtnlgModel(f"{self.path} lacks the special token {name!r} that mtnlg needs; "
+                                    "train a tokenizer with mtnlg preprocess")
+        self.vocab_size = self.sp.get_piece_size()
+        self.pad_id, self.unk_id = self.sp.pad_id(), self.sp.unk_id()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        self.eos_ids = (self.eos_id,)
+        self.prefix_ids = ()  # documents follow the previous one's end-of-document token
+        self.never_sampled = (self.pad_id,)
+        self.role_ids = {name: self.sp.piece_to_id(name) for name in ROLE_TOKENS}
 
     @property
-    def vocab_size(self) -> int:
-        return self.sp.get_piece_size()
-
-    @property
-    def pad_id(self) -> int:
-        return self.sp.pad_id()
-
-    @property
-    def unk_id(self) -> int:
-        return self.sp.unk_id()
-
-    @property
-    def bos_id(self) -> int:
-        return self.sp.bos_id()
-
-    @property
-    def eos_id(self) -> int:
-        return self.sp.eos_id()
+    def files(self) -> tuple[str, ...]:
+        return (self.path.name,)
 
     def token_id(self, piece: str) -> int:
         return self.sp.piece_to_id(piece)
-
-    @property
-    def role_ids(self) -> dict[str, int]:
-        return {name: self.sp.piece_to_id(name) for name in ROLE_TOKENS}
 
     def encode(self, text: str) -> list[int]:
         return self.sp.encode(text)
@@ -101,6 +172,7 @@ class Tokenizer:
 
     def info(self) -> dict:
         return {
+            "backend": self.backend,
             "model_file": self.path.name,
             "hash": self.hash,
             "vocab_size": self.vocab_size,
@@ -108,13 +180,9 @@ class Tokenizer:
                                **self.role_ids},
         }
 
-    def save_info(self, directory: Path) -> None:
-        write_bytes_atomically(Path(directory) / INFO_FILE,
-                               (json.dumps(self.info(), indent=2, ensure_ascii=False) + "\n").encode())
-
 
 def train_tokenizer(sentences: Iterable[str], out_dir: Path, vocab_size: int, model_type: str = "bpe",
-                    character_coverage: float = 0.9995) -> Tokenizer:
+                    character_coverage: float = 0.9995) -> SentencePieceTokenizer:
     """Trains a SentencePiece model on `sentences` and saves it as `out_dir/tokenizer.model` (atomically).
 
     SentencePiece's training is deterministic for a given list of sentences; callers that sample a large
@@ -147,7 +215,7 @@ def train_tokenizer(sentences: Iterable[str], out_dir: Path, vocab_size: int, mo
     except RuntimeError as exc:
         raise MtnlgError(_training_error(str(exc), vocab_size)) from None
     write_bytes_atomically(out_dir / MODEL_FILE, buffer.getvalue())
-    tokenizer = Tokenizer.load(out_dir / MODEL_FILE)
+    tokenizer = SentencePieceTokenizer(out_dir / MODEL_FILE, file_hash(out_dir / MODEL_FILE))
     tokenizer.save_info(out_dir)
     return tokenizer
 

@@ -1,11 +1,16 @@
 """Chat: the chat template, a conversation that fits the context window, and the `mtnlg chat` REPL.
 
-The template is built on the tokenizer's role tokens, one turn per line:
+A model trained by mtnlg chats in its role-token template, one turn per line:
 
     <|system|> You are terse.<|end|>\\n<|user|> Hello<|end|>\\n<|assistant|> Hi.<|end|>\\n<|assistant|>
 
 Each content is encoded on its own and the role and end tokens are inserted as ids. A reply ends at <|end|>, at
 the end-of-document token, or where the model starts another role.
+
+A pretrained model that ships a chat template (Jinja, see `chat_template.py`) chats in it, and its prompt ids are
+transformers' `apply_chat_template(messages, add_generation_prompt=True)`; a reply ends at one of the model's
+end-of-sequence tokens. A pretrained model without one (a base model such as GPT-2) gets a plain transcript,
+"User: ..." and "Assistant: ..." lines, and a reply also ends where the model starts the next "User:" line.
 
 `ChatSession(generator, settings, system_prompt)` keeps the history; `session.send(text, on_text)` returns a
 `Reply`. The Python API's `.chat()` and the REPL (`run_repl`) both use it.
@@ -32,22 +37,56 @@ CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|' + message['role'] + '|> '
                  "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
 
+# For a pretrained model that ships no chat template: a transcript such as base models have seen in their text.
+PLAIN_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% else %}Assistant: {{ message['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+PLAIN_STOP = "\nUser:"
+
+
+def chat_format(tokenizer) -> str:
+    """How `tokenizer`'s model chats: "roles" (mtnlg's role tokens), "template" (the model's own chat template)
+    or "plain" (a User:/Assistant: transcript)."""
+    if getattr(tokenizer, "chat_template", None):
+        return "template"
+    return "roles" if getattr(tokenizer, "role_ids", None) else "plain"
+
+
 def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-    """Token ids of `messages` ({"role", "content"} dicts) in the chat template, ending with the assistant's
-    role token when `add_generation_prompt`."""
-    role_ids = tokenizer.role_ids
-    end, newline = role_ids["<|end|>"], tokenizer.token_id("\n")
-    ids: list[int] = []
-    for message in messages:
-        ids += [role_ids[f"<|{message['role']}|>"], *tokenizer.encode(message["content"]), end, newline]
-    if add_generation_prompt:
-        ids.append(role_ids["<|assistant|>"])
-    return ids
+    """Token ids of `messages` ({"role", "content"} dicts) in the model's chat format, ending with the start of the
+    assistant's turn when `add_generation_prompt`."""
+    kind = chat_format(tokenizer)
+    if kind == "roles":
+        role_ids = tokenizer.role_ids
+        end, newline = role_ids["<|end|>"], tokenizer.token_id("\n")
+        ids: list[int] = []
+        for message in messages:
+            ids += [role_ids[f"<|{message['role']}|>"], *tokenizer.encode(message["content"]), end, newline]
+        if add_generation_prompt:
+            ids.append(role_ids["<|assistant|>"])
+        return ids
+    from mtnlg_cli.inference.chat_template import render_template
+
+    if kind == "template":  # the template writes any special tokens itself, as transformers tokenizes it
+        return tokenizer.encode(render_template(tokenizer.chat_template, messages, add_generation_prompt,
+                                                tokenizer.token_texts))
+    return tokenizer.prompt_ids(render_template(PLAIN_TEMPLATE, messages, add_generation_prompt))
 
 
 def reply_stop_ids(tokenizer) -> list[int]:
-    """Tokens that end a reply: <|end|>, the end of a document, or the start of another turn."""
-    return [tokenizer.eos_id, *tokenizer.role_ids.values()]
+    """Tokens that end a reply: the end of a turn or document, and with role tokens the start of another turn."""
+    roles = tokenizer.role_ids.values() if chat_format(tokenizer) == "roles" else ()
+    return [*tokenizer.eos_ids, *roles]
+
+
+def reply_stop_strings(tokenizer) -> list[str]:
+    """Text that ends a reply: in a plain transcript, the start of the user's next line."""
+    return [PLAIN_STOP] if chat_format(tokenizer) == "plain" else []
 
 
 @dataclass
@@ -80,7 +119,11 @@ class ChatSession:
         re-raises so that the caller can say so.
         """
         self.messages.append({"role": "user", "content": text})
-        dropped = self._fit_history()
+        try:
+            dropped = self._fit_history()
+        except MtnlgError:  # a template that refuses the conversation: the message is not part of it
+            self.messages.pop()
+            raise
         pieces: list[str] = []
 
         def collect(_row: int, piece: str) -> None:
@@ -90,8 +133,11 @@ class ChatSession:
 
         tokenizer = self.generator.tokenizer
         prompt = render_chat(tokenizer, self.history())
+        settings = self.settings
+        if reply_stop_strings(tokenizer):
+            settings = settings.replace(stop=[*settings.stop, *reply_stop_strings(tokenizer)])
         try:
-            [completion] = self.generator.generate([prompt], self.settings, on_text=collect,
+            [completion] = self.generator.generate([prompt], settings, on_text=collect,
                                                    stop_token_ids=reply_stop_ids(tokenizer))
         except KeyboardInterrupt:
             self.messages.append({"role": "assistant", "content": "".join(pieces)})
@@ -227,6 +273,9 @@ def _reply(session: ChatSession, message: str, interactive: bool, stdout: TextIO
         reply = session.send(message, on_text=show)
     except KeyboardInterrupt:
         print("\n(reply stopped)", file=stdout)
+        return
+    except MtnlgError as exc:
+        print(f"error: {exc}", file=stderr)
         return
     print(file=stdout)
     if reply.dropped_turns:

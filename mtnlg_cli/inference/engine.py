@@ -14,12 +14,13 @@ One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks an
     completions[0].finish_reason  # "eos" (a stop token), "stop" (a stop string) or "length" (max_new_tokens)
 
 - Prompts are strings or lists of token ids, of any lengths: they are left-padded into one batch with per-row
-  positions and an attention mask, so each row gets what it would get alone. An empty prompt starts from the
-  end-of-document token, the boundary that precedes every document in training.
+  positions and an attention mask, so each row gets what it would get alone. A string starts as documents did in
+  training (after the tokenizer's `prefix_ids`: a pretrained model's beginning-of-sequence token); an empty
+  prompt starts from the end-of-document token, the boundary that precedes every document in training.
 - `SamplingSettings` (see `mtnlg_cli.config` and `sampling.py`): `stop` lists strings that end a row (the text is
   cut before them); `settings.validate()` raises MtnlgError naming the bad value.
-- `stop_token_ids` (an argument of `generate`) end a row; by default the end-of-document token. Pass () to
-  generate exactly `max_new_tokens` tokens.
+- `stop_token_ids` (an argument of `generate`) end a row; by default the model's end-of-sequence tokens
+  (`tokenizer.eos_ids`). Pass () to generate exactly `max_new_tokens` tokens.
 - `on_text(row, text)` is called as text becomes final: a piece that might begin a stop string, or an incomplete
   UTF-8 character, is held back until it is decided. The pieces of a row add up to its `Completion.text`.
 - A prompt longer than the context window keeps its last tokens (a `GenerationWarning` says so). Generation past
@@ -70,7 +71,7 @@ class Generator:
         return self.model.config.max_position_embeddings
 
     def encode(self, prompt: Prompt) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        ids = self.tokenizer.prompt_ids(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         return ids or [self.tokenizer.eos_id]
 
     @torch.inference_mode()
@@ -82,7 +83,7 @@ class Generator:
             raise TypeError("generate() takes a list of prompts")
         if not prompts:
             return []
-        stop_ids = {self.tokenizer.eos_id} if stop_token_ids is None else set(stop_token_ids)
+        stop_ids = set(self.tokenizer.eos_ids if stop_token_ids is None else stop_token_ids)
         histories = [self._fit_to_context(self.encode(p), row) for row, p in enumerate(prompts)]
         prompt_lengths = [len(h) for h in histories]
         streams = [TextStream(self.tokenizer, h, settings.stop) for h in histories]

@@ -21,7 +21,7 @@ class Sampler:
     def __init__(self, settings: SamplingSettings, tokenizer, prompts: list[list[int]], device: torch.device):
         self.settings = settings
         self.vocab_size = tokenizer.vocab_size  # the embedding is padded above it: those ids are never picked
-        self.banned = tokenizer.pad_id
+        self.banned = frozenset(tokenizer.never_sampled)
         self.generator = torch.Generator(device=device)
         if settings.seed is None:
             self.generator.seed()
@@ -42,10 +42,11 @@ class Sampler:
         torch op runs, and each costs 10-30 us right after a decoding step has streamed the weights."""
         s = self.settings
         if (argmaxes is not None and s.temperature == 0 and self.seen is None and self.counts is None
-                and max(argmaxes) < self.vocab_size and self.banned not in argmaxes):
+                and max(argmaxes) < self.vocab_size and self.banned.isdisjoint(argmaxes)):
             return argmaxes
         logits = logits[:, :self.vocab_size].float()
-        logits[:, self.banned] = float("-inf")
+        if self.banned:
+            logits[:, list(self.banned)] = float("-inf")
         if self.seen is not None:
             # CTRL's penalty: a token already in the row is made less likely whatever its logit's sign
             penalized = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
