@@ -16,7 +16,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from mtnlg_cli.atomic import process_exists
 from mtnlg_cli.errors import MtnlgError
@@ -83,9 +83,13 @@ def _write_bytes_durably(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
+def save_checkpoint(root: Path, step: int,
+                    tensors: dict[str, dict[str, torch.Tensor] | Callable[[Path], None]], state: dict[str, Any],
                     keep_last: Optional[int] = None) -> Path:
     """Writes `root/step_NNNNNNN/` with one `NAME.safetensors` per entry of `tensors` and `state.json`.
+
+    An entry is the tensors of that file, or a function that writes the file at the path it is given (an import
+    streams a large model tensor by tensor instead of holding it all).
 
     Returns the final path. Points `latest` at it, then prunes all but the newest `keep_last` checkpoints.
     """
@@ -101,7 +105,10 @@ def save_checkpoint(root: Path, step: int, tensors: dict[str, dict[str, torch.Te
     try:
         for name, group in tensors.items():
             path = staging / f"{name}.safetensors"
-            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
+            if callable(group):
+                group(path)
+            else:
+                save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
             with open(path, "rb+") as f:
                 os.fsync(f.fileno())
         full_state = {"format": FORMAT, "step": step, **state}

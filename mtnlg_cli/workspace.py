@@ -10,9 +10,10 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from mtnlg_cli.config import Config, load_config, parse_yaml, read_yaml
 from mtnlg_cli.errors import ConfigError, WorkspaceError
@@ -118,55 +119,73 @@ def template_description(name: str) -> str:
 WORKSPACE_README = """\
 # {name}: an mtnlg workspace
 
-Made with `mtnlg init --template {template}`. Everything mtnlg does here is driven by `mtnlg.yaml`.
+Made with `{made_with}`. Everything mtnlg does here is driven by `mtnlg.yaml`.
 
 | path | what it holds |
 |---|---|
 | `mtnlg.yaml` | the config: model, tokenizer, data, train, parallel, generate |
 | `data/raw/` | the corpus (a sample of English and Chinese text to start; see its NOTICE.md) |
 | `data/tokenized/` | token datasets in Megatron-LM's `.bin`/`.idx` format |
-| `tokenizer/` | the SentencePiece tokenizer |
+| `tokenizer/` | {tokenizer} |
 | `checkpoints/` | `step_NNNNNNN/` checkpoints and `latest` |
 | `runs/` | one folder per training run: metrics.jsonl and logs |
 
 Next, from inside this folder:
 
-    mtnlg preprocess          # train the tokenizer and tokenize data/raw
-    mtnlg train               # train the model (resumes from checkpoints/latest)
+    mtnlg preprocess          # {preprocess}
+    mtnlg train               # {train}
     mtnlg generate "Once upon a time"
     mtnlg chat
 
 Any config key can be changed for one command with `--set section.key=value`, e.g. `--set train.lr=3e-4`.
 """
+SUBFOLDERS = ("data/raw", "data/tokenized", "tokenizer", "checkpoints", "runs")
 
 
 def init_workspace(target: Path, template: str = DEFAULT_TEMPLATE, force: bool = False,
                    overrides: list[str] = ()) -> Workspace:
     """Creates a workspace in `target` from a template. Writes nothing outside `target`.
 
-    The workspace is assembled in a temporary folder beside `target` and moved into place at the end, so a
-    failure leaves nothing half-made. With `force`, an existing workspace's config and README are replaced,
-    and its data, checkpoints and runs are kept.
+    With `force`, an existing workspace's config and README are replaced, and its data, checkpoints and runs are
+    kept.
     """
     config = template_config(template, overrides)
-    target = target.expanduser().absolute()
+    header = (f"# mtnlg workspace config, from template {template!r}: {template_description(template)}\n"
+              "# Every key is documented in the mtnlg README; override one for a command with --set key=value.\n")
+    readme = WORKSPACE_README.format(
+        name=Path(target).name, made_with=f"mtnlg init --template {template}", tokenizer="the SentencePiece tokenizer",
+        preprocess="train the tokenizer and tokenize data/raw",
+        train="train the model (resumes from checkpoints/latest)")
+    return create_workspace(target, config, header, readme, force)
+
+
+def check_target(target: Path, force: bool) -> Path:
+    """The absolute folder a new workspace goes to, refused when it is taken (unless `force`)."""
+    target = Path(target).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise WorkspaceError(f"{target} exists and is not a directory")
     if (target / CONFIG_NAME).exists() and not force:
         raise WorkspaceError(f"{target} is already an mtnlg workspace; use --force to rewrite its config")
     if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).exists() and not force:
         raise WorkspaceError(f"{target} exists and is not empty; choose a new directory or use --force")
+    return target
 
-    header = (f"# mtnlg workspace config, from template {template!r}: {template_description(template)}\n"
-              "# Every key is documented in the mtnlg README; override one for a command with --set key=value.\n")
-    files = {
-        CONFIG_NAME: header + config.to_yaml(),
-        "README.md": WORKSPACE_README.format(name=target.name, template=template),
-    }
+
+def create_workspace(target: Path, config: Config, header: str, readme: str, force: bool = False,
+                     fill: Optional[Callable[[Path], None]] = None, replace: tuple[str, ...] = ()) -> Workspace:
+    """Creates a workspace with `config` (its YAML after `header`), `readme` and the sample corpus in `target`.
+
+    The workspace is assembled in a temporary folder beside `target` (`fill` adds to it) and moved into place at
+    the end, so a failure leaves nothing half-made. Into an existing folder (`force`), new files are added, the
+    config and README replaced, and the subfolders named in `replace` take the place of the old ones, which move
+    to `archive-<time>/` rather than being deleted.
+    """
+    target = check_target(target, force)
+    files = {CONFIG_NAME: header + config.to_yaml(), "README.md": readme}
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
     try:
-        for sub in ("data/raw", "data/tokenized", "tokenizer", "checkpoints", "runs"):
+        for sub in SUBFOLDERS:
             (staging / sub).mkdir(parents=True)
         for name, text in files.items():
             (staging / name).write_text(text, encoding="utf-8")
@@ -174,17 +193,37 @@ def init_workspace(target: Path, template: str = DEFAULT_TEMPLATE, force: bool =
         for item in sample.iterdir():
             if item.is_file():
                 (staging / "data" / "raw" / item.name).write_bytes(item.read_bytes())
+        if fill is not None:
+            fill(staging)
+        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the workspace from the rest of a team
         if not target.exists():
             staging.rename(target)
             return Workspace(target)
-        _merge_into(staging, target)
+        _merge_into(staging, target, replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Workspace(target)
 
 
-def _merge_into(staging: Path, target: Path) -> None:
-    """Adds what `staging` holds to an existing `target`: new files in, config and README replaced."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _merge_into(staging: Path, target: Path, replace: tuple[str, ...] = ()) -> None:
+    """Adds what `staging` holds to an existing `target`: new files in, config and README replaced, and the
+    folders in `replace` swapped in whole (the old ones archived)."""
+    archive = target / f"archive-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    for name in replace:
+        old = target / name
+        if old.is_dir() and any(old.iterdir()):
+            (archive / name).parent.mkdir(parents=True, exist_ok=True)
+            os.rename(old, archive / name)
+        elif old.is_dir():
+            old.rmdir()
+        old.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(staging / name, old)
     for path in sorted(staging.rglob("*")):
         dest = target / path.relative_to(staging)
         if path.is_dir():

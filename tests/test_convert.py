@@ -189,7 +189,7 @@ def test_import_of_a_transformers_gpt2_release_layout_gives_its_logits(tmp_path)
 
     ws = new_workspace(tmp_path / "ws")
     output = ok("convert", "import", folder, "-w", ws.root)
-    assert "without an mtnlg tokenizer" in output and "vocab_size 600 -> 300" in output
+    assert "without a tokenizer" in output and "vocab_size 600 -> 300" in output
     model = load_model(load_checkpoint(latest_checkpoint(ws.checkpoints_dir)))
     tokens = torch.randint(0, 300, (2, 16))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""`mtnlg init`: create a workspace from a template, or list the templates."""
+"""`mtnlg init`: create a workspace from a template or from a pretrained model, or list the templates."""
 
 from __future__ import annotations
 
@@ -10,29 +10,91 @@ from rich.console import Console
 from rich.table import Table
 
 from mtnlg_cli.commands.common import SetOption
-from mtnlg_cli.errors import WorkspaceError
+from mtnlg_cli.errors import MtnlgError, WorkspaceError
 from mtnlg_cli.workspace import DEFAULT_TEMPLATE, init_workspace, template_config, template_description, template_names
 
 
 def init_command(
     directory: Annotated[Optional[Path], typer.Argument(help="Folder to create the workspace in.",
                                                         show_default=False)] = None,
-    template: Annotated[str, typer.Option("--template", "-t", help="Model preset (see --list).")] = DEFAULT_TEMPLATE,
+    source: Annotated[Optional[str], typer.Option(
+        "--from", help="Start from a pretrained model: a local Hugging Face model folder, or a Hub id "
+        "(org/name or org/name@revision) fetched through huggingface_hub's cache.", show_default=False,
+        metavar="SOURCE")] = None,
+    template: Annotated[Optional[str], typer.Option(
+        "--template", "-t", help=f"Model preset (see --list; default {DEFAULT_TEMPLATE}). With --from, only its "
+        "training defaults are used.", show_default=False)] = None,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="With --from: accept a model that has only pickled PyTorch weights (.bin), loaded "
+        "with weights_only=True.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Rewrite the config of an existing workspace "
-                                        "(data, checkpoints and runs are kept).")] = False,
+                                        "(data, checkpoints and runs are kept; with --from, the old tokenizer, "
+                                        "checkpoints and tokenized data move to archive-TIME/).")] = False,
     list_templates: Annotated[bool, typer.Option("--list", help="List the templates and exit.")] = False,
     overrides: SetOption = None,
 ) -> None:
-    """Create a workspace: mtnlg.yaml, the sample corpus, and folders for data, tokenizer, checkpoints and runs."""
+    """Create a workspace: mtnlg.yaml, the sample corpus, and folders for data, tokenizer, checkpoints and runs.
+
+    mtnlg init DIR [--template NAME]
+
+    mtnlg init DIR --from org/name (or org/name@revision, or a local model folder)
+    """
     console = Console()
     if list_templates:
         console.print(templates_table())
         return
     if directory is None:
         raise WorkspaceError("name the folder to create: mtnlg init DIR (or mtnlg init --list for the templates)")
-    workspace = init_workspace(directory, template, force, overrides or [])
-    console.print(f"Created workspace [bold]{workspace.root}[/] from template [bold]{template}[/].")
-    console.print(f"Next: cd {directory} && mtnlg preprocess && mtnlg train && mtnlg generate \"Once upon a time\"")
+    if source is None:
+        if allow_pickle:
+            raise MtnlgError("--allow-pickle applies to mtnlg init --from only")
+        workspace = init_workspace(directory, template or DEFAULT_TEMPLATE, force, overrides or [])
+        console.print(f"Created workspace [bold]{workspace.root}[/] from template [bold]{template or DEFAULT_TEMPLATE}[/].")
+        console.print(f"Next: cd {directory} && mtnlg preprocess && mtnlg train && mtnlg generate \"Once upon a time\"")
+        return
+    _init_from(console, directory, source, template or DEFAULT_TEMPLATE, force, allow_pickle, overrides or [])
+
+
+def _init_from(console: Console, directory: Path, source: str, template: str, force: bool, allow_pickle: bool,
+               overrides: list[str]) -> None:
+    from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TransferSpeedColumn
+
+    from mtnlg_cli.convert.pretrained import create_from_pretrained
+    from mtnlg_cli.events import Notice, Progress
+    from mtnlg_cli.model.architecture import human_count
+
+    errors = Console(stderr=True)
+    bar = Bar("[bold]converting", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=errors,
+              transient=True)
+    task = None
+
+    def report(event) -> None:
+        nonlocal task
+        if isinstance(event, Notice):
+            errors.print(event.message, highlight=False)
+        elif isinstance(event, Progress):
+            if task is None:
+                bar.start()
+                task = bar.add_task("import", total=event.total)
+            bar.update(task, completed=event.completed)
+
+    try:
+        workspace, plan = create_from_pretrained(directory, source, template, force, allow_pickle, overrides, report)
+    finally:
+        bar.stop()
+    from mtnlg_cli.inference.chat import chat_format
+
+    tokenizer = plan.tokenizer
+    chat = {"template": "its chat template", "roles": "mtnlg's role tokens", "plain": "a plain User:/Assistant: "
+            "transcript (it ships no chat template)"}
+
+    console.print(f"Created workspace [bold]{workspace.root}[/] from {source}: {plan.family.architecture}, "
+                  f"{human_count(plan.parameters)} parameters, as checkpoint step 0.")
+    console.print(f"Tokenizer: the model's own ({tokenizer.vocab_size:,} tokens, ends at ids "
+                  f"{', '.join(map(str, tokenizer.eos_ids))}); chat uses {chat[chat_format(tokenizer)]}. "
+                  "License: see NOTICE.md.", highlight=False)
+    console.print(f"Next: cd {directory} && mtnlg generate \"Once upon a time\" (or mtnlg chat; mtnlg train "
+                  "continues pretraining on data/raw)")
 
 
 def templates_table() -> Table:

@@ -108,21 +108,26 @@ def import_weights(workspace, weights: Weights, step: Optional[int] = None, sour
     The tokenizer that came with the weights must be the workspace's, or becomes it if the workspace has none.
     Returns the checkpoint folder and notes for the user.
     """
-    from mtnlg_cli.data.tokenizer import MODEL_FILE, Tokenizer
+    from mtnlg_cli.data.preprocess import workspace_tokenizer
+    from mtnlg_cli.data.tokenizer import Tokenizer
 
     notes = []
-    workspace_tokenizer = workspace.tokenizer_dir / MODEL_FILE
+    current = workspace_tokenizer(workspace)
     tokenizer = Tokenizer.load(weights.tokenizer) if weights.tokenizer else None
-    if tokenizer and workspace_tokenizer.is_file():
-        current = Tokenizer.load(workspace_tokenizer)
+    if tokenizer and current:
         if current.hash != tokenizer.hash:
             raise MtnlgError(f"{weights.tokenizer} is not the workspace's tokenizer ({tokenizer.hash[:19]} vs "
                              f"{current.hash[:19]}); import into a fresh workspace (mtnlg init DIR)")
     elif tokenizer is None:
-        notes.append("the weights came without an mtnlg tokenizer; the checkpoint records none")
-    vocab_size = tokenizer.vocab_size if tokenizer else (weights.vocab_size or weights.config.vocab_size)
-    if vocab_size > weights.config.vocab_size:
-        raise MtnlgError(f"the tokenizer has {vocab_size} pieces but the weights embed only "
+        notes.append("the weights came without a tokenizer; the checkpoint records none")
+    if tokenizer is None:
+        vocab_size = weights.vocab_size or weights.config.vocab_size
+    elif tokenizer.backend == "sentencepiece":
+        vocab_size = tokenizer.vocab_size
+    else:  # a pretrained model's embedding may have rows beyond its tokenizer's vocabulary
+        vocab_size = weights.config.vocab_size
+    if tokenizer and tokenizer.vocab_size > weights.config.vocab_size:
+        raise MtnlgError(f"the tokenizer has {tokenizer.vocab_size} pieces but the weights embed only "
                          f"{weights.config.vocab_size}")
 
     config = workspace.load_config()
@@ -145,13 +150,10 @@ def import_weights(workspace, weights: Weights, step: Optional[int] = None, sour
     if (workspace.checkpoints_dir / step_dir_name(step)).exists():
         raise MtnlgError(f"{workspace.checkpoints_dir / step_dir_name(step)} already exists; choose another "
                          "step with --step N")
-    if tokenizer and not workspace_tokenizer.is_file():
-        workspace.tokenizer_dir.mkdir(parents=True, exist_ok=True)
-        staged = workspace.tokenizer_dir / f".{MODEL_FILE}.import"
-        shutil.copyfile(tokenizer.path, staged)
-        staged.replace(workspace_tokenizer)
-        Tokenizer.load(workspace_tokenizer).save_info(workspace.tokenizer_dir)
-        notes.append(f"installed the tokenizer as {workspace_tokenizer}")
+    if tokenizer and current is None:
+        tokenizer.copy_to(workspace.tokenizer_dir)
+        Tokenizer.load(workspace.tokenizer_dir).save_info(workspace.tokenizer_dir)
+        notes.append(f"installed the tokenizer in {workspace.tokenizer_dir}")
     state = {
         "model_config": gpt_config.to_dict(),
         "config": config.to_dict(),

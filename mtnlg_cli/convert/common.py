@@ -36,7 +36,7 @@ class Weights:
     config: Architecture
     vocab_size: Optional[int]
     step: int
-    tokenizer: Optional[Path] = None  # the SentencePiece model that goes with the weights
+    tokenizer: Optional[Path] = None  # the tokenizer file that goes with the weights (see `Tokenizer.load`)
     consumed_samples: int = 0
 
 
@@ -206,6 +206,128 @@ def read_safetensors(directory: Path, name: str = "model") -> tuple[dict[str, to
     return tensors, metadata
 
 
+# Reading and writing one tensor at a time, for models that should not be held whole: a header says where each
+# tensor lies (8 bytes of header length, the JSON header, then the data), and plain reads (not a memory map, whose
+# touched pages would stay in the process's memory) fetch one tensor at a time.
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+_HEADER_LIMIT = 100_000_000  # safetensors' own bound on a header's size
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor of a safetensors file lies: its file, type, shape and byte range."""
+
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    def read(self) -> torch.Tensor:
+        data = bytearray(self.end - self.start)
+        with open(self.file, "rb") as f:
+            f.seek(self.start)
+            if f.readinto(data) != len(data):
+                raise MtnlgError(f"{self.file} is truncated or not a safetensors file (it ends inside a tensor)")
+        if not data:
+            return torch.empty(self.shape, dtype=self.dtype)
+        return torch.frombuffer(data, dtype=self.dtype).reshape(self.shape)
+
+
+def safetensors_entries(directory: Path, name: str = "model") -> dict[str, StoredTensor]:
+    """Every tensor of a safetensors folder (one file, or shards and an index), from the headers alone; refuses a
+    file that is truncated, damaged, or lacks a tensor its index lists."""
+    index_path = directory / f"{name}{INDEX_SUFFIX}"
+    if index_path.is_file():
+        weight_map = read_json(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise MtnlgError(f"{index_path} has no weight_map")
+        files = list(dict.fromkeys(weight_map.values()))
+    else:
+        weight_map, files = None, [f"{name}.safetensors"]
+    entries: dict[str, StoredTensor] = {}
+    for file in files:
+        path = directory / file
+        if not path.is_file():
+            raise MtnlgError(f"{path} is missing" + (f" ({index_path.name} names it)" if weight_map else ""))
+        entries.update(_file_entries(path))
+    if weight_map is not None:
+        absent = [key for key in weight_map if key not in entries]
+        if absent:
+            raise MtnlgError(f"{weight_map[absent[0]]} lacks tensor {absent[0]} that {index_path.name} lists")
+    return entries
+
+
+def _file_entries(path: Path) -> dict[str, StoredTensor]:
+    damaged = f"{path} is truncated or not a safetensors file"
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        length_bytes = f.read(8)
+        length = int.from_bytes(length_bytes, "little") if len(length_bytes) == 8 else -1
+        if not 0 < length <= min(size - 8, _HEADER_LIMIT):
+            raise MtnlgError(f"{damaged} (its header length does not fit the file of {size} bytes)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise MtnlgError(f"{damaged} (its header is not JSON: {exc})") from None
+    if not isinstance(header, dict):
+        raise MtnlgError(f"{damaged} (its header is not a JSON object)")
+    data_start, end_of_data, entries = 8 + length, 0, {}
+    for key, value in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[value["dtype"]]
+            shape = tuple(int(d) for d in value["shape"])
+            begin, end = (int(x) for x in value["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise MtnlgError(f"{damaged} (tensor {key} has a malformed entry {str(value)[:80]})") from None
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if not 0 <= begin <= end or end - begin != numel * dtype.itemsize:
+            raise MtnlgError(f"{damaged} (tensor {key}'s byte range does not hold its shape {shape})")
+        entries[key] = StoredTensor(path, dtype, shape, data_start + begin, data_start + end)
+        end_of_data = max(end_of_data, end)
+    if data_start + end_of_data != size:
+        raise MtnlgError(f"{damaged} (its header describes {data_start + end_of_data} bytes, the file has {size})")
+    return entries
+
+
+def write_safetensors_streamed(path: Path, shapes: dict[str, tuple[int, ...]],
+                               tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype = torch.float32,
+                               metadata: Optional[dict[str, str]] = None) -> None:
+    """Writes a safetensors file whose tensors, in the order of `shapes`, come one at a time from `tensors`
+    (cast to `dtype`): only one is held at a time."""
+    code = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, shape in shapes.items():
+        nbytes = dtype.itemsize
+        for dim in shape:
+            nbytes *= dim
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    expected = iter(shapes.items())
+    with open(path, "wb") as f:
+        f.write(len(encoded).to_bytes(8, "little"))
+        f.write(encoded)
+        for name, tensor in tensors:
+            wanted, shape = next(expected, (None, None))
+            if name != wanted or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"tensor {name} {tuple(tensor.shape)} arrived where {wanted} {shape} belongs")
+            f.write(tensor.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
+        if next(expected, None) is not None:
+            raise ValueError("the tensors ended before the header's last one")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def folder_summary(directory: Path, limit: int = 8) -> str:
     """What a folder holds, for messages about folders that are not what was expected."""
     entries = sorted(directory.iterdir()) if directory.is_dir() else []
@@ -216,22 +338,24 @@ def folder_summary(directory: Path, limit: int = 8) -> str:
     return "found " + ", ".join(names) + more
 
 
-def copy_tokenizer(weights: Weights, out_dir: Path) -> Optional[str]:
-    """Puts the weights' SentencePiece model beside them as `tokenizer.model`; returns its hash."""
+def copy_tokenizer(weights: Weights, out_dir: Path):
+    """Puts the weights' tokenizer files beside them; returns the copy's `Tokenizer`, or None without one."""
     if weights.tokenizer is None:
         return None
-    from mtnlg_cli.data.tokenizer import MODEL_FILE, file_hash
+    from mtnlg_cli.data.tokenizer import Tokenizer
 
-    shutil.copyfile(weights.tokenizer, out_dir / MODEL_FILE)
-    return file_hash(out_dir / MODEL_FILE)
+    Tokenizer.load(weights.tokenizer).copy_to(out_dir)
+    return Tokenizer.load(out_dir)
 
 
 def bundled_tokenizer(directory: Path) -> Optional[Path]:
-    """The SentencePiece model that an export carries, if any."""
-    from mtnlg_cli.data.tokenizer import MODEL_FILE
+    """The tokenizer file that a folder carries (mtnlg's SentencePiece model, else a Hugging Face tokenizer.json),
+    if any."""
+    from mtnlg_cli.data.tokenizer import HF_FILE, MODEL_FILE, Tokenizer
 
-    path = directory / MODEL_FILE
-    return path if path.is_file() else None
+    if not any((directory / name).is_file() for name in (MODEL_FILE, HF_FILE)):
+        return None
+    return Tokenizer.load(directory).path
 
 
 def load_torch_file(path: Path, allowed_globals: Sequence = ()) -> Any:

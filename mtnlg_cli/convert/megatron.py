@@ -124,9 +124,8 @@ def export_megatron(weights: Weights, out_dir: Path, dtype: torch.dtype, tensor_
                         "model": _nest(flat)}, rank_dir / CHECKPOINT_FILES[0])
             files.append(str((rank_dir / CHECKPOINT_FILES[0]).relative_to(out_dir)))
     (out_dir / TRACKER).write_text(f"{weights.step}\n")
-    if copy_tokenizer(weights, out_dir):
-        files.append("tokenizer.model")
-    return [TRACKER, *files]
+    tokenizer = copy_tokenizer(weights, out_dir)
+    return [TRACKER, *files, *(tokenizer.files if tokenizer else ())]
 
 
 def _placements(name: str, layers_per_stage: int, stages: int) -> list[tuple[int, str]]:
@@ -177,8 +176,10 @@ def _args(weights: Weights, dtype: torch.dtype, tensor_parallel: int, pipeline_p
         fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
-        tokenizer_type="GPTSentencePieceTokenizer",
-        tokenizer_model="tokenizer.model",
+        # the folder holds the tokenizer: mtnlg's SentencePiece model, or a pretrained model's Hugging Face files
+        **({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "."}
+           if weights.tokenizer is not None and weights.tokenizer.suffix == ".json"
+           else {"tokenizer_type": "GPTSentencePieceTokenizer", "tokenizer_model": "tokenizer.model"}),
         iteration=weights.step,
         consumed_train_samples=weights.consumed_samples,
     )

@@ -25,7 +25,8 @@ CONFIG_FILE = "config.json"
 def export_plain(weights: Weights, out_dir: Path, dtype: torch.dtype,
                  max_shard_size: Optional[int] = None) -> list[str]:
     """Writes the weights into `out_dir`; returns the names of the files written."""
-    tokenizer_hash = copy_tokenizer(weights, out_dir)
+    tokenizer = copy_tokenizer(weights, out_dir)
+    tokenizer_hash = tokenizer.hash if tokenizer else None
     description = {
         "format": FORMAT,
         "step": weights.step,
@@ -39,7 +40,7 @@ def export_plain(weights: Weights, out_dir: Path, dtype: torch.dtype,
               "mtnlg_format": FORMAT}
     files = write_safetensors(cast(weights.tensors, dtype), out_dir, header, max_shard_size)
     write_json(out_dir / CONFIG_FILE, description)
-    return files + [CONFIG_FILE] + (["tokenizer.model"] if tokenizer_hash else [])
+    return files + [CONFIG_FILE] + (list(tokenizer.files) if tokenizer else [])
 
 
 def is_plain(directory: Path) -> bool:

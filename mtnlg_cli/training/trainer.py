@@ -196,6 +196,11 @@ class Trainer:
         """Loads model, optimizer and RNG state; returns (step, consumed samples, skipped steps)."""
         source = str(checkpoint.path)
         self.runtime.load_model_state(checkpoint.tensors("model"), source)
+        if not (checkpoint.path / "optimizer.safetensors").is_file():  # imported weights: the optimizer starts fresh
+            origin = checkpoint.state.get("imported_from")
+            self.console.print(f"Starting from the weights in {checkpoint.path}"
+                               f"{f' (imported from {origin})' if origin else ''} with a fresh optimizer")
+            return checkpoint.step, int(checkpoint.state["consumed_samples"]), 0
         self.runtime.load_optimizer_state(checkpoint.tensors("optimizer"), checkpoint.state.get("optimizer", {}),
                                           source)
         set_rng_state(checkpoint.tensors("rng"), source)
