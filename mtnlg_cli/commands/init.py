@@ -81,7 +81,8 @@ def _init_from(console: Console, directory: Path, source: str, template: str, fo
     try:
         workspace, plan = create_from_pretrained(directory, source, template, force, allow_pickle, overrides, report)
     finally:
-        bar.stop()
+        if task is not None:
+            bar.stop()
     from mtnlg_cli.inference.chat import chat_format
 
     tokenizer = plan.tokenizer

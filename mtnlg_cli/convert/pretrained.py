@@ -126,9 +126,24 @@ def _download(source: str, allow_pickle: bool, report: Reporter) -> Source:
             raise MtnlgError(f"cannot fetch {repo_id} from the Hugging Face Hub ({first}); {local_folder}") from None
 
     folder = fetch(HUB_FILES)
-    if allow_pickle and not has_safetensors(folder):
-        folder = fetch(HUB_FILES + HUB_PICKLE_FILES)
+    if not has_safetensors(folder):
+        if allow_pickle:
+            folder = fetch(HUB_FILES + HUB_PICKLE_FILES)
+        elif _has_pickled_weights(repo_id, revision):
+            raise MtnlgError(f"{repo_id} has only pickled PyTorch weights ({BIN_FILE}); mtnlg reads safetensors, or "
+                             "with --allow-pickle loads .bin files with weights_only=True")
     return Source(source, folder, repo_id, revision or None, folder.name)
+
+
+def _has_pickled_weights(repo_id: str, revision: str) -> bool:
+    """Whether the repository lists .bin weights (False when the Hub cannot say: offline, say)."""
+    from huggingface_hub import list_repo_files
+
+    try:
+        return any(re.fullmatch(r"pytorch_model(-\d+-of-\d+)?\.bin", name)
+                   for name in list_repo_files(repo_id, revision=revision or None))
+    except Exception:  # the answer only refines the message about missing weights that follows anyway
+        return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -334,7 +349,7 @@ def _write_checkpoint(plan: ImportPlan, config: Config, root: Path, report: Repo
     }
     path = save_checkpoint(root, 0, {"model": write}, state)
     seconds = time.perf_counter() - started
-    report(Notice(f"Wrote the weights as {path.name} ({total / 1e6:.0f} MB in {seconds:.1f}s)"))
+    report(Notice(f"Wrote the weights as {path.name} ({total / 1e6:.1f} MB in {seconds:.1f}s)"))
 
 
 def _write_notice(plan: ImportPlan, staging: Path) -> None:
