@@ -141,7 +141,6 @@ def test_preprocess_train_eval_and_export_work_on_the_imported_model(imported, m
     from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint, load_model
     from mtnlg_cli.data.indexed_dataset import IndexedDataset
     from mtnlg_cli.training.trainer import train
-    from rich.console import Console
 
     ws = copy_workspace(imported.root, tmp_path / "ws")
     theirs = AutoTokenizer.from_pretrained(ws.tokenizer_dir)
@@ -156,7 +155,7 @@ def test_preprocess_train_eval_and_export_work_on_the_imported_model(imported, m
     assert dataset.document(0).tolist() == [*theirs(first)["input_ids"], theirs.eos_token_id]
 
     result = train(ws, ws.load_config(["train.train_iters=2", "train.eval_interval=2", "train.save_interval=2",
-                                       "train.eval_iters=1", "model.seq_length=32"]), console=Console(quiet=True))
+                                       "train.eval_iters=1", "model.seq_length=32"]))
     assert result.final_step == 2 and all(np.isfinite(list(result.losses.values())))
     model = load_model(load_checkpoint(latest_checkpoint(ws.checkpoints_dir)))
 
@@ -232,7 +231,8 @@ def test_bad_sources_are_one_line_errors_that_write_nothing(model_folder, tmp_pa
 
     torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    assert "has only pickled PyTorch weights (pytorch_model.bin)" in refused("init", target, "--from", pickled)
+    assert "has only pickled PyTorch weights (pytorch_model.bin); mtnlg reads safetensors, or with --allow-pickle" in (
+        refused("init", target, "--from", pickled))
     assert not target.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     ok("init", target, "--from", pickled, "--allow-pickle")
     assert (target / "checkpoints" / "step_0000000" / "model.safetensors").is_file()
@@ -290,7 +290,7 @@ def test_hub_ids_come_through_the_huggingface_hub_cache(model_folder, tmp_path, 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert refused("init", tmp_path / "other", "--from", "someone/missing@v2") == (
         "cannot fetch someone/missing: HF_HUB_OFFLINE is set and it is not in the cache; download it where there "
-        "is network and name the folder: mtnlg init DIR --from PATH")
+        "is network and import the local folder instead")
     assert not (tmp_path / "other").exists()
 
 

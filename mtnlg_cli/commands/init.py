@@ -57,41 +57,24 @@ def init_command(
 
 def _init_from(console: Console, directory: Path, source: str, template: str, force: bool, allow_pickle: bool,
                overrides: list[str]) -> None:
-    from rich.progress import BarColumn, DownloadColumn, Progress as Bar, TransferSpeedColumn
-
-    from mtnlg_cli.convert.pretrained import create_from_pretrained
-    from mtnlg_cli.events import Notice, Progress
+    from mtnlg_cli.commands.render import ConsoleReporter
+    from mtnlg_cli.convert.pretrained import PickledWeightsOnly, create_from_pretrained
+    from mtnlg_cli.inference.chat import chat_format
     from mtnlg_cli.model.architecture import human_count
 
-    errors = Console(stderr=True)
-    bar = Bar("[bold]converting", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=errors,
-              transient=True)
-    task = None
-
-    def report(event) -> None:
-        nonlocal task
-        if isinstance(event, Notice):
-            errors.print(event.message, highlight=False)
-        elif isinstance(event, Progress):
-            if task is None:
-                bar.start()
-                task = bar.add_task("import", total=event.total)
-            bar.update(task, completed=event.completed)
-
     try:
-        workspace, plan = create_from_pretrained(directory, source, template, force, allow_pickle, overrides, report)
-    finally:
-        if task is not None:
-            bar.stop()
-    from mtnlg_cli.inference.chat import chat_format
-
+        with ConsoleReporter(Console(stderr=True)) as report:
+            workspace, plan = create_from_pretrained(directory, source, template, force, allow_pickle, overrides,
+                                                     report)
+    except PickledWeightsOnly as exc:
+        raise MtnlgError(f"{exc}; mtnlg reads safetensors, or with --allow-pickle loads .bin weights with "
+                         "weights_only=True") from None
     tokenizer = plan.tokenizer
-    chat = {"template": "its chat template", "roles": "mtnlg's role tokens", "plain": "a plain User:/Assistant: "
-            "transcript (it ships no chat template)"}
-
+    chat = {"template": "its chat template", "roles": "mtnlg's role tokens",
+            "plain": "a plain User:/Assistant: transcript (it ships no chat template)"}
     console.print(f"Created workspace [bold]{workspace.root}[/] from {source}: {plan.family.architecture}, "
                   f"{human_count(plan.parameters)} parameters, as checkpoint step 0.")
-    console.print(f"Tokenizer: the model's own ({tokenizer.vocab_size:,} tokens, ends at ids "
+    console.print(f"Tokenizer: the model's own ({tokenizer.vocab_size:,} tokens, generation ends at ids "
                   f"{', '.join(map(str, tokenizer.eos_ids))}); chat uses {chat[chat_format(tokenizer)]}. "
                   "License: see NOTICE.md.", highlight=False)
     console.print(f"Next: cd {directory} && mtnlg generate \"Once upon a time\" (or mtnlg chat; mtnlg train "

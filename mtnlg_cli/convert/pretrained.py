@@ -49,6 +49,10 @@ MODEL_KEYS = ("vocab_size", "max_position_embeddings", "num_layers", "hidden_siz
               "norm_epsilon")
 
 
+class PickledWeightsOnly(MtnlgError):
+    """A model without safetensors, whose pickled weights the caller did not allow."""
+
+
 @dataclass
 class Source:
     """Where the model's files are: `folder`, found from what the user named (`name`)."""
@@ -104,7 +108,7 @@ def _download(source: str, allow_pickle: bool, report: Reporter) -> Source:
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     repo_id, _, revision = source.partition("@")
-    local_folder = "download it where there is network and name the folder: mtnlg init DIR --from PATH"
+    local_folder = "download it where there is network and import the local folder instead"
     report(Notice(f"Fetching {repo_id}{f' at {revision}' if revision else ''} from the Hugging Face Hub into its "
                   f"cache ({constants.HF_HUB_CACHE})"))
 
@@ -130,8 +134,7 @@ def _download(source: str, allow_pickle: bool, report: Reporter) -> Source:
         if allow_pickle:
             folder = fetch(HUB_FILES + HUB_PICKLE_FILES)
         elif _has_pickled_weights(repo_id, revision):
-            raise MtnlgError(f"{repo_id} has only pickled PyTorch weights ({BIN_FILE}); mtnlg reads safetensors, or "
-                             "with --allow-pickle loads .bin files with weights_only=True")
+            raise PickledWeightsOnly(f"{repo_id} has only pickled PyTorch weights ({BIN_FILE})")
     return Source(source, folder, repo_id, revision or None, folder.name)
 
 
@@ -188,8 +191,7 @@ def _weights(folder: Path, name: str, family: Family, config: Architecture,
         if not bins:
             raise MtnlgError(f"{name} has config.json but no weights (model.safetensors); {folder_summary(folder)}")
         if not allow_pickle:
-            raise MtnlgError(f"{name} has only pickled PyTorch weights ({bins[0]}); mtnlg reads safetensors, or with "
-                             "--allow-pickle loads .bin files with weights_only=True")
+            raise PickledWeightsOnly(f"{name} has only pickled PyTorch weights ({bins[0]})")
         tensors: dict[str, torch.Tensor] = {}
         for file in bins:
             loaded = load_torch_file(folder / file)
@@ -325,13 +327,13 @@ def _write_checkpoint(plan: ImportPlan, config: Config, root: Path, report: Repo
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         done = 0
-        report(Progress("import", 0, total, "byte"))
+        report(Progress("weights", 0, total, "byte"))
         for ours, shape in shapes.items():
             theirs, layout = names[ours]
             tensor = from_hf(plan.read_tensor(theirs), layout, plan.config.num_heads)
             yield ours, tensor
             done += 4 * math.prod(shape)
-            report(Progress("import", done, total, "byte", done=done == total))
+            report(Progress("weights", done, total, "byte", done=done == total))
 
     def write(path: Path) -> None:
         write_safetensors_streamed(path, shapes, tensors(), torch.float32, {"format": "pt"})

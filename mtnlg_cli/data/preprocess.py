@@ -143,7 +143,7 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
         given = Tokenizer.load(workspace.resolve(model_file))
         if given.backend != "sentencepiece":
             raise MtnlgError(f"{model_file} is not a SentencePiece model; a pretrained model's tokenizer comes "
-                             "with its model: mtnlg init DIR --from MODEL")
+                             "with the model, imported into a new workspace")
         if target.is_file() and file_hash(target) != given.hash and not force:
             raise MtnlgError(f"the workspace already has a different tokenizer ({target}); use --force to replace "
                              "it (checkpoints trained with the old one will no longer load)")

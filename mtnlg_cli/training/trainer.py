@@ -198,8 +198,8 @@ class Trainer:
         self.runtime.load_model_state(checkpoint.tensors("model"), source)
         if not (checkpoint.path / "optimizer.safetensors").is_file():  # imported weights: the optimizer starts fresh
             origin = checkpoint.state.get("imported_from")
-            self.console.print(f"Starting from the weights in {checkpoint.path}"
-                               f"{f' (imported from {origin})' if origin else ''} with a fresh optimizer")
+            self.report(Notice(f"Starting from the weights in {checkpoint.path}"
+                               f"{f' (imported from {origin})' if origin else ''} with a fresh optimizer"))
             return checkpoint.step, int(checkpoint.state["consumed_samples"]), 0
         self.runtime.load_optimizer_state(checkpoint.tensors("optimizer"), checkpoint.state.get("optimizer", {}),
                                           source)
