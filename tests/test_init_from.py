@@ -7,7 +7,6 @@ the Hub path runs on a cache laid out as huggingface_hub lays it out, offline: n
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 

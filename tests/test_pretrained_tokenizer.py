@@ -37,7 +37,8 @@ You are helpful.<|im_end|>
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello, how are you?"}],
     [{"role": "system", "content": "Answer in Chinese."}, {"role": "user", "content": "What is a poem?"},
-     {"role": "assistant", "content": "  床前明月光，疑是地上霜。 "}, {"role": "user", "content": "More, please.\n"}],
+     {"role": "assistant", "content": "  床前明月光，疑是地上霜。 "},
+     {"role": "user", "content": "More, please.\n"}],
 ]
 
 
@@ -93,9 +94,10 @@ def sentencepiece_style(shared_data, tmp_path_factory) -> Path:
                               tmp_path_factory.mktemp("sp"), vocab_size=3000)
     folder = tmp_path_factory.mktemp("sentencepiece_style")
     spec = tokenizer_json(trained.path)
-    spec["post_processor"] = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                                                                       {"Sequence": {"id": "A", "type_id": 0}}],
-                              "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+    first, second = {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}
+    spec["post_processor"] = {"type": "TemplateProcessing",
+                              "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, first],
+                              "pair": [first, second],
                               "special_tokens": {"<s>": {"id": "<s>", "ids": [trained.bos_id], "tokens": ["<s>"]}}}
     (folder / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
     (folder / "tokenizer_config.json").write_text(json.dumps({

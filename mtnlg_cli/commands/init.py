@@ -48,8 +48,9 @@ def init_command(
     if source is None:
         if allow_pickle:
             raise MtnlgError("--allow-pickle applies to mtnlg init --from only")
-        workspace = init_workspace(directory, template or DEFAULT_TEMPLATE, force, overrides or [])
-        console.print(f"Created workspace [bold]{workspace.root}[/] from template [bold]{template or DEFAULT_TEMPLATE}[/].")
+        template = template or DEFAULT_TEMPLATE
+        workspace = init_workspace(directory, template, force, overrides or [])
+        console.print(f"Created workspace [bold]{workspace.root}[/] from template [bold]{template}[/].")
         console.print(f"Next: cd {directory} && mtnlg preprocess && mtnlg train && mtnlg generate \"Once upon a time\"")
         return
     _init_from(console, directory, source, template or DEFAULT_TEMPLATE, force, allow_pickle, overrides or [])

@@ -9,7 +9,6 @@ every tensor's name and shape before anything is written.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 

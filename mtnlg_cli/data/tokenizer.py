@@ -9,10 +9,10 @@ Both encode text without special tokens (`encode`), end each document with the e
 exactly, and name the tokens that end generation (`eos_ids`). A workspace's `tokenizer/info.json` records the
 vocabulary, the special tokens and the hash, for `mtnlg info`.
 
-SentencePiece: exact round trips need non-default options (measured in shared/FACTS.md): identity normalisation, no removal of
-extra whitespace, byte fallback; a `\\n` user-defined symbol makes each newline one token. Special tokens have
-fixed ids so that datasets, checkpoints and chat templates agree: pad=0, unk=1, bos=2, eos=3 (the end-of-document
-token), then the chat role tokens.
+SentencePiece: exact round trips need non-default options (measured in shared/FACTS.md): identity normalisation,
+no removal of extra whitespace, byte fallback; a `\\n` user-defined symbol makes each newline one token. Special
+tokens have fixed ids so that datasets, checkpoints and chat templates agree: pad=0, unk=1, bos=2, eos=3 (the
+end-of-document token), then the chat role tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -43,7 +44,7 @@ def file_hash(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """What every backend offers. `Tokenizer.load(path)` picks the backend from what `path` holds."""
 
     path: Path  # the file whose content `hash` names: tokenizer.model or tokenizer.json
@@ -82,28 +83,29 @@ class Tokenizer:
         return SentencePieceTokenizer(path, file_hash(path))
 
     @property
+    @abstractmethod
     def files(self) -> tuple[str, ...]:
         """The names of the files in `path`'s folder that make up this tokenizer (what an export copies)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """The ids of `text` alone: no special tokens added."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1, add_eos: bool = False) -> list[list[int]]:
         """`encode` of each text; with `add_eos`, each as a document: `prefix_ids`, the text, `eos_id`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
-        raise NotImplementedError
+        """The text of `ids`; `decode(encode(text)) == text` for any text."""
 
     def prompt_ids(self, text: str) -> list[int]:
         """A prompt as the model saw documents start in training: `prefix_ids`, then the text."""
         return [*self.prefix_ids, *self.encode(text)]
 
+    @abstractmethod
     def info(self) -> dict:
         """What `mtnlg info` shows: the backend, the file and its hash, the vocabulary and the special tokens."""
-        raise NotImplementedError
 
     def save_info(self, directory: Path) -> None:
         write_bytes_atomically(Path(directory) / INFO_FILE,
