@@ -79,7 +79,8 @@ def transformers_model(folder: Path):
 
 def test_the_workspace_describes_the_model_and_its_logits_and_greedy_tokens_are_transformers(imported, model_folder):
     from mtnlg_cli.checkpoint import load_for_inference
-    from mtnlg_cli.inference.engine import Generator, SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference.engine import Generator
 
     config = imported.load_config()
     m = config.model
@@ -123,7 +124,8 @@ def test_chat_uses_the_models_template(imported):
 
     from mtnlg_cli.checkpoint import load_for_inference
     from mtnlg_cli.inference.chat import ChatSession, run_repl
-    from mtnlg_cli.inference.engine import Generator, SamplingSettings
+    from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference.engine import Generator
 
     model, tokenizer, _ = load_for_inference(imported)
     session = ChatSession(Generator(model, tokenizer), SamplingSettings(max_new_tokens=6, temperature=0.0))

@@ -164,15 +164,17 @@ def test_special_tokens_come_from_the_model_config_files(byte_level, tmp_path):
 
 
 def test_generation_stops_at_any_of_the_models_eos_tokens(byte_level, tmp_path):
-    from mtnlg_cli.inference.engine import Generator, SamplingSettings
-    from mtnlg_cli.model.gpt import GPT, GPTConfig
+    from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference.engine import Generator
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.model.gpt import GPT
 
     folder = tmp_path / "tok"
     shutil.copytree(byte_level, folder)
     tokenizer = Tokenizer.load(folder)
     end_of_turn = tokenizer.token_id("<|im_end|>")
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, num_layers=1,
+    model = GPT(Architecture(vocab_size=tokenizer.vocab_size, max_position_embeddings=64, num_layers=1,
                           hidden_size=32, num_heads=2, ffn_hidden_size=64)).eval()
     with torch.no_grad():  # the model always picks <|im_end|> next
         away = torch.nn.functional.normalize(torch.randn(32), dim=0)
