@@ -141,7 +141,7 @@ def test_presence_and_frequency_penalties_follow_openai():
     from mtnlg_cli.inference.sampling import Sampler
 
     class Vocabulary:
-        vocab_size, pad_id = 6, 0
+        vocab_size, pad_id, never_sampled = 6, 0, (0,)
 
     logits = torch.tensor([[0.0, 3.0, 2.5, 1.0, 0.5, 0.2]])
     for settings, expected in ((SamplingSettings(temperature=0), [1, 1, 1, 1]),
