@@ -146,8 +146,9 @@ def test_generation_of_left_padded_rows_equals_each_row_alone():
 
     class Ids:  # a tokenizer whose text is the token ids, enough for the engine
         vocab_size, eos_id, pad_id = 250, 0, 1
+        eos_ids, never_sampled = (0,), (1,)
 
-        def encode(self, text):
+        def prompt_ids(self, text):
             return [int(t) for t in text.split()]
 
         def decode(self, ids):
