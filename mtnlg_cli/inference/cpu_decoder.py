@@ -74,12 +74,10 @@ def c_step_covers(config: Architecture) -> bool:
 def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:
     """A copy of `model` whose matrix products suit decoding `batch_size` rows on a CPU; other tensors are shared.
 
-    Measured on the project's CPU (torch 2.13, MKL and oneDNN inside), timing each product while all the weights
-    stream from memory: oneDNN's linear on a weight reordered once into its blocked layout for the batch size runs
-    a matrix-vector product through the model's weights 10 to 25 % faster than MKL's best layout, prompts of 64 to
-    1,000 tokens 15 to 30 % faster, and a few rows two to three times as fast. Without oneDNN, MKL reads a weight
-    stored [in, out] about a quarter faster than one stored [out, in] when it has at least as many outputs as
-    inputs. The copy costs one more copy of the linear weights.
+    With oneDNN, each linear weight is reordered once into oneDNN's blocked layout for the batch size, which
+    streams faster through small-batch products than any of MKL's layouts. Without it, a weight with at least as
+    many outputs as inputs is stored [in, out], the layout MKL reads faster for them. The copy costs one more copy
+    of the linear weights (benchmarks/bench_generate.py times both ways).
     """
     shared = {id(p): p for p in model.parameters()}
     shared.update({id(b): b for b in model.buffers()})

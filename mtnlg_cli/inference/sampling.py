@@ -39,7 +39,7 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, argmaxes: Optional[list[int]] = None) -> list[int]:
         """The next token of each row. `argmaxes`, each row's `logits.argmax()` when the caller has it already (the
         C step computes it), is plain greedy decoding's answer whenever it is a token that may be picked: then no
-        torch op runs, and each costs 10-30 us right after a decoding step has streamed the weights."""
+        torch op runs, each of which is slow right after a decoding step has evicted the caches."""
         s = self.settings
         if (argmaxes is not None and s.temperature == 0 and self.seen is None and self.counts is None
                 and max(argmaxes) < self.vocab_size and self.banned.isdisjoint(argmaxes)):
