@@ -15,7 +15,7 @@ A new architecture option is one field here, its tensors in `tensors()`, and the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any, Literal, Optional
 
 # How tensor parallelism splits a tensor (Megatron's scheme): "column" splits the output features (dim 0 of an
@@ -117,6 +117,9 @@ class Architecture:
         unknown = sorted(set(values) - {f.name for f in fields(cls)})
         if unknown:
             raise ValueError(f"unknown architecture keys {unknown}")
+        missing = sorted(f.name for f in fields(cls) if f.default is MISSING and f.name not in values)
+        if missing:
+            raise ValueError(f"architecture keys {missing} are missing")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
