@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
 from mtnlg_cli.config import Config
-from mtnlg_cli.atomic import write_bytes_atomically
+from mtnlg_cli import atomic
 from mtnlg_cli.errors import ConfigError, MtnlgError
 from mtnlg_cli.workspace import CONFIG_NAME, DEFAULT_TEMPLATE, Workspace, find_workspace, init_workspace
 
@@ -157,12 +157,13 @@ class MegatronLM:
         (final step, losses, validation loss, checkpoint path).
         """
         from mtnlg_cli.data.preprocess import preprocess
+        from mtnlg_cli.lock import WorkspaceLock
         from mtnlg_cli.training.trainer import train
 
-        if data is not None:  # kept for later calls, so train(train_iters=...) goes on with the same data
-            self._data_override = [f"data.sources={json.dumps([self._data_source(data)])}"]
-        config = self.workspace.load_config(self._overrides + self._data_override + option_overrides(options))
-        with self._reporter() as report:
+        with WorkspaceLock(self.workspace.root, "training"), self._reporter() as report:
+            if data is not None:  # kept for later calls, so train(train_iters=...) goes on with the same data
+                self._data_override = [f"data.sources={json.dumps([self._data_source(data)])}"]
+            config = self.workspace.load_config(self._overrides + self._data_override + option_overrides(options))
             preprocess(self.workspace, config, report=report)
             result = train(self.workspace, config, from_scratch=from_scratch, report=report)
         self._loaded = None
@@ -180,9 +181,8 @@ class MegatronLM:
         if not documents or not all(isinstance(d, str) for d in documents):
             raise MtnlgError("data must be a non-empty list of strings, or a path to a file, folder or glob")
         target = self.workspace.resolve(API_DATA_FILE)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        lines = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in documents)
-        write_bytes_atomically(target, lines.encode("utf-8"))
+        atomic.write_text(target, "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                                          for text in documents))
         return {"path": API_DATA_FILE, "name": "api", "format": "jsonl"}
 
     # --- inference ------------------------------------------------------------------------------------------------
@@ -296,25 +296,13 @@ class MegatronLM:
             raise MtnlgError(f"{target} exists and is not empty; pass overwrite=True to replace it")
         if target == self.workspace.root or self.workspace.root in target.parents:
             raise MtnlgError(f"cannot save into the model's own workspace {self.workspace.root}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.save-", dir=target.parent))
-        try:
-            (staging / CONFIG_NAME).write_text("# saved by MegatronLM.save\n" + self.config.to_yaml(),
-                                               encoding="utf-8")
+        with atomic.staged_folder(target, replace=True) as staging:
+            atomic.write_text(staging / CONFIG_NAME, "# saved by MegatronLM.save\n" + self.config.to_yaml())
             shutil.copytree(self.workspace.tokenizer_dir, staging / "tokenizer")
             checkpoints = staging / "checkpoints"
             shutil.copytree(checkpoint.path, checkpoints / checkpoint.path.name)
-            os.symlink(checkpoint.path.name, checkpoints / LATEST)
+            atomic.point_symlink(checkpoints / LATEST, checkpoint.path.name)
             for sub in ("data/raw", "data/tokenized", "runs"):
-                (staging / sub).mkdir(parents=True)
-            if target.exists():
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                os.rename(target, old)
-                os.rename(staging, target)
-                shutil.rmtree(old)
-            else:
-                os.rename(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+                atomic.make_folders(staging / sub)
         return target
 

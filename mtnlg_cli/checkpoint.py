@@ -1,7 +1,7 @@
 """Checkpoints: `checkpoints/step_NNNNNNN/` folders of safetensors files plus `state.json`, and `latest`.
 
-A checkpoint is written into a hidden temporary folder, every file flushed to disk, and then renamed into place;
-`latest` (a symbolic link) is replaced atomically after that. A crash at any moment therefore leaves either the
+A checkpoint is written into a hidden temporary folder, every file flushed to disk, and then renamed into place
+(`mtnlg_cli.atomic.staged_folder`); `latest` (a symbolic link) is replaced atomically after that. A crash at any moment therefore leaves either the
 previous checkpoint as `latest` or the new one, never a folder that looks complete and is not. `state.json` is
 written last inside the folder, and a folder without it is not a checkpoint.
 
@@ -11,14 +11,13 @@ Nothing here unpickles: tensors are safetensors, everything else JSON.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from mtnlg_cli.atomic import process_exists
+from mtnlg_cli.atomic import (PendingFile, make_folders, point_symlink, remove_folder, remove_stale_temporaries,
+                              staged_folder, write_bytes)
 from mtnlg_cli.errors import MtnlgError
 
 if TYPE_CHECKING:
@@ -68,21 +67,6 @@ class Checkpoint:
             raise MtnlgError(f"{path} is truncated or not a safetensors file ({exc})") from None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_bytes_durably(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_checkpoint(root: Path, step: int,
                     tensors: dict[str, dict[str, torch.Tensor] | Callable[[Path], None]], state: dict[str, Any],
                     keep_last: Optional[int] = None) -> Path:
@@ -93,38 +77,21 @@ def save_checkpoint(root: Path, step: int,
 
     Returns the final path. Points `latest` at it, then prunes all but the newest `keep_last` checkpoints.
     """
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    root.mkdir(parents=True, exist_ok=True)
+    make_folders(root)
     remove_stale_temporaries(root)
     final = root / step_dir_name(step)
-    staging = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    # replace: an earlier save of the same step (a resumed run that saved it again)
+    with staged_folder(final, replace=True) as staging:
         for name, group in tensors.items():
-            path = staging / f"{name}.safetensors"
-            if callable(group):
-                group(path)
-            else:
-                save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(path))
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-        full_state = {"format": FORMAT, "step": step, **state}
-        _write_bytes_durably(staging / STATE_FILE, json.dumps(full_state, indent=2, sort_keys=True).encode())
-        _fsync_dir(staging)
-        if final.exists():  # an earlier save of the same step (a resumed run that saved it again)
-            remove_checkpoint(final)
-        os.rename(staging, final)
-        _fsync_dir(root)
-    except (OSError, SafetensorError) as exc:  # a full disk or quota: the user's to fix, and nothing is lost
-        shutil.rmtree(staging, ignore_errors=True)
-        raise MtnlgError(f"cannot write checkpoint {final.name} in {root} ({exc}); the earlier checkpoints are "
-                         "untouched: free some space and run again") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            with PendingFile(staging / f"{name}.safetensors") as pending:
+                if callable(group):
+                    group(pending.path)
+                else:
+                    save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(pending.path))
+        write_bytes(staging / STATE_FILE,
+                    json.dumps({"format": FORMAT, "step": step, **state}, indent=2, sort_keys=True).encode())
     point_latest(root, final.name)
     if keep_last:
         prune(root, keep_last)
@@ -132,13 +99,7 @@ def save_checkpoint(root: Path, step: int,
 
 
 def point_latest(root: Path, name: str) -> None:
-    link = root / LATEST
-    tmp = root / f".tmp-{LATEST}-{os.getpid()}"
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(name, tmp)
-    os.replace(tmp, link)
-    _fsync_dir(root)
+    point_symlink(root / LATEST, name)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -157,27 +118,7 @@ def prune(root: Path, keep_last: int) -> None:
     latest = latest_checkpoint(root)
     for path in list_checkpoints(root)[:-keep_last]:
         if latest is None or path.resolve() != latest.resolve():
-            remove_checkpoint(path)
-
-
-def remove_checkpoint(path: Path) -> None:
-    """Deletes a checkpoint folder after renaming it out of sight: a crash half-way through deleting must not
-    leave a folder that still has its state.json but not all its tensors."""
-    doomed = path.with_name(f".tmp-remove-{path.name}-{os.getpid()}")
-    os.rename(path, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
-def remove_stale_temporaries(root: Path) -> None:
-    """Deletes the `.tmp-*-PID` folders and links that saves killed half-way (SIGKILL, power loss) left behind."""
-    for path in root.glob(".tmp-*"):
-        pid = path.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or process_exists(int(pid)):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+            remove_folder(path)
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:

@@ -21,6 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
+from mtnlg_cli.atomic import write_text
 from mtnlg_cli.errors import MtnlgError
 
 ERROR_DIR_ENV = "MTNLG_ERROR_DIR"
@@ -125,12 +126,13 @@ def run_as_rank(rank: int, body: Callable[[], Optional[int]]) -> None:
 def _report_failure(rank: int, message: str) -> None:
     folder = os.environ.get(ERROR_DIR_ENV)
     if folder and Path(folder).is_dir():
-        path = Path(folder) / f"rank{rank}.txt"
-        partial = path.with_suffix(f".tmp{os.getpid()}")
-        partial.write_text(message, encoding="utf-8")
-        os.replace(partial, path)  # the starting process never reads half a message
-    else:  # started by a launcher directly: each failing rank says so itself
-        print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
+        try:
+            write_text(Path(folder) / f"rank{rank}.txt", message)  # whole: the starting process reads it
+            return
+        except MtnlgError:  # a full disk: say it here instead
+            pass
+    # started by a launcher directly, each failing rank says so itself
+    print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
 
 
 def _exit(code: int) -> None:

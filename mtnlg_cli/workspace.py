@@ -7,14 +7,14 @@ folder at or above the current directory that holds `mtnlg.yaml`.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from mtnlg_cli.atomic import (make_folders, move, remove_folder, staged_folder, temporary_folder, write_bytes,
+                              write_text)
 from mtnlg_cli.config import Config, load_config, parse_yaml, read_yaml
 from mtnlg_cli.errors import ConfigError, WorkspaceError
 
@@ -171,6 +171,7 @@ def check_target(target: Path, force: bool) -> Path:
     return target
 
 
+
 def create_workspace(target: Path, config: Config, header: str, readme: str, force: bool = False,
                      fill: Optional[Callable[[Path], None]] = None, replace: tuple[str, ...] = ()) -> Workspace:
     """Creates a workspace with `config` (its YAML after `header`), `readme` and the sample corpus in `target`.
@@ -182,33 +183,27 @@ def create_workspace(target: Path, config: Config, header: str, readme: str, for
     """
     target = check_target(target, force)
     files = {CONFIG_NAME: header + config.to_yaml(), "README.md": readme}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.init-", dir=target.parent))
-    try:
-        for sub in SUBFOLDERS:
-            (staging / sub).mkdir(parents=True)
-        for name, text in files.items():
-            (staging / name).write_text(text, encoding="utf-8")
-        sample = _templates() / "sample"
-        for item in sample.iterdir():
-            if item.is_file():
-                (staging / "data" / "raw" / item.name).write_bytes(item.read_bytes())
-        if fill is not None:
-            fill(staging)
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the workspace from the rest of a team
-        if not target.exists():
-            staging.rename(target)
-            return Workspace(target)
+    if not target.exists():
+        with staged_folder(target) as staging:
+            _write_workspace_files(staging, files, fill)
+        return Workspace(target)
+    with temporary_folder(target) as staging:
+        _write_workspace_files(staging, files, fill)
         _merge_into(staging, target, replace)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return Workspace(target)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _write_workspace_files(root: Path, files: dict[str, str], fill: Optional[Callable[[Path], None]]) -> None:
+    """The workspace's folders, the sample corpus, what `fill` adds, and `files`."""
+    for sub in SUBFOLDERS:
+        make_folders(root / sub)
+    for item in (_templates() / "sample").iterdir():
+        if item.is_file():
+            write_bytes(root / "data" / "raw" / item.name, item.read_bytes())
+    if fill is not None:
+        fill(root)
+    for name, text in files.items():
+        write_text(root / name, text)
 
 
 def _merge_into(staging: Path, target: Path, replace: tuple[str, ...] = ()) -> None:
@@ -218,15 +213,15 @@ def _merge_into(staging: Path, target: Path, replace: tuple[str, ...] = ()) -> N
     for name in replace:
         old = target / name
         if old.is_dir() and any(old.iterdir()):
-            (archive / name).parent.mkdir(parents=True, exist_ok=True)
-            os.rename(old, archive / name)
+            make_folders((archive / name).parent)
+            move(old, archive / name)
         elif old.is_dir():
-            old.rmdir()
-        old.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(staging / name, old)
+            remove_folder(old)
+        make_folders(old.parent)
+        move(staging / name, old)
     for path in sorted(staging.rglob("*")):
         dest = target / path.relative_to(staging)
         if path.is_dir():
-            dest.mkdir(parents=True, exist_ok=True)
+            make_folders(dest)
         elif path.parent == staging or not dest.exists():
-            os.replace(path, dest)
+            move(path, dest)

@@ -28,12 +28,12 @@ def test_a_crash_in_the_middle_of_a_save_leaves_the_previous_checkpoint_as_lates
         real_save(group, path)
 
     monkeypatch.setattr(safetensors.torch, "save_file", crash_on_second_file)
-    with pytest.raises(MtnlgError, match=r"cannot write checkpoint step_0000002 .*No space left.* earlier checkpoints"):
+    with pytest.raises(MtnlgError, match=r"^cannot write \S*/step_0000002/optimizer.safetensors: no space left on device$"):
         save_checkpoint(tmp_path, 2, tensors(2.0), {"loss": 2.0})
 
     assert latest_checkpoint(tmp_path).name == "step_0000001"
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000001"]
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # no half-written folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no half-written folder left
     previous = load_checkpoint(tmp_path / "latest")
     assert previous.step == 1 and torch.equal(previous.tensors("model")["w"], torch.ones(4, 4))
 

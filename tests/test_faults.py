@@ -43,6 +43,7 @@ ENV = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "PYTHONPATH": str
 FAULTY_MTNLG = r"""
 import os, signal, sys, types
 fault, nth = sys.argv[1], int(sys.argv[2])
+import mtnlg_cli.atomic as atomic
 import mtnlg_cli.checkpoint as ck
 import safetensors.torch
 
@@ -75,9 +76,9 @@ elif fault == "inside-prune":  # an old checkpoint half deleted (its tensors fir
             (path / name).unlink(missing_ok=True)
         die()
     def prune(*args):
-        real_shutil, ck.shutil = ck.shutil, types.SimpleNamespace(rmtree=rmtree)
+        real_shutil, atomic.shutil = atomic.shutil, types.SimpleNamespace(rmtree=rmtree)
         real_prune(*args)
-        ck.shutil = real_shutil
+        atomic.shutil = real_shutil
     ck.prune = prune
 sys.argv = ["mtnlg", *sys.argv[3:]]
 from mtnlg_cli.cli import main
@@ -142,7 +143,7 @@ def kill(process: subprocess.Popen) -> str:
 
 
 def staging_folders(ws: Workspace) -> list[str]:
-    return [p.name for p in ws.checkpoints_dir.glob(".tmp-step_*")]
+    return [p.name for p in ws.checkpoints_dir.glob(".step_*.tmp")]
 
 
 def assert_resumable(ws: Workspace) -> int:
@@ -209,7 +210,7 @@ def test_training_killed_ten_times_resumes_to_the_uninterrupted_losses(ws, tmp_p
     for name in ("model", "optimizer"):
         ours, theirs = load_file(final / f"{name}.safetensors"), load_file(reference.checkpoint / f"{name}.safetensors")
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
-    leftovers = [p.name for p in ws.checkpoints_dir.glob(".tmp-*")]
+    leftovers = [p.name for p in ws.checkpoints_dir.glob(".*.tmp")]
     assert not leftovers, f"what killed saves left behind was not cleaned up: {leftovers}"
     print(f"{caught_mid_save} of 3 external kills landed inside a checkpoint write")
 
@@ -230,28 +231,44 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_last_checkpoint(ws)
                            "train.train_iters=4"], env=ENV, capture_output=True, text=True, timeout=300,
                           preexec_fn=file_size_limit(1_000_000))
     assert full.returncode == 2, full.stdout + full.stderr
-    assert full.stderr.startswith("error: cannot write checkpoint step_0000003") and full.stderr.count("\n") == 1
-    assert "File too large" in full.stderr and "Traceback" not in full.stdout + full.stderr
+    written = ws.checkpoints_dir / "step_0000003" / "optimizer.safetensors"
+    assert full.stderr == f"error: cannot write {written}: file too large\n"
+    assert full.stderr.count("\n") == 1 and "Traceback" not in full.stdout + full.stderr
     assert latest_checkpoint(ws.checkpoints_dir).name == "step_0000002"
     assert {p.name: p.read_bytes() for p in (ws.checkpoints_dir / "step_0000002").iterdir()} == before
     assert load_checkpoint(latest_checkpoint(ws.checkpoints_dir)).step == 2
-    assert sorted(p.name for p in ws.checkpoints_dir.iterdir()) == [".train.lock", "latest", "step_0000001",
-                                                                     "step_0000002"]
+    assert sorted(p.name for p in ws.checkpoints_dir.iterdir()) == ["latest", "step_0000001", "step_0000002"]
 
 
-def test_a_second_trainer_on_the_same_workspace_is_refused(ws, capsys, monkeypatch):
+def test_a_second_writer_on_the_same_workspace_is_refused(ws, tmp_path, capsys, monkeypatch):
     from mtnlg_cli.cli import main
+    from mtnlg_cli.convert import export_weights, weights_from_checkpoint
+    from mtnlg_cli.data.tokenizer import Tokenizer
 
+    other = copy_workspace(ws.root, tmp_path / "other")
+    train_here(other, "train.train_iters=1")
+    tokenizer = Tokenizer.load(other.tokenizer_dir)
+    weights = weights_from_checkpoint(load_checkpoint(latest_checkpoint(other.checkpoints_dir)), tokenizer.path,
+                                      tokenizer.vocab_size)
+    export_weights(weights, tmp_path / "export")
+
+    def data_files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in [*ws.tokenized_dir.iterdir(), *ws.tokenizer_dir.iterdir()]}
+
+    before = data_files()
     first = start_train(ws, "--set", "train.train_iters=100000", "--set", "train.save_interval=100000")
     try:
         assert wait_until(lambda: metric_lines(ws) > 0, first), first.communicate()[0]
-        monkeypatch.setattr("sys.argv", ["mtnlg", "train", "-w", str(ws.root), "--set", "train.train_iters=3"])
-        with pytest.raises(SystemExit) as exit_info:
-            main()  # the second trainer, in this process
-        err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and err.count("\n") == 1
-        assert err.startswith(f"error: another mtnlg train (pid {first.pid}) is already training in this workspace")
-        assert list_checkpoints(ws.checkpoints_dir) == [], "the refused trainer wrote a checkpoint"
+        for command in (["train", "--set", "train.train_iters=3"], ["preprocess", "--force"],
+                        ["convert", "import", str(tmp_path / "export")]):
+            monkeypatch.setattr("sys.argv", ["mtnlg", *command[:1], "-w", str(ws.root), *command[1:]])
+            with pytest.raises(SystemExit) as exit_info:
+                main()  # the second writer, in this process
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and err.count("\n") == 1, (command, err)
+            assert err.startswith(f"error: another mtnlg process (pid {first.pid}) is training in this workspace"), err
+        assert list_checkpoints(ws.checkpoints_dir) == [], "a refused writer wrote a checkpoint"
+        assert data_files() == before
         assert first.poll() is None, "the first trainer stopped"
         first.send_signal(signal.SIGTERM)  # the first saves at the step boundary and stops
         output = first.communicate(timeout=120)[0]
@@ -350,6 +367,6 @@ def test_a_full_disk_during_preprocessing_keeps_the_previous_datasets(corpus_ws)
                           preexec_fn=file_size_limit(500_000))
     assert full.returncode == 2, full.stderr
     assert full.stderr.splitlines()[-1].startswith(f"error: cannot write {corpus_ws.tokenized_dir / 'sense'}.bin")
-    assert "File too large" in full.stderr and "Traceback" not in full.stderr
+    assert "file too large" in full.stderr and "Traceback" not in full.stderr
     assert dataset_files(corpus_ws) == before and listed_datasets(corpus_ws) == listed  # still listed, still whole
     assert not list(corpus_ws.tokenized_dir.glob(".*.tmp")), "temporary files were left behind"

@@ -21,7 +21,6 @@ from mtnlg_cli.config import TrainConfig
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import ignore
 from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint
-from mtnlg_cli.lock import TrainLock
 from mtnlg_cli.training.optim import learning_rate, param_groups
 from mtnlg_cli.training.trainer import train
 from mtnlg_cli.workspace import Workspace, init_workspace
@@ -141,12 +140,26 @@ def test_token_budget_stops_early_and_from_scratch_archives(ws):
     assert done.final_step == 2 and done.losses == {}  # already there: nothing to do
 
 
-def test_a_second_trainer_is_refused_and_a_dead_ones_lock_is_taken_over(ws):
-    with TrainLock(ws.checkpoints_dir):
-        with pytest.raises(MtnlgError, match=rf"another mtnlg train \(pid {os.getpid()}\)"):
+HOLD_LOCK = """
+import sys, time
+from mtnlg_cli.lock import WorkspaceLock
+with WorkspaceLock(sys.argv[1], "preprocessing"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_writer_is_refused_and_a_dead_ones_lock_is_taken_over(ws):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ws.root)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(MtnlgError, match=rf"^another mtnlg process \(pid {holder.pid}\) is preprocessing in this "
+                                             "workspace"):
             run_train(ws, "train.train_iters=1")
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (ws.checkpoints_dir / ".train.lock").write_text(dead.stdout)  # left behind by a killed run
+    finally:
+        holder.kill()  # a SIGKILL leaves the lock file with its record behind; the kernel drops the lock
+        holder.wait()
     assert run_train(ws, "train.train_iters=1").final_step == 1
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import json
 import os
 import sys
 from pathlib import Path
@@ -157,7 +156,9 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
         for name, change in changes.items():
             console.print(f"{name}: perplexity {change:+.2%} under {quantization.describe()} (vs fp32)")
         if output is not None:
-            _write_json(output, results)
+            from mtnlg_cli import atomic
+
+            atomic.write_json(output, results)
             console.print(f"Wrote {output}")
         if run_log is not None:  # the checkpoint's own (fp32) figures
             _append_to_run(run_log, ckpt.step, task, rows[::len(models)])
@@ -273,12 +274,6 @@ def _show(value) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
-
-
-def _write_json(path: Path, results: dict) -> None:
-    from mtnlg_cli.atomic import write_bytes_atomically
-
-    write_bytes_atomically(Path(path), (json.dumps(results, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def _run_metrics_path(ws, run: str) -> Path:

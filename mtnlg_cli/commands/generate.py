@@ -202,9 +202,6 @@ def _prompt_style(config, name: Optional[str]) -> str:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from mtnlg_cli.atomic import write_bytes_atomically
+    from mtnlg_cli import atomic
 
-    try:
-        write_bytes_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode())
-    except OSError as exc:
-        raise MtnlgError(f"cannot write {path}: {exc.strerror or exc}") from None
+    atomic.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

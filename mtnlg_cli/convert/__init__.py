@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.lock import WorkspaceLock
 from mtnlg_cli.checkpoint import Checkpoint, save_checkpoint, step_dir_name
 from mtnlg_cli.convert.common import (DTYPES, Weights, check_shapes, folder_summary,
                                             parse_size, staged_output)
@@ -105,8 +106,13 @@ def import_weights(workspace, weights: Weights, step: Optional[int] = None, sour
     """Saves `weights` as a checkpoint of `workspace`, with the workspace's config and the weights' architecture.
 
     The tokenizer that came with the weights must be the workspace's, or becomes it if the workspace has none.
-    Returns the checkpoint folder and notes for the user.
+    Returns the checkpoint folder and notes for the user. Holds the workspace's lock.
     """
+    with WorkspaceLock(workspace.root, "importing weights"):
+        return _import_weights(workspace, weights, step, source)
+
+
+def _import_weights(workspace, weights: Weights, step: Optional[int], source: str) -> tuple[Path, list[str]]:
     from mtnlg_cli.data.preprocess import workspace_tokenizer
     from mtnlg_cli.data.tokenizer import Tokenizer
 

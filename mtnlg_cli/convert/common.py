@@ -5,9 +5,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from mtnlg_cli.atomic import PendingFile, staged_folder, write_json
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.architecture import Architecture
 
@@ -106,28 +105,8 @@ def staged_output(out_dir: Path, force: bool = False) -> Iterator[Path]:
         raise MtnlgError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise MtnlgError(f"{out_dir} exists and is not empty; choose another folder or pass --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
+    with staged_folder(out_dir, replace=True) as staging:
         yield staging
-        for path in staging.rglob("*"):
-            if path.is_file():
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-        previous = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        if out_dir.exists():
-            os.rename(out_dir, previous)
-        os.rename(staging, out_dir)
-        shutil.rmtree(previous, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def read_json(path: Path) -> dict:
@@ -161,16 +140,21 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, metadata:
         shards[-1][key] = tensor.contiguous()
         shard_bytes += size
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / f"{name}.safetensors"), metadata=metadata)
+        _save_safetensors(shards[0], out_dir / f"{name}.safetensors", metadata)
         return [f"{name}.safetensors"]
     files = [f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file, shard in zip(files, shards):
-        save_file(shard, str(out_dir / file), metadata=metadata)
+        _save_safetensors(shard, out_dir / file, metadata)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(out_dir / f"{name}{INDEX_SUFFIX}", {"metadata": {"total_size": total}, "weight_map": weight_map})
     return [*files, f"{name}{INDEX_SUFFIX}"]
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    with PendingFile(path) as pending:
+        save_file(tensors, str(pending.path), metadata=metadata)
 
 
 def has_safetensors(directory: Path, name: str = "model") -> bool:
@@ -301,7 +285,8 @@ def write_safetensors_streamed(path: Path, shapes: dict[str, tuple[int, ...]],
                                tensors: Iterator[tuple[str, torch.Tensor]], dtype: torch.dtype = torch.float32,
                                metadata: Optional[dict[str, str]] = None) -> None:
     """Writes a safetensors file whose tensors, in the order of `shapes`, come one at a time from `tensors`
-    (cast to `dtype`): only one is held at a time."""
+    (cast to `dtype`): only one is held at a time. `path` is a `PendingFile`'s, which makes the file durable and
+    puts it in place."""
     code = {v: k for k, v in SAFETENSORS_DTYPES.items()}[dtype]
     header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
     offset = 0
@@ -324,8 +309,6 @@ def write_safetensors_streamed(path: Path, shapes: dict[str, tuple[int, ...]],
             f.write(tensor.detach().to(dtype).contiguous().reshape(-1).view(torch.uint8).numpy())
         if next(expected, None) is not None:
             raise ValueError("the tensors ended before the header's last one")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def folder_summary(directory: Path, limit: int = 8) -> str:

@@ -17,8 +17,6 @@ template. `llama-cli -m model.gguf` runs it.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,6 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from mtnlg_cli.atomic import PendingFile
 from mtnlg_cli.convert.common import Weights, qkv_heads_to_blocks
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice
@@ -115,10 +114,8 @@ def export_gguf(weights: Weights, path: Path, dtype: str = "fp32", force: bool =
         raise MtnlgError(f"the tokenizer has {len(tokenizer['tokens'])} pieces but the embedding "
                          f"{tensors['token_embd.weight'].shape[0]} rows")
 
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(handle)
-    try:
-        writer = gguf.GGUFWriter(partial, architecture.name)
+    with PendingFile(path) as partial:  # the file appears whole, or not at all
+        writer = gguf.GGUFWriter(str(partial.path), architecture.name)
         writer.add_name("mtnlg")
         writer.add_file_type(_FILE_TYPES[dtype](gguf))
         if dtype in ("q8_0", "q4_0"):
@@ -144,17 +141,7 @@ def export_gguf(weights: Weights, path: Path, dtype: str = "fp32", force: bool =
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(partial, 0o666 & ~_umask())
-        os.replace(partial, path)
-    finally:
-        Path(partial).unlink(missing_ok=True)
     return [path.name]
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _add(writer, key: str, value) -> None:

@@ -28,9 +28,10 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from mtnlg_cli.atomic import write_json
 from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                       has_safetensors, load_torch_file, qkv_blocks_to_heads, qkv_heads_to_blocks,
-                                      read_json, read_safetensors, write_json, write_safetensors)
+                                      read_json, read_safetensors, write_safetensors)
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.architecture import Architecture
 

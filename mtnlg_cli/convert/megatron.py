@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
+from mtnlg_cli.atomic import PendingFile, write_text
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                             folder_summary, load_torch_file, qkv_blocks_to_heads)
@@ -119,11 +120,11 @@ def export_megatron(weights: Weights, out_dir: Path, dtype: torch.dtype, tensor_
                         flat[name] = tensor.clone()
             rank_dir = iteration_dir / (f"mp_rank_{rank:02d}" if pipeline_parallel == 1
                                         else f"mp_rank_{rank:02d}_{stage:03d}")
-            rank_dir.mkdir(parents=True)
-            torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": weights.step,
-                        "model": _nest(flat)}, rank_dir / CHECKPOINT_FILES[0])
+            with PendingFile(rank_dir / CHECKPOINT_FILES[0]) as pending:
+                torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": weights.step,
+                            "model": _nest(flat)}, pending.file)
             files.append(str((rank_dir / CHECKPOINT_FILES[0]).relative_to(out_dir)))
-    (out_dir / TRACKER).write_text(f"{weights.step}\n")
+    write_text(out_dir / TRACKER, f"{weights.step}\n")
     tokenizer = copy_tokenizer(weights, out_dir)
     return [TRACKER, *files, *(tokenizer.files if tokenizer else ())]
 

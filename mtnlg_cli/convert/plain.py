@@ -12,10 +12,10 @@ from typing import Optional
 
 import torch
 
+from mtnlg_cli.atomic import write_json
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
-                                            dtype_name, read_json, read_safetensors,
-                                            write_json, write_safetensors)
+                                            dtype_name, read_json, read_safetensors, write_safetensors)
 from mtnlg_cli.model.architecture import Architecture
 
 FORMAT = "mtnlg-export/1"

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 
+from mtnlg_cli.atomic import copy_file, write_json, write_text
 from mtnlg_cli.config import Config
 from mtnlg_cli.convert.common import (folder_summary, has_safetensors, load_torch_file, read_json,
-                                      safetensors_entries, write_json, write_safetensors_streamed)
+                                      safetensors_entries, write_safetensors_streamed)
 from mtnlg_cli.convert.hf import BIN_FILE, Family, architecture_of, family_of, from_hf
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice, Progress, Reporter, ignore
@@ -356,8 +357,6 @@ def _write_checkpoint(plan: ImportPlan, config: Config, root: Path, report: Repo
 
 def _write_notice(plan: ImportPlan, staging: Path) -> None:
     """NOTICE.md: where the model came from and under which license, with the source's license files."""
-    import shutil
-
     from mtnlg_cli import __version__
 
     source, folder = plan.source, plan.source.folder
@@ -365,8 +364,7 @@ def _write_notice(plan: ImportPlan, staging: Path) -> None:
     for pattern in LICENSE_FILES:
         for path in sorted(folder.glob(pattern)):
             if path.is_file():
-                (staging / "license").mkdir(exist_ok=True)
-                shutil.copyfile(path, staging / "license" / path.name)
+                copy_file(path, staging / "license" / path.name)
                 copied.append(f"license/{path.name}")
     license_line = _model_card_license(folder / "README.md")
     lines = [
@@ -382,7 +380,7 @@ def _write_notice(plan: ImportPlan, staging: Path) -> None:
     ]
     if copied:
         lines += ["", "Copied from the source: " + ", ".join(f"`{name}`" for name in copied) + "."]
-    (staging / "NOTICE.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(staging / "NOTICE.md", "\n".join(lines) + "\n")
 
 
 def _model_card_license(readme: Path) -> Optional[str]:

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from mtnlg_cli.atomic import temp_beside
+from mtnlg_cli.atomic import PendingFile, writing
 from mtnlg_cli.errors import MtnlgError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -53,11 +53,10 @@ class IndexedDatasetWriter:
         self.dtype = np.dtype(dtype)
         if self.dtype not in DTYPE_CODES:
             raise ValueError(f"Megatron's format has no code for dtype {self.dtype}")
-        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._bin_tmp = temp_beside(self.bin_path)
-        self._bin = os.fdopen(fd, "wb", buffering=1 << 20)
+        self._bin = PendingFile(self.bin_path)
         self._lengths: list[np.ndarray] = []
         self.tokens = 0
+        self.finished = False
 
     def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
         """Appends documents: `tokens` holds them concatenated, `lengths` their sizes (eos included)."""
@@ -76,42 +75,34 @@ class IndexedDatasetWriter:
         np.cumsum(lengths[:-1], out=pointers[1:])
         pointers *= self.dtype.itemsize
         document_indices = np.arange(len(lengths) + 1, dtype=np.int64)
-        fd, idx_tmp = temp_beside(self.idx_path)
+        index = PendingFile(self.idx_path)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], len(lengths), len(document_indices)))
-                f.write(lengths.tobytes())
-                f.write(pointers.tobytes())
-                f.write(document_indices.tobytes())
-                f.flush()
-                os.fsync(f.fileno())
-            self._bin.flush()
-            os.fsync(self._bin.fileno())
-            self._bin.close()
+            index.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], len(lengths), len(document_indices)))
+            index.write(lengths.tobytes())
+            index.write(pointers.tobytes())
+            index.write(document_indices.tobytes())
+            with writing(self.idx_path):
+                index.file.flush()
+                os.fsync(index.file.fileno())
+            with writing(self.bin_path):
+                self._bin.file.flush()
+                os.fsync(self._bin.file.fileno())
             before_install()
-            os.replace(self._bin_tmp, self.bin_path)
-            os.replace(idx_tmp, self.idx_path)
-        except OSError as exc:  # a full disk or quota
-            raise self._write_error(exc) from None
-        finally:
-            idx_tmp.unlink(missing_ok=True)
-
-    def _write_error(self, exc: OSError) -> MtnlgError:
-        return MtnlgError(f"cannot write {self.bin_path.with_suffix('')}.bin/.idx ({exc}); an earlier dataset of "
-                          "that name is untouched: free some space and run again")
+            self._bin.commit()
+            index.commit()
+        except BaseException:
+            index.discard()
+            raise
+        self.finished = True
 
     def abort(self) -> None:
-        try:
-            self._bin.close()
-        except OSError:  # a full disk cannot take the buffered rest; the file is deleted anyway
-            pass
-        self._bin_tmp.unlink(missing_ok=True)
+        self._bin.discard()
 
     def __enter__(self) -> "IndexedDatasetWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and not self._bin.closed:
+        if exc_type is None and not self.finished:
             try:
                 self.finish()
             except BaseException:
@@ -119,8 +110,6 @@ class IndexedDatasetWriter:
                 raise
         elif exc_type is not None:
             self.abort()
-            if isinstance(exc, OSError):
-                raise self._write_error(exc) from None
 
 
 class IndexedDataset:

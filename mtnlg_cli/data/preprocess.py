@@ -28,13 +28,14 @@ from typing import Optional
 import numpy as np
 
 from mtnlg_cli.config import Config, DataSource
-from mtnlg_cli.atomic import remove_stale_temporaries, write_bytes_atomically
+from mtnlg_cli import atomic
 from mtnlg_cli.data.corpus import (Chunk, DocumentSpec, chunk_documents, expand_paths, file_format, read_chunks,
                                    training_sentences)
 from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter, token_dtype
 from mtnlg_cli.data.tokenizer import HF_FILE, MODEL_FILE, Tokenizer, file_hash, train_tokenizer
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice, Progress, Reporter, ignore
+from mtnlg_cli.lock import WorkspaceLock
 from mtnlg_cli.workspace import Workspace
 
 MANIFEST_VERSION = 1
@@ -148,8 +149,7 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
             raise MtnlgError(f"the workspace already has a different tokenizer ({target}); use --force to replace "
                              "it (checkpoints trained with the old one will no longer load)")
         if not target.is_file() or file_hash(target) != given.hash:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_bytes_atomically(target, given.path.read_bytes())
+            atomic.copy_file(given.path, target)
             given.save_info(workspace.tokenizer_dir)
             report(Notice(f"Tokenizer: using {given.path} ({given.vocab_size} pieces)"))
         tokenizer = Tokenizer.load(target)
@@ -220,10 +220,6 @@ def _is_up_to_date(previous: Optional[dict], inputs: list[dict], settings: dict,
     return previous.get("tokenizer_hash") == tokenizer.hash and previous.get("settings") == settings and strip == old
 
 
-def _write_json_atomically(path: Path, data: dict) -> None:
-    write_bytes_atomically(path, (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Worker processes.
 
@@ -273,14 +269,21 @@ class SourceResult:
 def preprocess(workspace: Workspace, config: Config, sources: Optional[list[DataSource]] = None,
                workers: Optional[int] = None, model_file: Optional[str] = None, force: bool = False,
                report: Reporter = ignore) -> list[SourceResult]:
-    """Trains or installs the tokenizer, then tokenizes every source that is not up to date."""
+    """Trains or installs the tokenizer, then tokenizes every source that is not up to date (holding the
+    workspace's lock)."""
     plans = plan_sources(workspace, config, sources)
+    with WorkspaceLock(workspace.root, "preprocessing"):
+        return _preprocess(workspace, config, plans, workers, model_file, force, report)
+
+
+def _preprocess(workspace: Workspace, config: Config, plans: list[SourcePlan], workers: Optional[int],
+                model_file: Optional[str], force: bool, report: Reporter) -> list[SourceResult]:
     for directory in (workspace.tokenizer_dir, workspace.tokenized_dir):
         if directory.is_dir():
-            remove_stale_temporaries(directory)
+            atomic.remove_stale_temporaries(directory)
     tokenizer = prepare_tokenizer(workspace, config, plans, model_file or config.tokenizer.model_file, force,
                                   report)
-    workspace.tokenized_dir.mkdir(parents=True, exist_ok=True)
+    atomic.make_folders(workspace.tokenized_dir)
     results, todo = [], []
     for plan in plans:
         if plan.prebuilt:
@@ -342,9 +345,9 @@ def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], t
                              + (f" ({bad_lines} malformed lines skipped)" if bad_lines else ""))
         # The old dataset stays whole and listed until the new files are complete on disk; from then until the
         # new manifest is written it has none, so a crash in between leaves a dataset known to be incomplete.
-        writer.finish(before_install=lambda: manifest_path(workspace, plan.name).unlink(missing_ok=True))
+        writer.finish(before_install=lambda: atomic.remove_file(manifest_path(workspace, plan.name)))
     seconds = time.perf_counter() - started
-    _write_json_atomically(manifest_path(workspace, plan.name), {
+    atomic.write_json(manifest_path(workspace, plan.name), {
         "version": MANIFEST_VERSION,
         "name": plan.name,
         "tokenizer_hash": tokenizer.hash,

@@ -18,13 +18,12 @@ end-of-document token), then the chat role tokens.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
-from mtnlg_cli.atomic import write_bytes_atomically
+from mtnlg_cli import atomic
 from mtnlg_cli.errors import MtnlgError
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
@@ -108,15 +107,12 @@ class Tokenizer(ABC):
         """What `mtnlg info` shows: the backend, the file and its hash, the vocabulary and the special tokens."""
 
     def save_info(self, directory: Path) -> None:
-        write_bytes_atomically(Path(directory) / INFO_FILE,
-                               (json.dumps(self.info(), indent=2, ensure_ascii=False) + "\n").encode())
+        atomic.write_json(Path(directory) / INFO_FILE, self.info())
 
     def copy_to(self, directory: Path) -> list[str]:
         """Copies this tokenizer's files into `directory` (atomically each); returns their names."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         for name in self.files:
-            write_bytes_atomically(directory / name, (self.path.parent / name).read_bytes())
+            atomic.copy_file(self.path.parent / name, Path(directory) / name)
         return list(self.files)
 
 
@@ -195,7 +191,6 @@ def train_tokenizer(sentences: Iterable[str], out_dir: Path, vocab_size: int, mo
     import sentencepiece as spm
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -216,7 +211,7 @@ def train_tokenizer(sentences: Iterable[str], out_dir: Path, vocab_size: int, mo
         )
     except RuntimeError as exc:
         raise MtnlgError(_training_error(str(exc), vocab_size)) from None
-    write_bytes_atomically(out_dir / MODEL_FILE, buffer.getvalue())
+    atomic.write_bytes(out_dir / MODEL_FILE, buffer.getvalue())
     tokenizer = SentencePieceTokenizer(out_dir / MODEL_FILE, file_hash(out_dir / MODEL_FILE))
     tokenizer.save_info(out_dir)
     return tokenizer

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
-from mtnlg_cli.atomic import write_bytes_atomically
+from mtnlg_cli import atomic
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.config import SamplingSettings
 from mtnlg_cli.inference.engine import Generator
@@ -163,11 +163,7 @@ class ChatSession:
 
     def save(self, path: Path) -> None:
         """Writes the conversation as JSON (atomically: a temporary name, then a rename)."""
-        path = Path(path).expanduser()
-        try:
-            write_bytes_atomically(path, (json.dumps(self.to_json(), indent=2, ensure_ascii=False) + "\n").encode())
-        except OSError as exc:
-            raise MtnlgError(f"cannot write {path}: {exc.strerror or exc}") from None
+        atomic.write_json(Path(path).expanduser(), self.to_json())
 
     def load(self, path: Path) -> None:
         """Replaces the conversation with one saved by `save`."""

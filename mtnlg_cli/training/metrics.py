@@ -16,6 +16,9 @@ from typing import Any, Optional
 
 import torch
 
+from mtnlg_cli.atomic import AppendLog, write_json
+from mtnlg_cli.errors import MtnlgError
+
 
 def measure_matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device | str = "cpu",
                         dtype: torch.dtype = torch.float32, min_seconds: float = 0.5) -> float:
@@ -65,34 +68,28 @@ def peak_matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device | 
     best = max(measure_matmul_rate(shapes, device, dtype, min_seconds=0.3), float(known.get(key, 0) or 0))
     known[key] = best
     try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1), encoding="utf-8")
-        tmp.replace(cache)
-    except OSError:
+        write_json(cache, known)
+    except MtnlgError:
         pass  # a read-only home only costs the memory of earlier measurements
     return best
 
 
 class MetricsLog:
-    """Appends one JSON object per line to `runs/<run>/metrics.jsonl`, and to TensorBoard when it is installed."""
+    """Appends one JSON object per line to `runs/<run>/metrics.jsonl` (made at the first record), and to
+    TensorBoard when it is installed."""
 
     def __init__(self, path: Path, tracker: Optional[Any] = None):
         self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "a", encoding="utf-8")
+        self.log = AppendLog(path)
         self.tracker = tracker  # a started Accelerate tracker (TensorBoard), or None
 
     def write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-        self.file.flush()
+        self.log.write_line(json.dumps({"time": round(time.time(), 3), **record}))
         if self.tracker is not None:
             scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
             self.tracker.log(scalars, step=record.get("step"))
 
     def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        self.log.close()
         if self.tracker is not None:
             self.tracker.finish()

@@ -27,14 +27,14 @@ from typing import Any, Optional
 
 import torch
 
-from mtnlg_cli import __version__
+from mtnlg_cli import __version__, atomic
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Metrics, Notice, Progress, Reporter, ignore
-from mtnlg_cli.checkpoint import (Checkpoint, check_tokenizer, latest_checkpoint, list_checkpoints,
-                                        load_checkpoint, save_checkpoint)
+from mtnlg_cli.checkpoint import (LATEST, Checkpoint, check_tokenizer, latest_checkpoint, list_checkpoints,
+                                  load_checkpoint, save_checkpoint)
 from mtnlg_cli.model.architecture import Architecture
-from mtnlg_cli.lock import TrainLock
+from mtnlg_cli.lock import WorkspaceLock
 from mtnlg_cli.training.metrics import MetricsLog, peak_matmul_rate
 from mtnlg_cli.training.optim import learning_rate
 from mtnlg_cli.training.runtime import PRECISION_DTYPES, Runtime, make_runtime
@@ -65,7 +65,7 @@ def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None
     report = report if runtime.is_main else ignore
     try:
         if runtime.is_main:
-            with TrainLock(workspace.checkpoints_dir):
+            with WorkspaceLock(workspace.root, "training"):
                 return Trainer(workspace, config, runtime, report).run(resume, from_scratch)
         return Trainer(workspace, config, runtime, report).run(resume, from_scratch)
     finally:
@@ -160,10 +160,10 @@ class Trainer:
         if not old:
             return
         archive = root / f"archive-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        archive.mkdir()
+        atomic.make_folders(archive)
         for path in old:
-            path.rename(archive / path.name)
-        (root / "latest").unlink(missing_ok=True)
+            atomic.move(path, archive / path.name)
+        atomic.remove_file(root / LATEST)
         self.report(Notice(f"Moved {len(old)} earlier checkpoint(s) to {archive}"))
 
     def check_compatible(self, checkpoint: Checkpoint) -> None:
@@ -316,10 +316,7 @@ class Trainer:
         self.report(Metrics(record))
 
     def open_metrics(self, run_dir: Path) -> MetricsLog:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / ".config.yaml.tmp"
-        tmp.write_text(self.config.to_yaml(), encoding="utf-8")
-        tmp.replace(run_dir / "config.yaml")
+        atomic.write_text(run_dir / "config.yaml", self.config.to_yaml())
         return MetricsLog(run_dir / "metrics.jsonl", tracker=tensorboard_tracker(run_dir))
 
     def nonfinite_message(self, step: int, count: int, consumed: int) -> str:

@@ -26,12 +26,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from mtnlg_cli.atomic import PendingFile
+from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.inference.quantize import QuantizedLinear, matrix_struct
 from mtnlg_cli.model.gpt import GPT, KVCache
 
@@ -45,7 +46,7 @@ def load() -> Optional[ctypes.CDLL]:
         return None
     try:
         library = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, MtnlgError, subprocess.SubprocessError):  # no compiler, a cache that cannot be written
         return None
     pointer, size = ctypes.c_void_p, ctypes.c_long
     library.mtnlg_decode_step.argtypes = [ctypes.POINTER(_StepArguments), size, size]
@@ -75,15 +76,9 @@ def _build() -> Path:
     target = cache / f"decode_step-{key[:16]}.so"
     if target.exists():
         return target
-    cache.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=cache, prefix=target.name, suffix=".partial")
-    os.close(handle)
-    try:
-        subprocess.run([compiler, *flags, str(SOURCE), "-o", partial, *libraries], check=True, capture_output=True,
-                       timeout=120)
-        os.replace(partial, target)  # whole or absent, even with two processes building at once
-    finally:
-        Path(partial).unlink(missing_ok=True)
+    with PendingFile(target) as partial:  # whole or absent, even with two processes building at once
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", str(partial.path), *libraries], check=True,
+                       capture_output=True, timeout=120)
     return target
 
 
