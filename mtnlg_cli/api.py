@@ -288,15 +288,15 @@ class MegatronLM:
     def save(self, directory: os.PathLike | str, overwrite: bool = False) -> Path:
         """Writes a workspace that `from_pretrained(directory)` (or any mtnlg command) opens: the config with this
         object's options, the tokenizer and the latest checkpoint. Returns its path."""
-        from mtnlg_cli.checkpoint import LATEST, resolve_checkpoint
+        from mtnlg_cli.checkpoint import LATEST, held_checkpoint
 
-        checkpoint = resolve_checkpoint(self.workspace.checkpoints_dir)
         target = Path(directory).expanduser().absolute()
         if target.exists() and any(target.iterdir()) and not overwrite:
             raise MtnlgError(f"{target} exists and is not empty; pass overwrite=True to replace it")
         if target == self.workspace.root or self.workspace.root in target.parents:
             raise MtnlgError(f"cannot save into the model's own workspace {self.workspace.root}")
-        with atomic.staged_folder(target, replace=True) as staging:
+        with held_checkpoint(self.workspace.checkpoints_dir) as checkpoint, \
+                atomic.staged_folder(target, replace=True) as staging:
             atomic.write_text(staging / CONFIG_NAME, "# saved by MegatronLM.save\n" + self.config.to_yaml())
             shutil.copytree(self.workspace.tokenizer_dir, staging / "tokenizer")
             checkpoints = staging / "checkpoints"

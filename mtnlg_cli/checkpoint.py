@@ -1,20 +1,28 @@
 """Checkpoints: `checkpoints/step_NNNNNNN/` folders of safetensors files plus `state.json`, and `latest`.
 
 A checkpoint is written into a hidden temporary folder, every file flushed to disk, and then renamed into place
-(`mtnlg_cli.atomic.staged_folder`); `latest` (a symbolic link) is replaced atomically after that. A crash at any moment therefore leaves either the
-previous checkpoint as `latest` or the new one, never a folder that looks complete and is not. `state.json` is
-written last inside the folder, and a folder without it is not a checkpoint.
+(`mtnlg_cli.atomic.staged_folder`); `latest` (a symbolic link) is replaced atomically after that. A crash at any
+moment therefore leaves either the previous checkpoint as `latest` or the new one, never a folder that looks
+complete and is not. `state.json` is written last inside the folder, and a folder without it is not a checkpoint.
+
+The folder's checkpoints are its own: `latest` is followed only to a checkpoint folder directly inside it.
+Pruning keeps the newest `keep_last`, `latest`, whatever the caller protects (a resumed run protects the newer
+checkpoints it did not write) and any checkpoint a reader holds (`held_checkpoint`: an export or a generation
+reading it while training goes on).
 
 Nothing here unpickles: tensors are safetensors, everything else JSON.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from mtnlg_cli.atomic import (PendingFile, make_folders, point_symlink, remove_folder, remove_stale_temporaries,
                               staged_folder, write_bytes)
@@ -69,13 +77,14 @@ class Checkpoint:
 
 def save_checkpoint(root: Path, step: int,
                     tensors: dict[str, dict[str, torch.Tensor] | Callable[[Path], None]], state: dict[str, Any],
-                    keep_last: Optional[int] = None) -> Path:
+                    keep_last: Optional[int] = None, prunable: Callable[[int], bool] = lambda step: True) -> Path:
     """Writes `root/step_NNNNNNN/` with one `NAME.safetensors` per entry of `tensors` and `state.json`.
 
     An entry is the tensors of that file, or a function that writes the file at the path it is given (an import
     streams a large model tensor by tensor instead of holding it all).
 
-    Returns the final path. Points `latest` at it, then prunes all but the newest `keep_last` checkpoints.
+    Returns the final path. Points `latest` at it, then prunes all but the newest `keep_last` checkpoints (of
+    those whose step `prunable` accepts).
     """
     from safetensors.torch import save_file
 
@@ -94,7 +103,7 @@ def save_checkpoint(root: Path, step: int,
                     json.dumps({"format": FORMAT, "step": step, **state}, indent=2, sort_keys=True).encode())
     point_latest(root, final.name)
     if keep_last:
-        prune(root, keep_last)
+        prune(root, keep_last, prunable)
     return final
 
 
@@ -109,26 +118,62 @@ def list_checkpoints(root: Path) -> list[Path]:
     found = []
     for path in root.iterdir():
         match = _STEP_DIR.match(path.name)
-        if match and path.is_dir() and (path / STATE_FILE).is_file():
+        if match and path.is_dir() and not path.is_symlink() and (path / STATE_FILE).is_file():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
 
 
-def prune(root: Path, keep_last: int) -> None:
+def step_of(path: Path) -> int:
+    return int(_STEP_DIR.match(path.name).group(1))
+
+
+def prune(root: Path, keep_last: int, prunable: Callable[[int], bool] = lambda step: True) -> None:
+    """Deletes all but the newest `keep_last` checkpoints, keeping `latest`, those whose step `prunable` refuses,
+    and those a reader holds (until a later prune)."""
     latest = latest_checkpoint(root)
     for path in list_checkpoints(root)[:-keep_last]:
-        if latest is None or path.resolve() != latest.resolve():
-            remove_folder(path)
+        if (latest is None or path.name != latest.name) and prunable(step_of(path)):
+            _remove_unless_held(path)
+
+
+def _remove_unless_held(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        remove_folder(path)
+    except BlockingIOError:  # a reader holds it
+        pass
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The folder `latest` points at, else the newest complete checkpoint, else None."""
+    """The checkpoint folder `latest` names, else the newest complete checkpoint, else None.
+
+    `latest` must lead to a `step_NNNNNNN` folder directly inside `root`: resuming from, and pruning against, a
+    checkpoint somewhere else (another workspace, a copy's original) would lose this folder's own work, so a
+    `latest` that leads anywhere else, or nowhere (a loop), is refused.
+    """
     link = root / LATEST
-    if link.is_symlink() or link.exists():
-        target = link.resolve()
-        if (target / STATE_FILE).is_file():
-            return target
-    found = list_checkpoints(root)
+    if link.is_symlink():
+        name = os.readlink(link)
+        try:
+            target = (root / name).resolve()
+        except (OSError, RuntimeError):  # RuntimeError: Python's "Symlink loop"
+            raise MtnlgError(f"{link} is a loop of symbolic links; delete it, and the newest checkpoint in {root} "
+                             "is used") from None
+        if target.parent != root.resolve() or not _STEP_DIR.match(target.name):
+            raise MtnlgError(f"{link} points at {name}, which is not a checkpoint folder in {root}; delete it, "
+                             "and the newest checkpoint there is used") from None
+        if target.is_dir() and (target / STATE_FILE).is_file():
+            return root / target.name
+    elif link.exists():
+        raise MtnlgError(f"{link} is not a symbolic link to a checkpoint folder; delete it, and the newest "
+                         f"checkpoint in {root} is used")
+    found = list_checkpoints(root)  # no latest, or one whose checkpoint was deleted
     return found[-1] if found else None
 
 
@@ -198,6 +243,30 @@ def resolve_checkpoint(checkpoints_dir: Path, explicit: Optional[Path] = None) -
     return load_checkpoint(path)
 
 
+@contextmanager
+def held_checkpoint(checkpoints_dir: Path, explicit: Optional[Path] = None) -> Iterator[Checkpoint]:
+    """`resolve_checkpoint`, held until the block ends: a shared `flock` on the folder, which pruning respects,
+    so that a training run going on meanwhile cannot delete it while it is being read."""
+    for _ in range(10):  # each retry follows a checkpoint that training pruned just before it was held
+        checkpoint = resolve_checkpoint(checkpoints_dir, explicit)
+        try:
+            fd = os.open(checkpoint.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            try:
+                still_there = os.stat(checkpoint.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                still_there = False
+            if still_there:
+                yield checkpoint
+                return
+        finally:
+            os.close(fd)
+    raise MtnlgError(f"checkpoint {checkpoint.path} was deleted while it was being opened; run again")
+
+
 def check_tokenizer(checkpoint: Checkpoint, tokenizer_hash: str) -> None:
     """Refuses a checkpoint trained with another tokenizer than the one at hand."""
     trained_with = checkpoint.state.get("tokenizer_hash")
@@ -213,7 +282,7 @@ def load_for_inference(workspace, explicit: Optional[Path] = None, device: str |
     """
     from mtnlg_cli.data.tokenizer import Tokenizer
 
-    checkpoint = resolve_checkpoint(workspace.checkpoints_dir, explicit)
-    tokenizer = Tokenizer.load(workspace.tokenizer_dir)
-    check_tokenizer(checkpoint, tokenizer.hash)
-    return load_model(checkpoint, device), tokenizer, checkpoint
+    with held_checkpoint(workspace.checkpoints_dir, explicit) as checkpoint:
+        tokenizer = Tokenizer.load(workspace.tokenizer_dir)
+        check_tokenizer(checkpoint, tokenizer.hash)
+        return load_model(checkpoint, device), tokenizer, checkpoint

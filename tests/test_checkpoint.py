@@ -8,7 +8,8 @@ import torch
 
 from mtnlg_cli.config import load_config
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from mtnlg_cli.checkpoint import (held_checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                  save_checkpoint)
 from mtnlg_cli.model.architecture import Architecture
 
 
@@ -44,6 +45,50 @@ def test_latest_follows_the_newest_and_keep_last_prunes(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000003", "step_0000004"]
     assert (tmp_path / "latest").resolve().name == "step_0000004"
     assert load_checkpoint(latest_checkpoint(tmp_path)).state["loss"] == 4
+
+
+def steps(root) -> list[int]:
+    return [int(p.name[5:]) for p in list_checkpoints(root)]
+
+
+def test_latest_leads_only_to_a_checkpoint_of_its_own_folder(tmp_path):
+    root, elsewhere = tmp_path / "checkpoints", tmp_path / "elsewhere"
+    for step in (395, 400, 405):
+        save_checkpoint(root, step, tensors(step), {})
+    save_checkpoint(elsewhere, 900, tensors(900.0), {})  # a valid checkpoint, and a newer step
+    link = root / "latest"
+    refused = {str(elsewhere / "step_0000900"): "which is not a checkpoint folder in",
+               "../elsewhere/step_0000900": "which is not a checkpoint folder in",
+               "latest": "is a loop of symbolic links", "../checkpoints/latest": "is a loop of symbolic links"}
+    for target, message in refused.items():
+        link.unlink()
+        link.symlink_to(target)
+        with pytest.raises(MtnlgError, match=message) as error:
+            latest_checkpoint(root)
+        assert "\n" not in str(error.value)
+    link.unlink()
+    link.write_text("step_0000400")
+    with pytest.raises(MtnlgError, match="is not a symbolic link to a checkpoint folder"):
+        latest_checkpoint(root)
+    link.unlink()
+    link.symlink_to("./step_0000400")
+    assert latest_checkpoint(root) == root / "step_0000400"
+    link.unlink()
+    link.symlink_to("step_0000399")  # deleted by hand: the newest is used
+    assert latest_checkpoint(root) == root / "step_0000405"
+
+
+def test_pruning_spares_newer_checkpoints_the_caller_protects_and_those_a_reader_holds(tmp_path):
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, tensors(step), {})
+    # a run resumed from step 1 saves step 2 again: 3 and 4 are newer and not its own
+    save_checkpoint(tmp_path, 2, tensors(2.5), {}, keep_last=1, prunable=lambda step: step <= 1 or step == 2)
+    assert steps(tmp_path) == [2, 3, 4] and latest_checkpoint(tmp_path).name == "step_0000002"
+    with held_checkpoint(tmp_path, tmp_path / "step_0000003") as held:  # an export reading it
+        save_checkpoint(tmp_path, 5, tensors(5.0), {}, keep_last=1)
+        assert steps(tmp_path) == [3, 5] and held.tensors("model")["w"][0, 0] == 3
+    save_checkpoint(tmp_path, 6, tensors(6.0), {}, keep_last=1)
+    assert steps(tmp_path) == [6]
 
 
 def test_truncated_and_foreign_files_are_one_line_errors(tmp_path):

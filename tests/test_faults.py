@@ -278,6 +278,40 @@ def test_a_second_writer_on_the_same_workspace_is_refused(ws, tmp_path, capsys, 
     assert [p.name for p in list_checkpoints(ws.checkpoints_dir)] == [latest_checkpoint(ws.checkpoints_dir).name]
 
 
+def test_an_export_during_training_is_the_whole_checkpoint_it_read(ws, tmp_path, capsys, monkeypatch):
+    from mtnlg_cli.checkpoint import Checkpoint
+    from mtnlg_cli.cli import main
+
+    schedule = ["train.lr_decay_iters=200", "train.keep_last=1"]  # the same learning rates in both runs
+    reference = copy_workspace(ws.root, tmp_path / "reference")
+    train_here(reference, *schedule, "train.train_iters=40", "train.keep_last=40")  # every step kept
+    real_tensors, calls = Checkpoint.tensors, []
+
+    def slow_tensors(self, name, device="cpu"):  # a large checkpoint: training saves and prunes meanwhile
+        calls.append(name)
+        time.sleep(2 if len(calls) == 1 else 0)
+        return real_tensors(self, name, device)
+
+    monkeypatch.setattr(Checkpoint, "tensors", slow_tensors)
+    trainer = start_train(ws, "--set", "train.train_iters=200", *[f"--set={o}" for o in schedule])
+    try:
+        assert wait_until(lambda: latest_checkpoint(ws.checkpoints_dir) is not None, trainer)
+        monkeypatch.setattr("sys.argv", ["mtnlg", "convert", "export", str(tmp_path / "export"), "-w", str(ws.root)])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        output = capsys.readouterr()
+        assert exit_info.value.code == 0, output.err
+        exported = json.loads((tmp_path / "export" / "config.json").read_text())["step"]
+        assert 0 < exported <= 40 and trainer.poll() is None, "the export did not overlap the training run"
+        assert load_checkpoint(latest_checkpoint(ws.checkpoints_dir)).step > exported  # saved (and pruned) meanwhile
+    finally:
+        trainer.kill()
+        trainer.communicate(timeout=60)
+    ours = load_file(tmp_path / "export" / "model.safetensors")
+    theirs = load_file(reference.checkpoints_dir / f"step_{exported:07d}" / "model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 DATASETS = ("pride", "sense")
 
 

@@ -20,7 +20,7 @@ from conftest import REPO, copy_workspace, run_cli
 from mtnlg_cli.config import TrainConfig
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import ignore
-from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint
+from mtnlg_cli.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from mtnlg_cli.training.optim import learning_rate, param_groups
 from mtnlg_cli.training.trainer import train
 from mtnlg_cli.workspace import Workspace, init_workspace
@@ -236,3 +236,89 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(ws):
     result = run_cli("train", "--set", "model.num_heads=3", cwd=ws.root)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "model.hidden_size=128 must be divisible by model.num_heads=3" in result.stderr
+
+
+def checkpoint_steps(ws: Workspace) -> list[int]:
+    return [int(p.name[5:]) for p in list_checkpoints(ws.checkpoints_dir)]
+
+
+def test_a_latest_outside_the_workspace_is_refused_and_pruning_spares_newer_checkpoints(ws, tmp_path, capsys,
+                                                                                          monkeypatch):
+    from mtnlg_cli.cli import main
+
+    run_train(ws, "train.train_iters=4", "train.save_interval=1", "train.keep_last=10")
+    elsewhere = tmp_path / "elsewhere" / "step_0000009"
+    shutil.copytree(ws.checkpoints_dir / "step_0000004", elsewhere)  # a valid checkpoint of the same model
+    link = ws.checkpoints_dir / "latest"
+    for target, message in ((elsewhere, f"points at {elsewhere}, which is not a checkpoint folder in"),
+                            ("latest", "is a loop of symbolic links")):
+        link.unlink()
+        link.symlink_to(target)
+        monkeypatch.setattr("sys.argv", ["mtnlg", "train", "-w", str(ws.root), *[f"--set={o}" for o in TINY],
+                                         "--set", "train.keep_last=1"])
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(f"error: {link} ") and err.count("\n") == 1, err
+        assert message in err
+        assert checkpoint_steps(ws) == [1, 2, 3, 4]
+    link.unlink()
+    link.symlink_to("step_0000004")
+    # resumed from step 1, the run saves step 2 again: its own and older checkpoints may go, 3 and 4 may not
+    run_train(ws, "train.train_iters=2", "train.keep_last=1", resume=ws.checkpoints_dir / "step_0000001")
+    assert checkpoint_steps(ws) == [2, 3, 4] and latest_checkpoint(ws.checkpoints_dir).name == "step_0000002"
+
+
+CANNOT_FIT = [("train.micro_batch_size=1000000000", "train.global_batch_size=1000000000"),
+              ("model.max_position_embeddings=1000000000",), ("model.hidden_size=65536",),
+              ("model.num_layers=100000",)]
+
+
+def test_a_config_that_cannot_fit_in_memory_is_refused_before_anything_is_built_or_moved(ws, capsys, monkeypatch):
+    import resource
+
+    from mtnlg_cli.cli import main
+    from mtnlg_cli.training.memory import DoesNotFit
+
+    run_train(ws, "train.train_iters=1")
+    before = sorted(p.name for p in ws.checkpoints_dir.iterdir())
+    for overrides in CANNOT_FIT:
+        config = ws.load_config([*CORPUS, *overrides])  # the template's model otherwise
+        peak, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+        with pytest.raises(DoesNotFit, match=r"^training this config needs about [\d.]+ TB of memory \(weights "
+                                             r"[\d.]+ [KMGT]B, .*\), more than the [\d.]+ [KMGT]B (of RAM available|"
+                                             r".*); the largest part is the (activations|optimizer state): lower "):
+            train(ws, config, from_scratch=True)
+        seconds = time.perf_counter() - started
+        grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak) / 1024
+        assert seconds < 3 and grown_mb < 200, (overrides, seconds, grown_mb)  # nothing was allocated
+    assert sorted(p.name for p in ws.checkpoints_dir.iterdir()) == before  # --from-scratch archived nothing
+
+    monkeypatch.setattr("sys.argv", ["mtnlg", "train", "-w", str(ws.root), "--set", "model.vocab_size=1024",
+                                     "--set", "model.hidden_size=65536"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "largest part is the optimizer state" in err
+    assert err.endswith("; or pass --force-memory to try anyway\n"), err
+
+
+def test_force_memory_trains_a_config_the_estimate_refuses(ws, monkeypatch):
+    from mtnlg_cli.training import memory
+
+    monkeypatch.setattr(memory, "available_memory", lambda device: (1_000_000, "of RAM available"))
+    with pytest.raises(memory.DoesNotFit, match="more than the 1.0 MB of RAM available"):
+        run_train(ws, "train.train_iters=1")
+    assert run_train(ws, "train.train_iters=1", check_memory=False).final_step == 1
+
+
+def test_a_run_stopped_before_its_first_record_leaves_no_run_folder(ws, monkeypatch):
+    from mtnlg_cli.training.trainer import Trainer
+
+    def killed(self, data, first_sample):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "read_batch", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_train(ws, "train.train_iters=3", "train.run_name=early")
+    assert not (ws.runs_dir / "early").exists()

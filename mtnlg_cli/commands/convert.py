@@ -74,12 +74,12 @@ def convert_command(
 def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_path: Optional[Path], dtype: str,
             max_shard_size: Optional[str], tensor_parallel: int, pipeline_parallel: int, force: bool) -> None:
     from mtnlg_cli.data.tokenizer import Tokenizer
-    from mtnlg_cli.checkpoint import check_tokenizer, resolve_checkpoint
+    from mtnlg_cli.checkpoint import check_tokenizer, held_checkpoint
     from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.convert import export_weights, weights_from_checkpoint
 
-    with console.status(f"Reading the checkpoint for a {to} export..."):
-        checkpoint = resolve_checkpoint(ws.checkpoints_dir, checkpoint_path)
+    with console.status(f"Reading the checkpoint for a {to} export..."), \
+            held_checkpoint(ws.checkpoints_dir, checkpoint_path) as checkpoint:  # training cannot prune it meanwhile
         tokenizer = Tokenizer.load(ws.tokenizer_dir)
         check_tokenizer(checkpoint, tokenizer.hash)
         weights = weights_from_checkpoint(checkpoint, tokenizer.path, tokenizer.vocab_size)

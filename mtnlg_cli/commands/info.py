@@ -119,7 +119,10 @@ def checkpoint_summaries(workspace: Workspace) -> list[dict[str, Any]]:
     from mtnlg_cli.checkpoint import STATE_FILE, latest_checkpoint, list_checkpoints
 
     root = workspace.checkpoints_dir
-    latest = latest_checkpoint(root)
+    try:
+        latest = latest_checkpoint(root)
+    except MtnlgError:  # a `latest` that leads outside the folder marks none; train and the others say why
+        latest = None
     found = []
     for path in list_checkpoints(root):
         entry: dict[str, Any] = {"name": path.name, "bytes": sum(f.stat().st_size for f in path.iterdir()

@@ -20,6 +20,8 @@ def train_command(
                                                    "of the workspace's latest.", show_default=False)] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Start over at step 1; earlier checkpoints "
                                                "are moved to checkpoints/archive-<time>/.")] = False,
+    force_memory: Annotated[bool, typer.Option("--force-memory", help="Train even when the estimated memory "
+                                               "exceeds what the device has.")] = False,
     num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Processes in all (over all "
                                                "machines), laid out by the config's parallel section; started "
                                                "with Accelerate's launcher.")] = 1,
@@ -48,26 +50,32 @@ def train_command(
 
         resolve_layout(config, num_processes)  # a layout that does not fit fails before any process starts
         args = ["train", "--workspace", str(found.root), *[f"--set={o}" for o in overrides or []],
-                *(["--resume", str(resume)] if resume else []), *(["--from-scratch"] if from_scratch else [])]
+                *(["--resume", str(resume)] if resume else []), *(["--from-scratch"] if from_scratch else []),
+                *(["--force-memory"] if force_memory else [])]
         raise typer.Exit(launch(args, num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
                                 config.train.mixed_precision))
     if rank is not None:
-        run_as_rank(rank, lambda: _train(found, config, resume, from_scratch, show=rank == 0))
-    code = _train(found, config, resume, from_scratch, show=True)
+        run_as_rank(rank, lambda: _train(found, config, resume, from_scratch, force_memory, show=rank == 0))
+    code = _train(found, config, resume, from_scratch, force_memory, show=True)
     if code:
         raise typer.Exit(code)
 
 
-def _train(found, config, resume: Optional[Path], from_scratch: bool, show: bool) -> int:
+def _train(found, config, resume: Optional[Path], from_scratch: bool, force_memory: bool, show: bool) -> int:
     """Trains; returns the exit code (that of the signal when a signal stopped the run)."""
     from rich.console import Console
 
     from mtnlg_cli.commands.render import ConsoleReporter
+    from mtnlg_cli.training.memory import DoesNotFit
     from mtnlg_cli.training.trainer import train
 
     console = Console(quiet=not show)  # only rank 0 of a launched run prints
     with ConsoleReporter(console) as report:
-        result = train(found, config, resume=resume, from_scratch=from_scratch, report=report)
+        try:
+            result = train(found, config, resume=resume, from_scratch=from_scratch, check_memory=not force_memory,
+                           report=report)
+        except DoesNotFit as exc:
+            raise MtnlgError(f"{exc}; or pass --force-memory to try anyway") from None
     where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
     if result.interrupted:
         console.print(f"Stopped by {result.interrupted} after step {result.final_step}{where}. "

@@ -17,6 +17,7 @@ model, optimizer moments, RNG, consumed samples, so a resumed run computes bit f
 from __future__ import annotations
 
 import math
+import os
 import signal
 import threading
 import time
@@ -35,6 +36,7 @@ from mtnlg_cli.checkpoint import (LATEST, Checkpoint, check_tokenizer, latest_ch
                                   load_checkpoint, save_checkpoint)
 from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.lock import WorkspaceLock
+from mtnlg_cli.training import memory
 from mtnlg_cli.training.metrics import MetricsLog, peak_matmul_rate
 from mtnlg_cli.training.optim import learning_rate
 from mtnlg_cli.training.runtime import PRECISION_DTYPES, Runtime, make_runtime
@@ -57,13 +59,20 @@ class TrainResult:
 
 
 def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None, from_scratch: bool = False,
-          report: Reporter = ignore) -> TrainResult:
-    """Trains the workspace's model with `config`; see the module docstring. Only the main rank reports."""
+          check_memory: bool = True, report: Reporter = ignore) -> TrainResult:
+    """Trains the workspace's model with `config`; see the module docstring. Only the main rank reports.
+
+    A config whose estimated memory exceeds what the device has is refused (`DoesNotFit`) before anything is
+    built, unless `check_memory` is False.
+    """
     if resume is not None and from_scratch:
         raise MtnlgError("a run either resumes from a checkpoint or starts from scratch, not both")
     runtime = make_runtime(config)
     report = report if runtime.is_main else ignore
     try:
+        if check_memory:
+            local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+            memory.check_memory(config, runtime.world_size, local_processes, runtime.device)
         if runtime.is_main:
             with WorkspaceLock(workspace.root, "training"):
                 return Trainer(workspace, config, runtime, report).run(resume, from_scratch)
@@ -81,15 +90,20 @@ class Trainer:
     def run(self, resume: Optional[Path], from_scratch: bool) -> TrainResult:
         config, runtime = self.config, self.runtime
         self.open_data()
-        checkpoint = self.checkpoint_to_resume(resume, from_scratch)
+        checkpoint = None if from_scratch else self.checkpoint_to_resume(resume)
         torch.manual_seed(config.train.seed)
         runtime.build_model(self.architecture)
         runtime.build_optimizer()
+        if from_scratch and runtime.is_main:  # only now that the run is checked and built
+            self.archive_checkpoints()
         step, consumed, skipped = 0, 0, 0
         run_name = config.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
         if checkpoint is not None:
             step, consumed, skipped = self.restore(checkpoint)
             run_name = config.train.run_name or checkpoint.state.get("run_name") or run_name
+        # pruning may delete what this run saves and what it started from or before, never a newer checkpoint
+        # that another run left (a run resumed from an older one with --resume)
+        self.start_step, self.saved_steps = step, set()
         self.run_name = run_name
         result = TrainResult(self.workspace.runs_dir / run_name, start_step=step, final_step=step,
                              skipped_steps=skipped)
@@ -99,7 +113,7 @@ class Trainer:
                                "raise train.train_iters to go on, or start a fresh run."))
             result.checkpoint = checkpoint.path if checkpoint else None
             return result
-        self.metrics = self.open_metrics(result.run_dir) if runtime.is_main else None
+        self.run_dir, self.metrics = result.run_dir, None  # the run's folder is made at its first record
         try:
             self.loop(result, step, consumed, last_step)
         finally:
@@ -137,12 +151,8 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
 
-    def checkpoint_to_resume(self, resume: Optional[Path], from_scratch: bool) -> Optional[Checkpoint]:
+    def checkpoint_to_resume(self, resume: Optional[Path]) -> Optional[Checkpoint]:
         checkpoints_dir = self.workspace.checkpoints_dir
-        if from_scratch:
-            if self.runtime.is_main:
-                self.archive_checkpoints()
-            return None
         if resume is not None:
             checkpoint = load_checkpoint(self.workspace.resolve(resume))
         else:
@@ -227,11 +237,15 @@ class Trainer:
                               "next_lr": learning_rate(step, self.config.train)},
                 "mtnlg_version": __version__,
             }
+            self.saved_steps.add(step)
             path = save_checkpoint(self.workspace.checkpoints_dir, step,
                                    {"model": model, "optimizer": optimizer, "rng": rng_state()}, state,
-                                   keep_last=self.config.train.keep_last)
+                                   keep_last=self.config.train.keep_last, prunable=self.prunable)
         self.runtime.barrier()
         return path
+
+    def prunable(self, step: int) -> bool:
+        return step <= self.start_step or step in self.saved_steps
 
     # --- the loop -----------------------------------------------------------------------------------------------------
 
@@ -311,7 +325,9 @@ class Trainer:
         return loss
 
     def log(self, record: dict[str, Any]) -> None:
-        if self.metrics is not None:
+        if self.runtime.is_main:
+            if self.metrics is None:
+                self.metrics = self.open_metrics(self.run_dir)
             self.metrics.write(record)
         self.report(Metrics(record))
 
