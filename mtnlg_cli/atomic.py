@@ -254,7 +254,11 @@ def staged_folder(target: Path | str, replace: bool = False) -> Iterator[Path]:
             elif replace:
                 previous = _unused_temporary_name(target)
                 os.rename(target, previous)
-                os.rename(staging, target)
+                try:
+                    os.rename(staging, target)
+                except BaseException:
+                    os.rename(previous, target)
+                    raise
                 _fsync_folder(target.parent)
                 shutil.rmtree(previous, ignore_errors=True)
             else:

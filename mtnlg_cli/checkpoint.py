@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from mtnlg_cli.atomic import (PendingFile, make_folders, point_symlink, remove_folder, remove_stale_temporaries,
                               staged_folder, write_bytes)
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.reading import read_json
 
 if TYPE_CHECKING:
     import torch
@@ -187,10 +188,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise MtnlgError(f"no checkpoint at {path}")
     if not state_path.is_file():
         raise MtnlgError(f"{path} is not a complete mtnlg checkpoint (no {STATE_FILE})")
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MtnlgError(f"{state_path} is truncated or not JSON ({exc})") from None
+    state = read_json(state_path, "the checkpoint state")
     if not isinstance(state, dict) or state.get("format") != FORMAT or not isinstance(state.get("step"), int):
         raise MtnlgError(f"{state_path} is not an mtnlg checkpoint state (expected format {FORMAT!r})")
     return Checkpoint(path, state)

@@ -17,7 +17,8 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from mtnlg_cli.errors import ConfigError
+from mtnlg_cli.errors import ConfigError, MtnlgError
+from mtnlg_cli.reading import read_text
 
 
 @dataclass
@@ -78,6 +79,7 @@ class TokenizerConfig:
     model_file: Optional[str] = None  # an existing SentencePiece .model to use instead of training one
     character_coverage: float = 0.9995  # below 1.0 so that rare Han characters fall back to bytes
     max_sentences: int = 2_000_000  # tokenizer training samples at most this many sentences of the corpus
+    sample_bytes: int = 100_000_000  # ... and at most this many bytes of them, which bounds its memory
 
 
 @dataclass
@@ -97,6 +99,7 @@ class DataConfig:
     workers: int = 0  # 0: one per core
     errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8
     skip_bad_lines: bool = False  # malformed JSONL
+    max_document_bytes: int = 1 << 23  # longer documents are split, longer JSONL lines refused (data/corpus.py)
 
 
 @dataclass
@@ -230,6 +233,7 @@ class Config:
         if not 0.0 < self.tokenizer.character_coverage <= 1.0:
             raise ConfigError(f"tokenizer.character_coverage={self.tokenizer.character_coverage} must be in (0, 1]")
         _positive("tokenizer.max_sentences", self.tokenizer.max_sentences)
+        _positive("tokenizer.sample_bytes", self.tokenizer.sample_bytes)
         if not d.sources:
             raise ConfigError("data.sources is empty: name at least one file, directory or glob")
         for i, source in enumerate(d.sources):
@@ -240,6 +244,8 @@ class Config:
                               "with a positive train ratio")
         if d.workers < 0:
             raise ConfigError(f"data.workers={d.workers} must be 0 (one per core) or positive")
+        if d.max_document_bytes < 1024:
+            raise ConfigError(f"data.max_document_bytes={d.max_document_bytes} must be at least 1024")
         for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_interval", "eval_iters",
                     "save_interval", "log_interval", "keep_last", "max_nonfinite_steps"):
             _positive(f"train.{key}", getattr(t, key))
@@ -428,9 +434,9 @@ def parse_yaml(text: str, source: str) -> Any:
 
 def read_yaml(path: Path) -> Any:
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
+        text = read_text(path, "the config", limit=1 << 24)
+    except MtnlgError as exc:
+        raise ConfigError(str(exc)) from None
     return parse_yaml(text, str(path))
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from pathlib import Path
 
 import pexpect
 import pytest
@@ -56,6 +58,19 @@ def test_save_load_round_trip_and_bad_files(generator, ws, tmp_path):
         other.load(tmp_path / "bad.json")
     with pytest.raises(MtnlgError, match="cannot read a conversation"):
         other.load(tmp_path / "missing.json")
+
+
+def test_load_reads_only_a_regular_file_of_bounded_size(generator, ws, tmp_path):
+    chat = session(generator, ws)
+    os.mkfifo(tmp_path / "fifo")  # no writer: opening it for reading would wait for ever
+    with open(tmp_path / "huge.json", "wb") as f:
+        f.truncate(300 << 20)  # sparse: 300 MiB that take no space
+    started = time.perf_counter()
+    for name, reason in (("/dev/zero", "it is not a regular file"), (tmp_path / "fifo", "it is not a regular file"),
+                         (tmp_path, "it is a folder"), (tmp_path / "huge.json", "it is larger than 256 MiB")):
+        with pytest.raises(MtnlgError, match=f"^cannot read a conversation from {name}: {reason}$"):
+            chat.load(Path(name))
+    assert time.perf_counter() - started < 1
 
 
 def spawn_chat(ws, *args: str) -> pexpect.spawn:

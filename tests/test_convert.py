@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -321,8 +323,16 @@ def test_megatron_import_never_runs_pickled_code(source, tmp_path):
     state = torch.load(rank_file, weights_only=False)
     torch.save({**state, "payload": Payload()}, rank_file)
     message = refused("convert", "import", out, "-w", ws.root)
-    assert "holds a Python object posix.mkdir, which mtnlg refuses to load" in message
+    assert message == f"{rank_file} holds a Python object posix.mkdir, which mtnlg refuses to load because " \
+                      "unpickling it could run arbitrary code"
+    with open(rank_file, "wb") as f:  # the same as a bare pickle: one torch's loader cannot parse
+        pickle.dump({**state, "payload": Payload()}, f, protocol=5)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        assert refused("convert", "import", out, "-w", ws.root) == message
+    assert not [w for w in shown if issubclass(w.category, UserWarning)], [str(w.message) for w in shown]
     assert not marker.exists()
+    torch.save(state, rank_file)
 
     (out / "latest_checkpointed_iteration.txt").write_text("7\n")
     assert "names iteration 7, but iter_0000007 is missing" in refused("convert", "import", out, "-w", ws.root)

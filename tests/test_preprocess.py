@@ -14,6 +14,7 @@ from mtnlg_cli.data.indexed_dataset import IndexedDataset
 from mtnlg_cli.data.preprocess import preprocess
 from mtnlg_cli.data.tokenizer import Tokenizer, train_tokenizer
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.events import Notice
 from mtnlg_cli.workspace import init_workspace
 from test_tokenizer import paragraphs
 
@@ -161,6 +162,35 @@ def test_malformed_jsonl_lines_and_missing_keys(ws, model_file, tmp_path):
     source.write_text('{"body": "x"}\n', encoding="utf-8")
     with pytest.raises(MtnlgError, match=r"j\.jsonl:1: no 'text' key \(keys: body\)"):
         run(ws, model_file, [{"path": str(source)}])
+
+
+@pytest.mark.parametrize("mode", ["paragraph", "file"])
+def test_a_document_longer_than_the_bound_is_split_at_spaces_or_characters(ws, model_file, tmp_path, mode):
+    english = " ".join(f"word{i}" for i in range(3000))  # 26 KB without a line break
+    chinese = "春眠不觉晓处处闻啼鸟" * 500  # 15 KB without a space
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "a.txt").write_text(english, encoding="utf-8")
+    (tmp_path / "long" / "b.txt").write_text(chinese, encoding="utf-8")
+    events = []
+    run(ws, model_file, [{"path": str(tmp_path / "long"), "name": "long", "document": mode}],
+        "data.max_document_bytes=4096", report=events.append)
+    docs = decoded_documents(ws, "long", model_file)
+    assert max(len(d.encode("utf-8")) for d in docs) <= 4096 and len(docs) >= 26_000 // 4096 + 15_000 // 4096
+    assert "".join(docs) == english + chinese  # parts of a document, nothing lost or added
+    notices = [e.message for e in events if isinstance(e, Notice) and "max_document_bytes" in e.message]
+    assert notices == ["long: 2 documents longer than data.max_document_bytes (4,096 bytes) were split into "
+                       "parts"], notices
+
+
+def test_a_jsonl_line_longer_than_the_bound_is_refused_or_skipped(ws, model_file, tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(json.dumps({"text": text}) for text in ("short", "x" * 10_000, "also short")) + "\n")
+    with pytest.raises(MtnlgError, match=rf"^{path}:2: a line longer than data.max_document_bytes \(4,096 bytes\); "
+                                         "raise data.max_document_bytes, or set data.skip_bad_lines"):
+        run(ws, model_file, [{"path": str(path)}], "data.max_document_bytes=4096")
+    [result] = run(ws, model_file, [{"path": str(path), "name": "c"}], "data.max_document_bytes=4096",
+                   "data.skip_bad_lines=true")
+    assert result.bad_lines == 1 and decoded_documents(ws, "c", model_file) == ["short", "also short"]
 
 
 @pytest.mark.parametrize("case, message", [

@@ -73,14 +73,27 @@ def test_training_sample_is_bounded_random_and_seeded(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("".join(f"line {i}\n" for i in range(5000)) + "x" * 2500 + "\n", encoding="utf-8")
     files = [(corpus, DocumentSpec("txt", "line"))]
-    first = training_sentences(files, 100, seed=1)
+    first = training_sentences(files, 100, seed=1, max_bytes=10**9)
     assert len(first) == 100 and len(set(first)) == 100
-    assert first == training_sentences(files, 100, seed=1)
-    assert first != training_sentences(files, 100, seed=2)
+    assert first == training_sentences(files, 100, seed=1, max_bytes=10**9)
+    assert first != training_sentences(files, 100, seed=2, max_bytes=10**9)
     later = [s for s in first if s.startswith("line ") and int(s.split()[1]) >= 2500]
     assert 25 <= len(later) <= 75  # a uniform sample, not the first lines
-    everything = training_sentences(files, 10**6, seed=1)
+    everything = training_sentences(files, 10**6, seed=1, max_bytes=10**9)
     assert max(map(len, everything)) == 1000 and len(everything) == 5000 + 3  # long lines cut into pieces
+
+
+def test_training_sample_is_bounded_in_bytes_however_long_the_lines(tmp_path):
+    corpus = tmp_path / "c.txt"
+    lines = [f"{i} " + "é" * (i % 400) for i in range(4000)]  # up to 800 bytes a line
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    files = [(corpus, DocumentSpec("txt", "line"))]
+    assert training_sentences(files, 10**6, seed=1, max_bytes=10**9) == lines  # it fits: whole, in corpus order
+    sample = training_sentences(files, 10**6, seed=1, max_bytes=100_000)
+    assert 100_000 - 800 < sum(len(s.encode("utf-8")) for s in sample) <= 100_000
+    assert sample == [line for line in lines if line in set(sample)]  # lines of the corpus, in its order
+    numbers = [int(s.split()[0]) for s in sample]
+    assert min(numbers) < 400 and max(numbers) > 3600  # drawn from the whole corpus, not its start
 
 
 def test_unigram_model_round_trips_too(tmp_path, shared_data):

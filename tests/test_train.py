@@ -322,3 +322,18 @@ def test_a_run_stopped_before_its_first_record_leaves_no_run_folder(ws, monkeypa
     with pytest.raises(KeyboardInterrupt):
         run_train(ws, "train.train_iters=3", "train.run_name=early")
     assert not (ws.runs_dir / "early").exists()
+
+
+def test_a_metrics_log_cut_mid_line_by_a_crash_loses_only_that_line(ws):
+    from mtnlg_cli.commands.info import run_summaries
+
+    run_train(ws, "train.train_iters=2", "train.log_interval=1", "train.run_name=cut")
+    log = ws.runs_dir / "cut" / "metrics.jsonl"
+    text = log.read_text()
+    log.write_text(text[:-20])  # the last record (step 2's validation) cut short, as by a power loss
+    run_train(ws, "train.train_iters=3", "train.log_interval=1")  # resumes, appending to the same run's log
+    lines = log.read_text().splitlines()
+    assert lines[:2] == text.splitlines()[:2] and lines[2] == text.splitlines()[2][:-19]
+    assert [json.loads(line)["step"] for line in lines[3:]] == [3, 3]  # the resumed run's records, whole
+    [run] = run_summaries(ws)
+    assert run["step"] == 3 and run["val_loss"] == json.loads(lines[-1])["val_loss"]

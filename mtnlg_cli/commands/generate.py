@@ -185,11 +185,9 @@ def _read_prompts(arguments: list[str], input_path: Optional[Path]) -> list[dict
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise MtnlgError(f"cannot read prompts from {path}: {reason}") from None
+    from mtnlg_cli.reading import read_text
+
+    return read_text(path, "prompts")
 
 
 def _prompt_style(config, name: Optional[str]) -> str:

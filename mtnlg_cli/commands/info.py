@@ -19,6 +19,7 @@ from rich.table import Table
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.reading import read_json
 from mtnlg_cli.workspace import Workspace
 
 
@@ -77,10 +78,10 @@ def tokenizer_summary(workspace: Workspace) -> dict[str, Any]:
         return {"present": False}
     info_path = workspace.tokenizer_dir / INFO_FILE
     try:
-        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info = read_json(info_path, "the tokenizer description")
         if not isinstance(info, dict) or "vocab_size" not in info or "model_file" not in info:
             raise ValueError(f"{info_path.name} lacks vocab_size")
-    except (OSError, ValueError):  # no or an unreadable info.json: ask the tokenizer (a few milliseconds)
+    except (MtnlgError, ValueError):  # no or an unreadable info.json: ask the tokenizer (a few milliseconds)
         try:
             info = Tokenizer.load(workspace.tokenizer_dir).info()
         except MtnlgError as exc:
@@ -129,10 +130,10 @@ def checkpoint_summaries(workspace: Workspace) -> list[dict[str, Any]]:
                                                                   if f.is_file()),
                                  "latest": latest is not None and latest.resolve() == path.resolve()}
         try:
-            state = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+            state = read_json(path / STATE_FILE, "the checkpoint state")
             entry.update(step=state.get("step"), loss=state.get("loss"),
                          consumed_samples=state.get("consumed_samples"))
-        except (OSError, ValueError) as exc:
+        except (MtnlgError, AttributeError) as exc:
             entry["error"] = f"unreadable state.json ({exc})"
         found.append(entry)
     return found

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from mtnlg_cli import reading
 from mtnlg_cli.atomic import PendingFile, staged_folder, write_json
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.model.architecture import Architecture
@@ -110,10 +111,7 @@ def staged_output(out_dir: Path, force: bool = False) -> Iterator[Path]:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MtnlgError(f"{path} is truncated or not JSON ({exc})") from None
+    data = reading.read_json(path)
     if not isinstance(data, dict):
         raise MtnlgError(f"{path} is not a JSON object")
     return data
@@ -344,21 +342,61 @@ def bundled_tokenizer(directory: Path) -> Optional[Path]:
 def load_torch_file(path: Path, allowed_globals: Sequence = ()) -> Any:
     """`torch.load` that runs no pickled code: tensors, plain containers and exactly `allowed_globals`.
 
-    Anything else in the file (a class, a function) is refused by name rather than executed.
+    Anything else in the file (a class, a function) is refused by name rather than executed, whether the file is
+    torch's zip form or a bare pickle.
     """
     import pickle
+    import warnings
 
     try:
-        with torch.serialization.safe_globals(list(allowed_globals)):
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed_globals)):
+            warnings.simplefilter("ignore")  # torch's advice on pickle protocols; what is refused is said below
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise MtnlgError(f"{path} holds a Python object {found.group(1)}, which mtnlg refuses to load "
+        name = found.group(1) if found else _foreign_global(path, allowed_globals)
+        if name:
+            raise MtnlgError(f"{path} holds a Python object {name}, which mtnlg refuses to load "
                              "because unpickling it could run arbitrary code") from None
         raise MtnlgError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(exc)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, KeyError) as exc:
         raise MtnlgError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(exc)})") from None
+
+
+def _foreign_global(path: Path, allowed_globals: Sequence) -> Optional[str]:
+    """The first object outside torch that a bare pickle (one torch's loader cannot even parse, such as protocol
+    4 and later) would import, read from its opcodes without running them; None if there is none."""
+    import pickletools
+
+    allowed = set()
+    for entry in allowed_globals:  # an object, or (object, the name a file may use for it)
+        obj, *names = entry if isinstance(entry, tuple) else (entry,)
+        allowed.update([f"{obj.__module__}.{obj.__qualname__}", *names])
+    memo: dict[int, Any] = {}
+    strings: list[str] = []
+    top: Any = None  # the last value pushed, for the memo
+    try:
+        with open(path, "rb") as f:
+            for opcode, argument, _ in pickletools.genops(f):
+                if opcode.name in ("GLOBAL", "INST"):
+                    name = str(argument).replace(" ", ".")
+                elif opcode.name == "STACK_GLOBAL":
+                    name = ".".join(strings[-2:])
+                else:
+                    if opcode.name == "MEMOIZE":
+                        memo[len(memo)] = top
+                    elif opcode.name.endswith("PUT"):
+                        memo[argument] = top
+                    else:
+                        top = memo.get(argument) if opcode.name.endswith("GET") else argument
+                        if isinstance(top, str):
+                            strings.append(top)
+                    continue
+                if not name.startswith(("torch.", "collections.OrderedDict")) and name not in allowed:
+                    return name
+    except (OSError, ValueError, EOFError):  # not a pickle, or truncated
+        return None
+    return None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -29,6 +29,7 @@ import torch
 
 from mtnlg_cli.atomic import PendingFile, write_text
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.reading import read_bytes
 from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                             folder_summary, load_torch_file, qkv_blocks_to_heads)
 from mtnlg_cli.model.architecture import Architecture
@@ -279,7 +280,7 @@ def _iteration_dir(directory: Path) -> Path:
     tracker = directory / TRACKER
     if not tracker.is_file():
         return directory
-    text = tracker.read_text(encoding="utf-8", errors="replace").strip()
+    text = read_bytes(tracker, "the iteration", limit=1 << 16).decode(errors="replace").strip()
     if text == "release":
         return directory / "release"
     if not text.isdigit():

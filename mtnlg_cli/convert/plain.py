@@ -48,8 +48,8 @@ def is_plain(directory: Path) -> bool:
     if not path.is_file():
         return False
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("format") == FORMAT
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return read_json(path).get("format") == FORMAT
+    except (MtnlgError, AttributeError):
         return False
 
 

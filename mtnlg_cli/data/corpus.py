@@ -1,8 +1,11 @@
 """Reading a corpus: files, directories and globs expanded in a stable order, cut into chunks, split into documents.
 
 The main process only reads bytes and cuts them into chunks at document boundaries (cheap, C-speed searches);
-worker processes decode the chunks and split them into documents. Chunks are bounded in size, so memory stays
-flat however large the corpus is (except for `document: file`, where one file is one document).
+worker processes decode the chunks and split them into documents. Chunks are bounded in size, and so are
+documents: one longer than `data.max_document_bytes` (a file with no line break, a `document: file` source of a
+huge file) is split into parts of at most that size at a line break, else a space, else a character boundary,
+and each part is a document. A JSONL line cannot be split; one longer than the bound is an error (or skipped, with
+`data.skip_bad_lines`). So memory stays flat however large the corpus and its documents are.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import codecs
 import glob
 import gzip
+import heapq
 import json
 import random
 import re
@@ -17,12 +21,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator, Literal, Optional
 
+from mtnlg_cli.config import DataConfig
 from mtnlg_cli.errors import MtnlgError
 
 CORPUS_SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
 CHUNK_BYTES = 1 << 18  # small enough to keep both workers busy to the end of a file
 _PARAGRAPH_BREAK = re.compile(rb"\n[ \t\r]*\n")
 _PARAGRAPH_SPLIT = re.compile(r"\n(?:[ \t\r]*\n)+")
+_LINE_BREAK = re.compile(rb"\n")
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,7 @@ class DocumentSpec:
     text_key: str = "text"  # for jsonl
     errors: Literal["strict", "replace"] = "strict"  # invalid UTF-8
     skip_bad_lines: bool = False  # malformed JSONL
+    max_document_bytes: int = DataConfig.max_document_bytes  # encoding takes ~60 bytes of memory per byte
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,8 @@ class Chunk:
     line: int  # 1-based line number of the first byte
     data: bytes
     raw_bytes: int  # bytes of the file on disk this chunk accounts for (compressed size for .gz)
+    split_document: bool = False  # the chunk ends in a document longer than the bound, which goes on in the next
+    skipped_lines: int = 0  # JSONL lines longer than the bound, skipped before this chunk
 
 
 def file_format(path: Path) -> Literal["txt", "jsonl"]:
@@ -115,29 +124,103 @@ def _last_boundary(data: bytes, spec: DocumentSpec) -> int:
     return end + 1 if end >= 0 else -1
 
 
+def _safe_cut(data: bytes, limit: int) -> int:
+    """Where to split a document longer than `limit` bytes: the last line break in the second half of its first
+    `limit` bytes, else the last space or tab there, else the last character boundary before `limit`."""
+    for separator in (b"\n", b" ", b"\t"):
+        found = data.rfind(separator, limit // 2, limit)
+        if found >= 0:
+            return found + 1
+    cut = limit
+    while cut > 0 and data[cut] & 0xC0 == 0x80:  # a UTF-8 continuation byte: not the start of a character
+        cut -= 1
+    return cut or limit
+
+
+def _overlong_document(data: bytes, end: int, spec: DocumentSpec) -> Optional[tuple[int, int]]:
+    """(start, stop) of the first document in `data[:end]` (whole documents) longer than the bound, else None."""
+    limit = spec.max_document_bytes
+    if end <= limit:
+        return None
+    start = 0
+    for separator in (_PARAGRAPH_BREAK if spec.format == "txt" and spec.document == "paragraph"
+                      else _LINE_BREAK).finditer(data, 0, end):
+        if separator.start() - start > limit:
+            return start, separator.start()
+        start = separator.end()
+    return (start, end) if end - start > limit else None
+
+
 def read_chunks(path: Path, spec: DocumentSpec, chunk_bytes: int = CHUNK_BYTES) -> Iterator[Chunk]:
-    """The file's bytes in chunks of about `chunk_bytes`, each ending at a document boundary."""
+    """The file's bytes in chunks of about `chunk_bytes`, each ending at a document boundary, or inside a document
+    longer than `spec.max_document_bytes` where it is split (see the module docstring)."""
     raw, stream = _open(path)
+    limit = spec.max_document_bytes
+    whole_file = spec.format == "txt" and spec.document == "file"
+    offset, line, accounted, skipped = 0, 1, 0, 0
+
+    def chunk(data: bytes, split: bool = False) -> Chunk:
+        nonlocal offset, line, accounted, skipped
+        position = raw.tell()
+        made = Chunk(str(path), offset, line, data, position - accounted, split, skipped)
+        accounted, skipped = position, 0
+        offset += len(data)
+        line += data.count(b"\n")
+        return made
+
+    def skip_line(length: int) -> None:
+        """Counts an overlong JSONL line of which `length` bytes (and its line break, if read) are dropped."""
+        nonlocal offset, skipped
+        if not spec.skip_bad_lines:
+            raise MtnlgError(f"{path}:{line}: a line longer than data.max_document_bytes ({limit:,} bytes); "
+                             "raise data.max_document_bytes, or set data.skip_bad_lines to skip such lines")
+        offset += length
+        skipped += 1
+
     with raw, stream:
-        offset, line, carry, accounted = 0, 1, b"", 0
+        carry, skipping = b"", False
         try:
             while True:
                 block = stream.read(chunk_bytes)
                 data = carry + block
+                if skipping:  # the rest of an overlong JSONL line
+                    newline = data.find(b"\n")
+                    offset += len(data) if newline < 0 else newline + 1
+                    line += newline >= 0
+                    data, skipping = (b"", True) if newline < 0 else (data[newline + 1:], False)
+                end = -1 if whole_file else _last_boundary(data, spec)
+                while end > 0:  # whole documents, but maybe one that is too long
+                    overlong = _overlong_document(data, end, spec)
+                    if overlong is None:
+                        yield chunk(data[:end])
+                        data = data[end:]
+                        break
+                    start, stop = overlong
+                    if start:
+                        yield chunk(data[:start])
+                        data, end, stop = data[start:], end - start, stop - start
+                    if spec.format == "jsonl":
+                        skip_line(stop + 1)
+                        line += 1
+                        data, end = data[stop + 1:], end - stop - 1
+                        continue
+                    while stop > limit:
+                        cut = _safe_cut(data, limit)
+                        yield chunk(data[:cut], split=True)
+                        data, end, stop = data[cut:], end - cut, stop - cut
+                while len(data) > limit:  # an unfinished document, already too long
+                    if spec.format == "jsonl":
+                        skip_line(len(data))
+                        data, skipping = b"", True
+                        break
+                    cut = _safe_cut(data, limit)
+                    yield chunk(data[:cut], split=True)
+                    data = data[cut:]
                 if not block:
-                    if data:
-                        yield Chunk(str(path), offset, line, data, raw.tell() - accounted)
+                    if data or skipped:
+                        yield chunk(data)
                     return
-                end = -1 if spec.format == "txt" and spec.document == "file" else _last_boundary(data, spec)
-                if end <= 0:
-                    carry = data
-                    continue
-                chunk, carry = data[:end], data[end:]
-                position = raw.tell()
-                yield Chunk(str(path), offset, line, chunk, position - accounted)
-                accounted = position
-                offset += len(chunk)
-                line += chunk.count(b"\n")
+                carry = data
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             raise MtnlgError(f"cannot read {path}: {exc}") from None
 
@@ -161,10 +244,11 @@ def decode(chunk: Chunk, errors: str) -> str:
 
 
 def chunk_documents(chunk: Chunk, spec: DocumentSpec) -> tuple[list[str], int]:
-    """The non-blank documents of a chunk, and how many malformed JSONL lines were skipped."""
+    """The non-blank documents of a chunk, and how many malformed or overlong JSONL lines were skipped."""
     text = decode(chunk, spec.errors)
     if spec.format == "jsonl":
-        return _jsonl_documents(text, chunk, spec)
+        docs, bad = _jsonl_documents(text, chunk, spec)
+        return docs, bad + chunk.skipped_lines
     if spec.document == "file":
         parts = [text.strip("\n")]
     elif spec.document == "paragraph":
@@ -219,15 +303,19 @@ def _unicode_or_none(value: str, errors: str) -> Optional[str]:
     return value
 
 
-def training_sentences(files: list[tuple[Path, DocumentSpec]], max_sentences: int, seed: int) -> list[str]:
-    """A uniform random sample (reservoir) of at most `max_sentences` lines of the corpus, for the tokenizer.
+def training_sentences(files: list[tuple[Path, DocumentSpec]], max_sentences: int, seed: int, *,
+                       max_bytes: int) -> list[str]:
+    """A uniform random sample of the corpus's lines for the tokenizer, in corpus order: at most `max_sentences`
+    of them and at most `max_bytes` bytes of UTF-8 text, so that memory stays bounded however long the lines
+    are. A corpus within both bounds is taken whole.
 
     Lines are cut into pieces of at most 1,000 characters: SentencePiece silently drops sentences longer than
     its `max_sentence_length` (4,192 bytes).
     """
     rng = random.Random(seed)
-    sample: list[str] = []
-    seen = 0
+    # each piece gets a random key and the pieces with the smallest keys that fit are kept: a max-heap on the key
+    kept: list[tuple[float, int, str, int]] = []  # (-key, position in the corpus, piece, its bytes)
+    kept_bytes = position = 0
     for path, spec in files:
         for chunk in read_chunks(path, spec):
             for doc in chunk_documents(chunk, spec)[0]:
@@ -236,11 +324,13 @@ def training_sentences(files: list[tuple[Path, DocumentSpec]], max_sentences: in
                         piece = line[start:start + 1000]
                         if piece.isspace():
                             continue
-                        seen += 1
-                        if len(sample) < max_sentences:
-                            sample.append(piece)
-                        else:
-                            slot = rng.randrange(seen)
-                            if slot < max_sentences:
-                                sample[slot] = piece
-    return sample
+                        position += 1
+                        key, size = rng.random(), len(piece.encode("utf-8"))
+                        full = len(kept) >= max_sentences or kept_bytes + size > max_bytes
+                        if full and (not kept or key >= -kept[0][0]):
+                            continue  # it would be the first to go
+                        heapq.heappush(kept, (-key, position, piece, size))
+                        kept_bytes += size
+                        while len(kept) > max_sentences or kept_bytes > max_bytes:
+                            kept_bytes -= heapq.heappop(kept)[3]
+    return [piece for _, _, piece, _ in sorted(kept, key=lambda entry: entry[1])]

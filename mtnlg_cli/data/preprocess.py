@@ -14,7 +14,6 @@ writes bytes, the workers decode, split and encode, and memory stays flat as the
 from __future__ import annotations
 
 import itertools
-import json
 import multiprocessing
 import os
 import re
@@ -36,6 +35,7 @@ from mtnlg_cli.data.tokenizer import HF_FILE, MODEL_FILE, Tokenizer, file_hash, 
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice, Progress, Reporter, ignore
 from mtnlg_cli.lock import WorkspaceLock
+from mtnlg_cli.reading import read_json
 from mtnlg_cli.workspace import Workspace
 
 MANIFEST_VERSION = 1
@@ -95,7 +95,8 @@ def plan_sources(workspace: Workspace, config: Config, sources: Optional[list[Da
             plan.files = expand_paths(source.path, workspace.root, f"{plan.key}.path")
             plan.specs = [DocumentSpec(format=file_format(f) if source.format == "auto" else source.format,
                                        document=source.document, text_key=source.text_key,
-                                       errors=config.data.errors, skip_bad_lines=config.data.skip_bad_lines)
+                                       errors=config.data.errors, skip_bad_lines=config.data.skip_bad_lines,
+                                       max_document_bytes=config.data.max_document_bytes)
                           for f in plan.files]
         plans.append(plan)
     return plans
@@ -161,7 +162,8 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
             raise MtnlgError("no text to train a tokenizer on (every source is a prebuilt .bin/.idx); "
                              "name a model with --tokenizer-model FILE or tokenizer.model_file")
         started = time.perf_counter()
-        sentences = training_sentences(files, config.tokenizer.max_sentences, config.train.seed)
+        sentences = training_sentences(files, config.tokenizer.max_sentences, config.train.seed,
+                                       max_bytes=config.tokenizer.sample_bytes)
         if not sentences:
             raise MtnlgError("the corpus holds no text to train a tokenizer on")
         tokenizer = train_tokenizer(sentences, workspace.tokenizer_dir, config.model.vocab_size,
@@ -178,12 +180,12 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
 
 def read_manifest(workspace: Workspace, name: str) -> Optional[dict]:
     path = manifest_path(workspace, name)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    if not (path.exists() or path.is_symlink()):
         return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise MtnlgError(f"cannot read the dataset manifest {path} ({exc}); rebuild with mtnlg preprocess --force")
+    try:
+        return read_json(path, "the dataset manifest")
+    except MtnlgError as exc:
+        raise MtnlgError(f"{exc}; rebuild the dataset with mtnlg preprocess --force") from None
 
 
 def _settings(plan: SourcePlan) -> dict:
@@ -316,7 +318,7 @@ def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], t
                    dtype: np.dtype, pool, workers: int, report: Reporter) -> SourceResult:
     started = time.perf_counter()
     total_bytes = sum(f["bytes"] for f in inputs)
-    documents = tokens = bad_lines = read_bytes = 0
+    documents = tokens = bad_lines = read_bytes = split_documents = 0
     window: deque = deque()  # results in input order; its bound keeps memory flat
 
     def write_oldest() -> None:
@@ -334,7 +336,10 @@ def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], t
 
     with IndexedDatasetWriter(workspace.tokenized_dir / plan.name, dtype) as writer:
         for path, spec in zip(plan.files, plan.specs):
+            splitting = False
             for chunk in read_chunks(path, spec):
+                split_documents += chunk.split_document and not splitting
+                splitting = chunk.split_document
                 window.append((pool.apply_async(_encode_in_worker, (chunk, spec, dtype)), chunk.raw_bytes))
                 if len(window) >= 2 * workers:
                     write_oldest()
@@ -356,6 +361,7 @@ def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], t
         "documents": documents,
         "tokens": tokens,
         "bad_lines_skipped": bad_lines,
+        "split_documents": split_documents,
         "settings": _settings(plan),
         "inputs": inputs,
         "seconds": round(seconds, 3),
@@ -364,4 +370,8 @@ def _encode_source(workspace: Workspace, plan: SourcePlan, inputs: list[dict], t
     })
     report(Progress(plan.name, read_bytes, total_bytes, unit="byte", done=True,
                     fields=f"{documents:,} docs {tokens / max(seconds, 1e-9) / 1e6:.2f}M tok/s"))
+    if split_documents:
+        report(Notice(f"{plan.name}: {split_documents:,} document{'s' if split_documents > 1 else ''} longer than "
+                      f"data.max_document_bytes ({plan.specs[0].max_document_bytes:,} bytes) "
+                      f"{'were' if split_documents > 1 else 'was'} split into parts"))
     return SourceResult(plan.name, "built", documents, tokens, bad_lines, seconds)

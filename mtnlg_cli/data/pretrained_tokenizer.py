@@ -17,12 +17,12 @@ Text is encoded without special tokens; `prefix_ids` and `eos_id` frame a docume
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from mtnlg_cli.data.tokenizer import HF_FILE, Tokenizer, file_hash
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.reading import read_json
 
 CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
@@ -41,10 +41,7 @@ def read_json_file(path: Path) -> dict[str, Any]:
     """A JSON object from `path`, {} when the file does not exist."""
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MtnlgError(f"{path} is truncated or not JSON ({exc})") from None
+    data = read_json(path, "a tokenizer file")
     if not isinstance(data, dict):
         raise MtnlgError(f"{path} is not a JSON object")
     return data

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.reading import read_text
 
 ProgressFn = Callable[[int, int], None]  # (batches done, batches in total) on this process
 
@@ -280,14 +281,9 @@ def evaluate_choice(model: torch.nn.Module, tokenizer, items: Sequence[ChoiceIte
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise MtnlgError(f"no such file: {path}") from None
-    except UnicodeDecodeError as exc:
-        raise MtnlgError(f"{path} is not UTF-8 text (byte {exc.start})") from None
-    except OSError as exc:
-        raise MtnlgError(f"cannot read {path}: {exc.strerror}") from None
+    if not Path(path).exists():
+        raise MtnlgError(f"no such file: {path}")
+    return read_text(path, "a task or data file")
 
 
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:

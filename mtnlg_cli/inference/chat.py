@@ -18,13 +18,13 @@ end-of-sequence tokens. A pretrained model without one (a base model such as GPT
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
 from mtnlg_cli import atomic
+from mtnlg_cli.reading import read_json
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.config import SamplingSettings
 from mtnlg_cli.inference.engine import Generator
@@ -168,10 +168,7 @@ class ChatSession:
     def load(self, path: Path) -> None:
         """Replaces the conversation with one saved by `save`."""
         path = Path(path).expanduser()
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise MtnlgError(f"cannot read a conversation from {path}: {exc}") from None
+        data = read_json(path, "a conversation")
         messages = data.get("messages") if isinstance(data, dict) else None
         system = data.get("system_prompt") if isinstance(data, dict) else None
         if not isinstance(messages, list) or not all(

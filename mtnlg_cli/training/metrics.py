@@ -18,6 +18,7 @@ import torch
 
 from mtnlg_cli.atomic import AppendLog, write_json
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.reading import read_json
 
 
 def measure_matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device | str = "cpu",
@@ -61,9 +62,9 @@ def peak_matmul_rate(shapes: list[tuple[int, int, int]], device: torch.device | 
     key = f"{name}|{dtype}|{sorted(set(shapes))}"
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtnlg" / "matmul_rates.json"
     try:
-        known = json.loads(cache.read_text(encoding="utf-8"))
+        known = read_json(cache, "the matmul rates")
         known = known if isinstance(known, dict) else {}
-    except (OSError, ValueError):
+    except MtnlgError:
         known = {}
     best = max(measure_matmul_rate(shapes, device, dtype, min_seconds=0.3), float(known.get(key, 0) or 0))
     known[key] = best
