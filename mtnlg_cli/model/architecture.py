@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, fields
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 # How tensor parallelism splits a tensor (Megatron's scheme): "column" splits the output features (dim 0 of an
 # [out, in] weight, and its bias), "row" the input features (dim 1), "vocab" the embedding's rows; None keeps it
@@ -144,8 +144,9 @@ class Architecture:
 
     # --- the tensor table -----------------------------------------------------------------------------------------
 
-    def tensors(self) -> list[TensorSpec]:
-        """Every weight of the model, in the order of `GPT(self).state_dict()`.
+    def tensors(self, layers: Optional[Iterable[int]] = None) -> list[TensorSpec]:
+        """Every weight of the model, in the order of `GPT(self).state_dict()`; with `layers`, only the weights of
+        those layers and those outside the layers (the sizes below need one layer, not a table of 10^5).
 
         The fused qkv rows are ordered by query group, [group, (its q heads | k | v), head_dim], so that a
         column split hands each tensor-parallel rank whole groups (with one group per head: [head, q|k|v]).
@@ -167,7 +168,7 @@ class Architecture:
                  ("mlp.gate.bias", (f,), "bias", "column", self.swiglu and bias),
                  ("mlp.fc.weight", (f, h), "linear", "column", True), ("mlp.fc.bias", (f,), "bias", "column", bias),
                  ("mlp.proj.weight", (h, f), "linear", "row", True), ("mlp.proj.bias", (h,), "bias", None, bias)]
-        for layer in range(self.num_layers):
+        for layer in range(self.num_layers) if layers is None else layers:
             table += [TensorSpec(f"layers.{layer}.{role}", role, shape, kind, layer, split)
                       for role, shape, kind, split, present in block if present]
         table.append(TensorSpec("ln_f.weight", "ln_f.weight", (h,), "norm"))
@@ -185,18 +186,19 @@ class Architecture:
 
     def parameter_count(self, tensor_parallel: int = 1) -> int:
         """Parameters of the model, or of one tensor-parallel rank (a tied output head adds none)."""
-        return sum(t.numel_per_rank(tensor_parallel) for t in self.tensors())
+        outside_layers = sum(t.numel_per_rank(tensor_parallel) for t in self.tensors(layers=()))
+        return outside_layers + self.num_layers * self.layer_parameter_count(tensor_parallel)
 
     def layer_parameter_count(self, tensor_parallel: int = 1) -> int:
         """Parameters of one transformer layer held by one tensor-parallel rank."""
-        return sum(t.numel_per_rank(tensor_parallel) for t in self.tensors() if t.layer == 0)
+        return sum(t.numel_per_rank(tensor_parallel) for t in self.tensors(layers=(0,)) if t.layer == 0)
 
     def embedding_parameter_count(self, tensor_parallel: int = 1) -> int:
         """The token embedding (vocabulary-parallel) and any position embedding, on one tensor-parallel rank."""
-        return sum(t.numel_per_rank(tensor_parallel) for t in self.tensors() if t.kind == "embedding")
+        return sum(t.numel_per_rank(tensor_parallel) for t in self.tensors(layers=()) if t.kind == "embedding")
 
     def final_norm_parameter_count(self) -> int:
-        return sum(t.numel for t in self.tensors() if t.layer is None and t.kind == "norm")
+        return sum(t.numel for t in self.tensors(layers=()) if t.layer is None and t.kind == "norm")
 
     def output_head_parameter_count(self, tensor_parallel: int = 1) -> int:
         """The output projection's parameters on one rank: its own, or a tied head's copy of the token embedding
@@ -207,7 +209,7 @@ class Architecture:
 
     def layer_matmul_shapes(self) -> list[tuple[int, int]]:
         """(inner, outer) sizes of one layer's weight products: the (in, out) of each linear weight."""
-        return [(t.shape[1], t.shape[0]) for t in self.tensors() if t.layer == 0 and t.kind == "linear"]
+        return [(t.shape[1], t.shape[0]) for t in self.tensors(layers=(0,)) if t.layer == 0 and t.kind == "linear"]
 
     def matmul_shapes(self, tokens: int) -> list[tuple[int, int, int]]:
         """(rows, inner, cols) of every weight product of a forward pass over `tokens` tokens, the head included."""
