@@ -182,10 +182,7 @@ def read_manifest(workspace: Workspace, name: str) -> Optional[dict]:
     path = manifest_path(workspace, name)
     if not (path.exists() or path.is_symlink()):
         return None
-    try:
-        return read_json(path, "the dataset manifest")
-    except MtnlgError as exc:
-        raise MtnlgError(f"{exc}; rebuild the dataset with mtnlg preprocess --force") from None
+    return read_json(path, "the dataset manifest")
 
 
 def _settings(plan: SourcePlan) -> dict:
