@@ -276,9 +276,9 @@ def test_bad_inputs_are_one_line_errors_and_leave_the_output_untouched(source, t
     message = refused("convert", "import", misshapen, "-w", ws.root)
     assert "wpe.weight has shape (64, 64)" in message and "implies (128, 64)" in message
 
-    llama = {**config, "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    (misshapen / "config.json").write_text(json.dumps(llama))
-    assert "unsupported architecture 'LlamaForCausalLM'" in refused("convert", "import", misshapen, "-w", ws.root)
+    falcon = {**config, "model_type": "falcon", "architectures": ["FalconForCausalLM"]}
+    (misshapen / "config.json").write_text(json.dumps(falcon))
+    assert "unsupported architecture 'FalconForCausalLM'" in refused("convert", "import", misshapen, "-w", ws.root)
     (misshapen / "config.json").write_text(json.dumps({**config, "activation_function": "relu"}))
     assert "unsupported activation_function 'relu'" in refused("convert", "import", misshapen, "-w", ws.root)
 

@@ -251,3 +251,39 @@ def test_a_checkpoint_whose_options_disagree_with_the_config_is_one_line(llama_w
     assert "is a model with swiglu=True, but the config gives swiglu=False" in result.stderr
     loaded = run_cli("generate", "--set", "model.num_query_groups=4", "x", cwd=llama_workspace.root)
     assert loaded.returncode == 0  # inference builds the model from the checkpoint's own architecture
+
+
+def test_a_trained_llama_style_model_exports_as_llama_for_causal_lm_with_its_tokenizer(llama_workspace, tmp_path):
+    """transformers loads the export (and mtnlg's SentencePiece tokenizer as tokenizer.json) with no missing or
+    unexpected keys; its logits and greedy tokens are mtnlg's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtnlg_cli.checkpoint import load_for_inference
+    from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference.engine import Generator
+
+    from typer.testing import CliRunner
+
+    from mtnlg_cli.cli import app
+
+    out = tmp_path / "hf"
+    exported = CliRunner().invoke(app, ["convert", "export", str(out), "--to", "hf", "-w", str(llama_workspace.root)])
+    assert exported.exit_code == 0, exported.output
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()), info
+    hf.eval()
+    model, tokenizer, _ = load_for_inference(llama_workspace)
+    text = "It is a truth universally acknowledged, 床前明月光"
+    assert AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tokenizer.prompt_ids(text)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 64))
+    with torch.no_grad():
+        assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
+    prompt = tokenizer.prompt_ids("It is a truth")
+    [ours] = Generator(model, tokenizer).generate([prompt], SamplingSettings(max_new_tokens=12, temperature=0.0))
+    banned = [*tokenizer.never_sampled, *range(tokenizer.vocab_size, model.config.vocab_size)]
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                             suppress_tokens=banned or None)[0, len(prompt):].tolist()
+    expected = theirs[:theirs.index(tokenizer.eos_id) + 1] if tokenizer.eos_id in theirs else theirs
+    assert ours.tokens + ([tokenizer.eos_id] if ours.finish_reason == "eos" else []) == expected and ours.tokens

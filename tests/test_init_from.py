@@ -220,12 +220,12 @@ def test_bad_sources_are_one_line_errors_that_write_nothing(model_folder, tmp_pa
     (disagree / "config.json").write_text(json.dumps({**config, "n_layer": 3}))
     assert "the weights lack tensor transformer.h.2.ln_1.weight" in refused("init", target, "--from", disagree)
 
-    llama = broken("llama")
-    (llama / "config.json").write_text(json.dumps({**config, "architectures": ["LlamaForCausalLM"],
-                                                   "model_type": "llama"}))
-    assert "unsupported architecture 'LlamaForCausalLM'" in refused("init", target, "--from", llama)
-    (llama / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
-    assert "unsupported scale_attn_by_inverse_layer_idx True" in refused("init", target, "--from", llama)
+    falcon = broken("falcon")
+    (falcon / "config.json").write_text(json.dumps({**config, "architectures": ["FalconForCausalLM"],
+                                                    "model_type": "falcon"}))
+    assert "unsupported architecture 'FalconForCausalLM'" in refused("init", target, "--from", falcon)
+    (falcon / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
+    assert "unsupported scale_attn_by_inverse_layer_idx True" in refused("init", target, "--from", falcon)
 
     pickled = broken("pickled")
     from safetensors.torch import load_file

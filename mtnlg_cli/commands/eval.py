@@ -135,7 +135,7 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
             sources = _perplexity_sources(ws, config, data, split, text_key, tokenizer, rank)
             for name, documents in sources:
                 scored(name, lambda m, report: ev.evaluate_perplexity(
-                    m, documents, tokenizer.eos_id, context, stride, batch_size, report).metrics())
+                    m, documents, tokenizer.document_start_id, context, stride, batch_size, report).metrics())
         elif task is Task.cloze:
             for name, items in _cloze_sources(data, build_from, min_words):
                 scored(name, lambda m, report: ev.evaluate_cloze(m, tokenizer, items, context, batch_size, report))
@@ -229,7 +229,9 @@ def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank) -> 
         for ids in split_documents(ws, config, split):
             tokens = ids.tolist()
             if tokens and tokens[-1] == tokenizer.eos_id:
-                tokens.pop()  # documents are scored after an end-of-document token, as text given with --data is
+                tokens.pop()  # documents are scored after their start token, as text given with --data is
+            if tokenizer.prefix_ids and tuple(tokens[:len(tokenizer.prefix_ids)]) == tokenizer.prefix_ids:
+                tokens = tokens[len(tokenizer.prefix_ids):]
             documents.append(ev.Document(tokens, len(tokenizer.decode(tokens).encode("utf-8"))))
         sources.append((split, documents))
     return sources

@@ -17,6 +17,7 @@ import torch
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.lock import WorkspaceLock
 from mtnlg_cli.checkpoint import Checkpoint, save_checkpoint, step_dir_name
+from mtnlg_cli.config import ModelConfig, RopeScaling
 from mtnlg_cli.convert.common import (DTYPES, Weights, check_shapes, folder_summary,
                                             parse_size, staged_output)
 from mtnlg_cli.convert.gguf_file import export_gguf
@@ -136,13 +137,7 @@ def _import_weights(workspace, weights: Weights, step: Optional[int], source: st
                          f"{weights.config.vocab_size}")
 
     config = workspace.load_config()
-    c = weights.config
-    model = dataclasses.replace(
-        config.model, num_layers=c.num_layers, hidden_size=c.hidden_size, num_heads=c.num_heads,
-        ffn_hidden_size=None if c.ffn_hidden_size == 4 * c.hidden_size else c.ffn_hidden_size,
-        max_position_embeddings=c.max_position_embeddings,
-        seq_length=min(config.model.seq_length, c.max_position_embeddings), vocab_size=vocab_size,
-        init_method_std=c.init_method_std, norm_epsilon=c.norm_epsilon)
+    model = _model_section(config.model, weights.config, vocab_size)
     changed = [f"{f.name} {getattr(config.model, f.name)} -> {getattr(model, f.name)}"
                for f in dataclasses.fields(model) if getattr(config.model, f.name) != getattr(model, f.name)]
     config = dataclasses.replace(config, model=model).validate()
@@ -172,6 +167,21 @@ def _import_weights(workspace, weights: Weights, step: Optional[int], source: st
         notes.append(f"mtnlg.yaml's model section differs from the imported model ({', '.join(changed)}); "
                      "set these keys before training from this checkpoint")
     return path, notes
+
+
+def _model_section(current: ModelConfig, architecture: Architecture, vocab_size: int) -> ModelConfig:
+    """The config's `model` section changed to describe `architecture`, with the tokenizer's `vocab_size`; keys
+    that already describe it (an unset ffn_hidden_size whose default is the model's) stay as they are."""
+    values = {key: value for key, value in architecture.to_dict().items() if key not in ("vocab_size", "dropout")}
+    if values["rope_scaling"] is not None:
+        values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
+    model = dataclasses.replace(current, **values, vocab_size=vocab_size,
+                                seq_length=min(current.seq_length, architecture.max_position_embeddings))
+    if dataclasses.replace(model, ffn_hidden_size=None).ffn_size == architecture.ffn_hidden_size:
+        model = dataclasses.replace(model, ffn_hidden_size=None)
+    if model.num_query_groups == model.num_heads:
+        model = dataclasses.replace(model, num_query_groups=None)
+    return model
 
 
 def _fit_vocabulary(wte: torch.Tensor, rows: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ from mtnlg_cli.atomic import copy_file, write_json, write_text
 from mtnlg_cli.config import Config
 from mtnlg_cli.convert.common import (folder_summary, has_safetensors, load_torch_file, read_json,
                                       safetensors_entries, write_safetensors_streamed)
-from mtnlg_cli.convert.hf import BIN_FILE, Family, architecture_of, family_of, from_hf
+from mtnlg_cli.convert.hf import BIN_FILE, Family, architecture_of, check_tensors, converted_tensors, family_of
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice, Progress, Reporter, ignore
 from mtnlg_cli.model.architecture import Architecture
@@ -45,9 +45,8 @@ HUB_FILES = ["config.json", "generation_config.json", "tokenizer.json", "tokeniz
 HUB_PICKLE_FILES = [BIN_FILE, "pytorch_model-*-of-*.bin", f"{BIN_FILE}.index.json"]
 LICENSE_FILES = ("LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*")
 CONTINUED_PRETRAINING = {"lr": 1e-4, "min_lr": 1e-5}  # a pretrained model should keep what it knows
-# the model.* keys that decide the model and its outputs: the config may not change them
-MODEL_KEYS = ("vocab_size", "max_position_embeddings", "num_layers", "hidden_size", "num_heads", "ffn_hidden_size",
-              "norm_epsilon")
+# the model.* keys that only training reads; the config may change them, but none of the others
+TRAINING_ONLY_KEYS = ("dropout", "init_method_std")
 
 
 class PickledWeightsOnly(MtnlgError):
@@ -74,7 +73,7 @@ class ImportPlan:
     settings: dict  # model.* keys
     config: Architecture
     tokenizer: object  # a loaded `Tokenizer`
-    read_tensor: Callable[[str], torch.Tensor]  # Hugging Face name (without the prefix) -> tensor
+    read_tensor: Callable[[str], torch.Tensor]  # Hugging Face name (`Family.canonical`) -> tensor
     weight_files: list[str] = field(default_factory=list)
 
     @property
@@ -177,10 +176,10 @@ def plan_import(source: Source, allow_pickle: bool = False) -> ImportPlan:
 
 def _weights(folder: Path, name: str, family: Family, config: Architecture,
              allow_pickle: bool) -> tuple[Callable[[str], torch.Tensor], list[str]]:
-    """A reader of each tensor by its Hugging Face name (without the prefix), after checking every name, shape and
+    """A reader of each tensor by its Hugging Face name (`Family.canonical`), after checking every name, shape and
     type against the config; and the weight files."""
     if has_safetensors(folder):
-        entries = {key.removeprefix(family.prefix): entry for key, entry in safetensors_entries(folder).items()}
+        entries = {family.canonical(key): entry for key, entry in safetensors_entries(folder).items()}
         shapes = {key: entry.shape for key, entry in entries.items()}
         dtypes = {key: entry.dtype for key, entry in entries.items()}
         files = sorted({entry.file.name for entry in entries.values()})
@@ -198,37 +197,13 @@ def _weights(folder: Path, name: str, family: Family, config: Architecture,
             loaded = load_torch_file(folder / file)
             if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
                 raise MtnlgError(f"{folder / file} is not a state dict of tensors")
-            tensors.update({key.removeprefix(family.prefix): t for key, t in loaded.items()})
+            tensors.update({family.canonical(key): t for key, t in loaded.items()})
         shapes = {key: tuple(t.shape) for key, t in tensors.items()}
         dtypes = {key: t.dtype for key, t in tensors.items()}
         files = bins
+        read = tensors.__getitem__
 
-        def read(key: str) -> torch.Tensor:
-            return tensors[key]
-
-    stored = {key for key in shapes if not family.buffers.match(key)}
-    expected = family.hf_shapes(config)
-    where = f"{name}: config.json and the weights disagree"
-    missing = [key for key in expected if key not in stored]
-    if missing:
-        raise MtnlgError(f"{where}: the weights lack tensor {family.prefix}{missing[0]}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = [key for key in stored if key not in expected and key != family.tied_head]
-    if unexpected:
-        raise MtnlgError(f"{where}: tensor {unexpected[0]} is not part of the model config.json describes"
-                         + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
-    for key, shape in expected.items():
-        if shapes[key] != shape:
-            raise MtnlgError(f"{where}: tensor {family.prefix}{key} has shape {shapes[key]}, config.json implies "
-                             f"{shape}")
-        if not dtypes[key].is_floating_point:
-            raise MtnlgError(f"{name}: tensor {family.prefix}{key} is stored as {dtypes[key]}; mtnlg imports "
-                             "floating-point weights (not quantized ones)")
-    if family.tied_head in stored:
-        embedding = family.embedding
-        if not torch.equal(read(family.tied_head).float(), read(embedding).float()):
-            raise MtnlgError(f"{name}: unsupported architecture: an output head ({family.tied_head}) that is not "
-                             f"tied to the token embedding ({family.prefix}{embedding})")
+    check_tensors(family, config, shapes, dtypes, read, name)
     return read, files
 
 
@@ -240,7 +215,7 @@ def model_section(plan: ImportPlan) -> dict:
     """`model.*` settings that describe the imported model exactly (the embedding unpadded, or padded as mtnlg
     padded its own tokenizer's vocabulary), with training sequences as long as the model's context."""
     settings = dict(plan.settings)
-    if settings["ffn_hidden_size"] == 4 * settings["hidden_size"]:
+    if not settings["swiglu"] and settings["ffn_hidden_size"] == 4 * settings["hidden_size"]:
         settings["ffn_hidden_size"] = None
     settings["seq_length"] = settings["max_position_embeddings"]
     settings["make_vocab_size_divisible_by"] = 1
@@ -265,11 +240,11 @@ def import_config(plan: ImportPlan, template: str, overrides: list[str]) -> Conf
     data["model"] = {**(data.get("model") or {}), **model_section(plan)}
     data["train"] = {**(data.get("train") or {}), **CONTINUED_PRETRAINING}
     config = load_config(data, overrides, f"template {template} with {plan.source.name}")
-    built = Architecture.from_model_config(config.model)
-    for key in MODEL_KEYS:
-        if getattr(built, key) != getattr(plan.config, key):
-            raise MtnlgError(f"the settings make model.{key} {getattr(built, key)}, but {plan.source.name} has "
-                             f"{getattr(plan.config, key)}; the model's shape comes from its config.json")
+    built, imported = Architecture.from_model_config(config.model).to_dict(), plan.config.to_dict()
+    for key, value in imported.items():
+        if key not in TRAINING_ONLY_KEYS and built[key] != value:
+            raise MtnlgError(f"the settings make model.{key} {built[key]}, but {plan.source.name} has {value}; the "
+                             "model comes from its config.json")
     return config
 
 
@@ -322,18 +297,15 @@ def _write_checkpoint(plan: ImportPlan, config: Config, root: Path, report: Repo
     from mtnlg_cli.checkpoint import save_checkpoint
 
     shapes = plan.config.state_dict_shapes()
-    names = {ours: (theirs, layout) for ours, theirs, layout in plan.family.tensor_names(plan.config)}
     total = plan.model_bytes
     started = time.perf_counter()
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         done = 0
         report(Progress("weights", 0, total, "byte"))
-        for ours, shape in shapes.items():
-            theirs, layout = names[ours]
-            tensor = from_hf(plan.read_tensor(theirs), layout, plan.config.num_heads)
+        for ours, tensor in converted_tensors(plan.family, plan.config, plan.read_tensor):
             yield ours, tensor
-            done += 4 * math.prod(shape)
+            done += 4 * math.prod(shapes[ours])
             report(Progress("weights", done, total, "byte", done=done == total))
 
     def write(path: Path) -> None:

@@ -98,6 +98,12 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; `decode(encode(text)) == text` for any text."""
 
+    @property
+    def document_start_id(self) -> int:
+        """The token that scoring puts before a document's first: the last of `prefix_ids` where the model's
+        documents start with them (Llama's beginning-of-sequence token), else the previous document's end."""
+        return self.prefix_ids[-1] if self.prefix_ids else self.eos_id
+
     def prompt_ids(self, text: str) -> list[int]:
         """A prompt as the model saw documents start in training: `prefix_ids`, then the text."""
         return [*self.prefix_ids, *self.encode(text)]

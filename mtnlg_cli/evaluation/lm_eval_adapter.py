@@ -59,15 +59,15 @@ class MtnlgLM(LM):
         return self.tokenizer.hash
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        spans = [ev.pair_span(*ev.encode_pair(self.tokenizer, context, continuation, self.tokenizer.eos_id),
-                              self.max_length)
+        start = self.tokenizer.document_start_id
+        spans = [ev.pair_span(*ev.encode_pair(self.tokenizer, context, continuation, start), self.max_length)
                  for context, continuation in (request.args for request in requests)]
         scores = ev.score_spans(self.model, spans, self.batch_size)
         return [(float(lp), bool(greedy)) for lp, greedy in zip(scores.logprob, scores.greedy)]
 
     def loglikelihood_rolling(self, requests) -> list[float]:
         documents = [self.tokenizer.encode(text) for (text,) in (request.args for request in requests)]
-        logprobs = ev.document_logprobs(self.model, documents, self.tokenizer.eos_id, self.max_length,
+        logprobs = ev.document_logprobs(self.model, documents, self.tokenizer.document_start_id, self.max_length,
                                         self.stride, self.batch_size)
         return [float(lp) for lp in logprobs]
 

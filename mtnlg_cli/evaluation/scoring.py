@@ -5,10 +5,10 @@ sequence given the tokens before them, and whether each of those tokens is the m
 are measured the way EleutherAI's lm-evaluation-harness measures them, so numbers agree with the harness (and
 with `mtnlg_cli.evaluation.lm_eval_adapter`):
 
-- Perplexity: each document is scored on its own, after an end-of-document token (the context every document
-  has in training), with windows of `context` tokens that start every `stride` tokens; each window scores only
-  the tokens the previous one did not reach, so every token is scored once, with at least `context - stride`
-  tokens of context. Bits per byte is the total negative log-likelihood in bits over the UTF-8 bytes of the
+- Perplexity: each document is scored on its own, after the token that starts it in training (the tokenizer's
+  `document_start_id`: a beginning-of-sequence token, else the previous document's end), with windows of
+  `context` tokens that start every `stride` tokens; each window scores only the tokens the previous one did not
+  reach, so every token is scored once, with at least `context - stride` tokens of context. Bits per byte is the total negative log-likelihood in bits over the UTF-8 bytes of the
   text, which does not depend on the tokenizer.
 - Cloze (LAMBADA): the context is the text up to the last space, the target the space and the last word.
   Accuracy counts items whose target tokens are all greedy; perplexity is exp(-mean log p(target)).
@@ -250,7 +250,7 @@ def evaluate_cloze(model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem]
     """LAMBADA-style scores: accuracy (the last word is the greedy continuation) and last-word perplexity."""
     if not items:
         raise MtnlgError("nothing to evaluate: the task has no items")
-    spans = [pair_span(*encode_pair(tokenizer, item.context, item.target, tokenizer.eos_id), context)
+    spans = [pair_span(*encode_pair(tokenizer, item.context, item.target, tokenizer.document_start_id), context)
              for item in items]
     scores = score_spans(model, spans, batch_size, progress)
     return {"acc": float(scores.greedy.double().mean()), "perplexity": math.exp(-float(scores.logprob.mean())),
@@ -262,7 +262,7 @@ def evaluate_choice(model: torch.nn.Module, tokenizer, items: Sequence[ChoiceIte
     """Multiple-choice accuracy by log-likelihood (`acc`) and by log-likelihood per character (`acc_norm`)."""
     if not items:
         raise MtnlgError("nothing to evaluate: the task has no items")
-    spans = [pair_span(*encode_pair(tokenizer, item.context, delimiter + choice, tokenizer.eos_id), context)
+    spans = [pair_span(*encode_pair(tokenizer, item.context, delimiter + choice, tokenizer.document_start_id), context)
              for item in items for choice in item.choices]
     scores = score_spans(model, spans, batch_size, progress).logprob
     correct = correct_norm = 0
