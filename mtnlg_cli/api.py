@@ -254,8 +254,8 @@ class MegatronLM:
 
     def evaluate(self, text: str | Sequence[str], context: Optional[int] = None) -> float:
         """Perplexity of `text` (or of a list of documents), scored as `mtnlg eval --data` scores a file: each
-        document on its own after the token that starts documents in training, with windows of `context` tokens (default: the
-        training sequence length) sliding by half a window."""
+        document on its own after the token that starts documents in training, with windows of `context` tokens
+        (default: the training sequence length) sliding by half a window."""
         from mtnlg_cli.evaluation.scoring import Document, evaluate_perplexity
 
         model, tokenizer, checkpoint = self._inference()
@@ -265,7 +265,8 @@ class MegatronLM:
         if not 1 <= context <= model.config.max_position_embeddings:
             raise MtnlgError(f"context={context} must be between 1 and the model's "
                              f"max_position_embeddings={model.config.max_position_embeddings}")
-        return evaluate_perplexity(model, documents, tokenizer.document_start_id, context, max(1, context // 2)).perplexity
+        return evaluate_perplexity(model, documents, tokenizer.document_start_id, context,
+                                   max(1, context // 2)).perplexity
 
     def chat(self, message: Optional[str] = None, system_prompt: Optional[str] = None, **settings: Any):
         """With a `message`: the assistant's reply, keeping the conversation on this object for the next call.

@@ -330,3 +330,53 @@ def test_every_setting_of_the_architecture_is_fixed_or_read_by_each_family():
         described = set(family.fixed) | {key.ours for key in family.config_keys}
         unused = {"rotary_base"} if family.fixed["position_embedding_type"] == "learned_absolute" else set()
         assert described | unused == {f.name for f in fields(Architecture)}, family.architecture
+
+
+# The published config.json files (as on the Hub, in the layout transformers 4 wrote) of the models the README
+# names: mtnlg reads each as exactly its preset, and names every tensor as transformers' own model of it does.
+PUBLISHED = {
+    "smollm2-135m": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 0,
+        "eos_token_id": 0, "hidden_act": "silu", "hidden_size": 576, "initializer_range": 0.041666666666666664,
+        "intermediate_size": 1536, "is_llama_config": True, "max_position_embeddings": 8192, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 9, "num_hidden_layers": 30, "num_key_value_heads": 3,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_interleaved": False, "rope_scaling": None,
+        "rope_theta": 100000, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 49152},
+    "llama-3.2-1b": {
+        "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu", "hidden_size": 2048,
+        "initializer_range": 0.02, "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+        "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+        "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+        "vocab_size": 128256},
+    "qwen2.5-0.5b": {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+        "eos_token_id": 151643, "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02,
+        "intermediate_size": 4864, "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2",
+        "num_attention_heads": 14, "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+        "use_cache": True, "use_mrope": False, "use_sliding_window": False, "vocab_size": 151936},
+}
+
+
+@pytest.mark.parametrize("preset", list(PUBLISHED))
+def test_published_configs_read_as_their_presets_with_transformers_tensor_names(preset):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from mtnlg_cli.convert.hf import architecture_of, family_of
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.workspace import template_config
+
+    hf = PUBLISHED[preset]
+    family = family_of(hf, Path("config.json"))
+    architecture = architecture_of(family.model_settings(hf, Path("config.json")))
+    assert architecture == Architecture.from_model_config(template_config(preset).model)
+    config = AutoConfig.for_model(hf["model_type"], **{k: v for k, v in hf.items() if k != "model_type"})
+    with torch.device("meta"):
+        reference = AutoModelForCausalLM.from_config(config)
+    theirs = {name: tuple(t.shape) for name, t in reference.state_dict().items() if name != "lm_head.weight"}
+    assert family.hf_shapes(architecture) == theirs

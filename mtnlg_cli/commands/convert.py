@@ -19,8 +19,9 @@ def convert_command(
     path: Annotated[Path, typer.Argument(help="export: the folder to write; import: the folder to read.",
                                          show_default=False)],
     to: Annotated[Optional[Literal["safetensors", "hf", "megatron", "gguf"]], typer.Option(
-        "--to", help="export: plain safetensors (default), a Hugging Face GPT2LMHeadModel folder, a "
-        "Megatron-LM legacy GPT checkpoint, or one GGUF file for llama.cpp (PATH is the file).",
+        "--to", help="export: plain safetensors (default), a Hugging Face folder (LlamaForCausalLM, "
+        "Qwen2ForCausalLM or GPT2LMHeadModel, as the model is), a Megatron-LM legacy GPT checkpoint, or one GGUF "
+        "file for llama.cpp (PATH is the file).",
         show_default=False)] = None,
     source_format: Annotated[Optional[Literal["auto", "hf", "megatron", "safetensors"]], typer.Option(
         "--from", help="import: the format of PATH (default: detected).", show_default=False)] = None,

@@ -1,4 +1,5 @@
-"""Weights out of and into mtnlg: plain safetensors, Hugging Face GPT-2, Megatron-LM legacy GPT.
+"""Weights out of and into mtnlg: plain safetensors, Hugging Face (GPT-2, Llama, Mistral, Qwen2), Megatron-LM
+legacy GPT.
 
 Every format converts to and from one `Weights` (mtnlg's tensor names, padded vocabulary, the architecture as a
 `Architecture`), so an export is `weights_from_checkpoint` then one writer, and an import is one reader then

@@ -213,11 +213,13 @@ def _weights(folder: Path, name: str, family: Family, config: Architecture,
 
 def model_section(plan: ImportPlan) -> dict:
     """`model.*` settings that describe the imported model exactly (the embedding unpadded, or padded as mtnlg
-    padded its own tokenizer's vocabulary), with training sequences as long as the model's context."""
+    padded its own tokenizer's vocabulary), with training sequences as long as the model's pretraining context."""
     settings = dict(plan.settings)
     if not settings["swiglu"] and settings["ffn_hidden_size"] == 4 * settings["hidden_size"]:
         settings["ffn_hidden_size"] = None
-    settings["seq_length"] = settings["max_position_embeddings"]
+    # the context the model was pretrained with: before a Llama 3 rope scaling stretched it (to 128K tokens)
+    settings["seq_length"] = (settings["rope_scaling"] or {}).get("original_max_position_embeddings",
+                                                                 settings["max_position_embeddings"])
     settings["make_vocab_size_divisible_by"] = 1
     tokenizer, rows = plan.tokenizer, plan.config.vocab_size
     if tokenizer.backend == "sentencepiece":  # mtnlg's own export: model.vocab_size is its tokenizer's

@@ -8,8 +8,8 @@ with `mtnlg_cli.evaluation.lm_eval_adapter`):
 - Perplexity: each document is scored on its own, after the token that starts it in training (the tokenizer's
   `document_start_id`: a beginning-of-sequence token, else the previous document's end), with windows of
   `context` tokens that start every `stride` tokens; each window scores only the tokens the previous one did not
-  reach, so every token is scored once, with at least `context - stride` tokens of context. Bits per byte is the total negative log-likelihood in bits over the UTF-8 bytes of the
-  text, which does not depend on the tokenizer.
+  reach, so every token is scored once, with at least `context - stride` tokens of context. Bits per byte is the
+  total negative log-likelihood in bits over the UTF-8 bytes of the text, which does not depend on the tokenizer.
 - Cloze (LAMBADA): the context is the text up to the last space, the target the space and the last word.
   Accuracy counts items whose target tokens are all greedy; perplexity is exp(-mean log p(target)).
 - Multiple choice: each choice is scored as `delimiter + choice` after the context; `acc` takes the most likely
