@@ -298,6 +298,24 @@ def test_a_refusal_on_the_command_line_is_one_line_and_exit_2(llama_folder, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
+def test_llama_2_era_pickled_weights_import_with_allow_pickle(llama_folder, tmp_path):
+    """`pytorch_model.bin` with the rotary buffers that releases of that time saved, loaded without running code."""
+    from safetensors.torch import load_file
+
+    from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint
+
+    folder = tmp_path / "model"
+    shutil.copytree(llama_folder, folder)
+    state = load_file(folder / "model.safetensors")
+    state.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(8) for i in range(2)})
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    assert "has only pickled PyTorch weights (pytorch_model.bin)" in refused("init", tmp_path / "ws", "--from", folder)
+    ok("init", tmp_path / "ws", "--from", folder, "--allow-pickle")
+    imported = load_checkpoint(latest_checkpoint(tmp_path / "ws" / "checkpoints")).tensors("model")
+    assert torch.equal(imported["layers.1.mlp.gate.weight"], state["model.layers.1.mlp.gate_proj.weight"])
+
+
 @pytest.mark.parametrize("options, message", [
     ({"normalization": "RMSNorm"}, "the nearest, GPT2LMHeadModel, needs model.normalization=LayerNorm (it has "
                                    "RMSNorm)"),
