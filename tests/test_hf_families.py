@@ -157,6 +157,30 @@ def test_logits_and_greedy_tokens_are_transformers(family):
         assert json.loads(out.read_text())["completion"] == tokenizer.decode(ours.tokens)
 
 
+def test_the_imported_tokenizer_is_the_models(family, shared_data):
+    """The workspace's tokenizer gives AutoTokenizer's ids on the English and Chinese text, with and without the
+    model's special tokens, and decodes them back to the text. (test_pretrained_tokenizer.py compares every
+    paragraph; here every eighth one, for each family's special tokens.)"""
+    from transformers import AutoTokenizer
+
+    from mtnlg_cli.data.tokenizer import Tokenizer
+    from test_pretrained_tokenizer import paragraphs
+
+    name, folder, ws = family
+    theirs = AutoTokenizer.from_pretrained(folder)
+    ours = Tokenizer.load(ws.tokenizer_dir)
+    assert ours.backend == "huggingface" and ours.vocab_size == len(theirs)
+    docs = paragraphs(shared_data)[::8]
+    assert any("\u3002" in doc for doc in docs) and any(" the " in doc for doc in docs)
+    encoded = ours.encode_batch(docs)
+    assert encoded == theirs(docs, add_special_tokens=False)["input_ids"]
+    assert [ours.prompt_ids(doc) for doc in docs] == theirs(docs)["input_ids"]
+    assert [doc for doc, ids in zip(docs, encoded) if ours.decode(ids) != doc] == []
+    first = (theirs.bos_token_id,) if FAMILIES[name][2] else ()
+    assert ours.prefix_ids == first and ours.eos_ids == (theirs.eos_token_id,)
+    assert ours.encode_batch(docs[:2], add_eos=True) == [[*first, *ids, theirs.eos_token_id] for ids in encoded[:2]]
+
+
 def test_chat_prompts_are_the_templates(family):
     from transformers import AutoTokenizer
 
