@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import warnings
 from pathlib import Path
 
@@ -144,7 +145,7 @@ def test_hf_round_trip_is_bit_identical_and_fills_a_fresh_workspace(source, tmp_
 
 def test_megatron_tensor_parallel_export_has_the_legacy_layout_and_round_trips(source, tmp_path):
     from mtnlg_cli.convert.common import load_torch_file
-    from mtnlg_cli.convert.megatron import SAFE_GLOBALS
+    from mtnlg_cli.convert.megatron_args import SAFE_GLOBALS
 
     ws, model, _, _ = source
     out = tmp_path / "megatron"
@@ -152,8 +153,13 @@ def test_megatron_tensor_parallel_export_has_the_legacy_layout_and_round_trips(s
     assert (out / "latest_checkpointed_iteration.txt").read_text().strip() == str(STEP)
     ranks = [load_torch_file(out / f"iter_{STEP:07d}" / f"mp_rank_0{r}" / "model_optim_rng.pt", SAFE_GLOBALS)
              for r in range(2)]
-    assert ranks[0]["checkpoint_version"] == 3.0 and ranks[0]["args"].tensor_model_parallel_size == 2
-    assert ranks[0]["args"].padded_vocab_size == 768
+    args = ranks[0]["args"]
+    assert ranks[0]["checkpoint_version"] == 3.0 and args.tensor_model_parallel_size == 2
+    assert args.padded_vocab_size == 768 and args.vocab_size == 600 and args.seq_length == 64
+    # the epsilon and the LayerNorm form under both of Megatron-LM's names, and the GeLU form stated (tanh)
+    assert args.norm_epsilon == args.layernorm_epsilon == 1e-5
+    assert args.apply_layernorm_1p is args.layernorm_zero_centered_gamma is False
+    assert args.bias_gelu_fusion is True and args.openai_gelu is True
     layer = ranks[1]["model"]["language_model"]["encoder"]
     embedding = ranks[1]["model"]["language_model"]["embedding"]
     qkv = model.state_dict()["layers.0.attn.qkv.weight"]
@@ -202,7 +208,7 @@ def test_import_of_a_transformers_gpt2_release_layout_gives_its_logits(tmp_path)
 
 def test_megatron_pipeline_stages_number_their_layers_from_zero_and_round_trip(source, tmp_path):
     from mtnlg_cli.convert.common import load_torch_file
-    from mtnlg_cli.convert.megatron import SAFE_GLOBALS
+    from mtnlg_cli.convert.megatron_args import SAFE_GLOBALS
 
     ws, model, _, _ = source
     out = tmp_path / "megatron"
@@ -220,6 +226,15 @@ def test_megatron_pipeline_stages_number_their_layers_from_zero_and_round_trip(s
     assert torch.equal(last["word_embeddings_for_head"]["weight"],
                        first["language_model"]["embedding"]["word_embeddings"]["weight"])
 
+    # the args as Megatron-LM itself saves them hold its enums and a signal: read by name, never imported
+    from megatron.core.enums import ModelType
+    from megatron.core.transformer.enums import AttnBackend
+
+    for rank_file in iteration.glob("mp_rank_*/model_optim_rng.pt"):
+        state = torch.load(rank_file, weights_only=False)
+        state["args"].attention_backend, state["args"].model_type = AttnBackend.auto, ModelType.encoder_or_decoder
+        state["args"].exit_signal = signal.SIGTERM
+        torch.save(state, rank_file)
     fresh = new_workspace(tmp_path / "fresh")
     ok("convert", "import", out, "-w", fresh.root)
     assert_same_weights(model, checkpoint_tensors(fresh, STEP))

@@ -1,4 +1,5 @@
-"""`mtnlg convert`: export a checkpoint as safetensors, Hugging Face or Megatron-LM, or import one of those."""
+"""`mtnlg convert`: export a checkpoint as safetensors, Hugging Face or Megatron-LM (Megatron-Core torch_dist or
+legacy), or import one of those."""
 
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ def convert_command(
         show_default=False)],
     path: Annotated[Path, typer.Argument(help="export: the folder to write; import: the folder to read.",
                                          show_default=False)],
-    to: Annotated[Optional[Literal["safetensors", "hf", "megatron", "gguf"]], typer.Option(
+    to: Annotated[Optional[Literal["safetensors", "hf", "megatron-core", "megatron", "gguf"]], typer.Option(
         "--to", help="export: plain safetensors (default), a Hugging Face folder (LlamaForCausalLM, "
-        "Qwen2ForCausalLM or GPT2LMHeadModel, as the model is), a Megatron-LM legacy GPT checkpoint, or one GGUF "
-        "file for llama.cpp (PATH is the file).",
-        show_default=False)] = None,
+        "Qwen2ForCausalLM or GPT2LMHeadModel, as the model is), a Megatron-LM torch_dist checkpoint of a "
+        "Megatron-Core GPTModel (needs mtnlg-cli[megatron]), a Megatron-LM legacy GPT checkpoint, or one GGUF file "
+        "for llama.cpp (PATH is the file).", show_default=False)] = None,
     source_format: Annotated[Optional[Literal["auto", "hf", "megatron", "safetensors"]], typer.Option(
         "--from", help="import: the format of PATH (default: detected).", show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(
@@ -35,11 +36,12 @@ def convert_command(
         "--max-shard-size", help="export to safetensors or hf: split into files of at most this size "
         "(e.g. 500MB, 2GB) with an index json.", show_default=False)] = None,
     tensor_parallel: Annotated[Optional[int], typer.Option(
-        "--tensor-parallel", "-t", help="export to megatron: split over this many tensor-parallel ranks (default 1).",
+        "--tensor-parallel", "-t", help="export to megatron(-core): split over this many tensor-parallel ranks "
+        "(default 1).",
         show_default=False)] = None,
     pipeline_parallel: Annotated[Optional[int], typer.Option(
-        "--pipeline-parallel", "-p", help="export to megatron: split the layers over this many pipeline stages "
-        "(default 1).", show_default=False)] = None,
+        "--pipeline-parallel", "-p", help="export to megatron(-core): split the layers over this many pipeline "
+        "stages (default 1).", show_default=False)] = None,
     step: Annotated[Optional[int], typer.Option(
         "--step", help="import: the step to file the checkpoint under (default: the source's iteration, else 0).",
         show_default=False)] = None,
@@ -49,7 +51,7 @@ def convert_command(
 ) -> None:
     """Export a checkpoint as safetensors, Hugging Face or Megatron-LM weights, or import such weights.
 
-    mtnlg convert export OUT [--to hf|megatron] [--dtype bf16] [--max-shard-size 2GB] [-t 2] [-p 2]
+    mtnlg convert export OUT [--to hf|megatron-core|megatron] [--dtype bf16] [--max-shard-size 2GB] [-t 2] [-p 2]
 
     mtnlg convert export model.gguf --to gguf [--dtype fp16|q8_0|q4_0]
 

@@ -1,5 +1,5 @@
 """Weights out of and into mtnlg: plain safetensors, Hugging Face (GPT-2, Llama, Mistral, Qwen2), Megatron-LM
-legacy GPT.
+(Megatron-Core torch_dist out and in; Megatron-Core torch and legacy GPT in; legacy GPT out).
 
 Every format converts to and from one `Weights` (mtnlg's tensor names, padded vocabulary, the architecture as a
 `Architecture`), so an export is `weights_from_checkpoint` then one writer, and an import is one reader then
@@ -23,14 +23,15 @@ from mtnlg_cli.convert.common import (DTYPES, Weights, check_shapes, folder_summ
                                             parse_size, staged_output)
 from mtnlg_cli.convert.gguf_file import export_gguf
 from mtnlg_cli.convert.hf import export_hf, is_hf, read_hf
-from mtnlg_cli.convert.megatron import export_megatron, is_megatron, read_megatron
+from mtnlg_cli.convert.megatron import export_megatron, is_megatron
+from mtnlg_cli.convert.megatron_core import export_megatron_core, read_megatron
 from mtnlg_cli.convert.plain import export_plain, is_plain, read_plain
 from mtnlg_cli.model.architecture import Architecture
 
 __all__ = ["DTYPES", "EXPORT_FORMATS", "IMPORT_FORMATS", "Weights", "detect_format", "export_weights",
            "import_weights", "parse_size", "read_weights", "weights_from_checkpoint"]
 
-EXPORT_FORMATS = ("safetensors", "hf", "megatron", "gguf")
+EXPORT_FORMATS = ("safetensors", "hf", "megatron-core", "megatron", "gguf")
 IMPORT_FORMATS = ("hf", "megatron", "safetensors")
 _DETECTORS: tuple[tuple[str, Callable[[Path], bool]], ...] = (
     ("safetensors", is_plain), ("hf", is_hf), ("megatron", is_megatron))
@@ -49,7 +50,7 @@ def weights_from_checkpoint(checkpoint: Checkpoint, tokenizer_path: Optional[Pat
         raise MtnlgError(f"the tokenizer has {vocab_size} pieces but checkpoint {checkpoint.path.name} embeds only "
                          f"{config.vocab_size}")
     return Weights(tensors, config, vocab_size, checkpoint.step, tokenizer_path,
-                   int(checkpoint.state.get("consumed_samples") or 0))
+                   int(checkpoint.state.get("consumed_samples") or 0), checkpoint.config_int("model", "seq_length"))
 
 
 def export_weights(weights: Weights, out_dir: Path, to: str = "safetensors", dtype: str = "fp32",
@@ -67,15 +68,19 @@ def export_weights(weights: Weights, out_dir: Path, to: str = "safetensors", dty
     if dtype not in DTYPES:
         raise MtnlgError(f"dtype {dtype!r} applies to gguf exports only" if dtype in ("q8_0", "q4_0")
                          else f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    if max_shard_size is not None and to == "megatron":
-        raise MtnlgError("--max-shard-size applies to safetensors and hf exports; Megatron-LM writes one file per rank")
+    megatron = to in ("megatron", "megatron-core")
+    if max_shard_size is not None and megatron:
+        raise MtnlgError("--max-shard-size applies to safetensors and hf exports; Megatron-LM lays out its own files")
     for option, size in (("--tensor-parallel", tensor_parallel), ("--pipeline-parallel", pipeline_parallel)):
-        if size != 1 and to != "megatron":
-            raise MtnlgError(f"{option} applies to megatron exports only")
+        if size != 1 and not megatron:
+            raise MtnlgError(f"{option} applies to megatron and megatron-core exports only")
         if size < 1:
             raise MtnlgError(f"{option} {size} must be at least 1")
     shard_bytes = parse_size(max_shard_size) if max_shard_size is not None else None
     with staged_output(out_dir, force) as staging:
+        if to == "megatron-core":
+            return export_megatron_core(weights, staging, Path(out_dir).absolute(), DTYPES[dtype], tensor_parallel,
+                                        pipeline_parallel, vocab_multiple)
         if to == "megatron":
             return export_megatron(weights, staging, DTYPES[dtype], tensor_parallel, pipeline_parallel, vocab_multiple)
         writer = export_hf if to == "hf" else export_plain
@@ -91,7 +96,8 @@ def detect_format(directory: Path) -> str:
         if matches(directory):
             return name
     raise MtnlgError(f"{directory} is neither a Hugging Face folder (config.json), a Megatron-LM checkpoint "
-                     f"({'latest_checkpointed_iteration.txt'} or mp_rank_XX folders) nor an mtnlg export; "
+                     "(latest_checkpointed_iteration.txt, mp_rank_XX folders or a torch_dist metadata.json) nor an "
+                     "mtnlg export; "
                      f"{folder_summary(directory)}")
 
 
@@ -126,25 +132,30 @@ def _import_weights(workspace, weights: Weights, step: Optional[int], source: st
             raise MtnlgError(f"{weights.tokenizer} is not the workspace's tokenizer ({tokenizer.hash[:19]} vs "
                              f"{current.hash[:19]}); import into a fresh workspace (mtnlg init DIR)")
     elif tokenizer is None:
-        notes.append("the weights came without a tokenizer; the checkpoint records none")
-    if tokenizer is None:
+        notes.append("the weights came without a tokenizer; the checkpoint records none"
+                     + (f", and the workspace's tokenizer ({current.vocab_size} pieces) sets the vocabulary"
+                        if current and current.backend == "sentencepiece" else ""))
+    known = tokenizer or current  # the weights' tokenizer, else the workspace's: either gives the real vocabulary
+    if known is None:
         vocab_size = weights.vocab_size or weights.config.vocab_size
-    elif tokenizer.backend == "sentencepiece":
-        vocab_size = tokenizer.vocab_size
+    elif known.backend == "sentencepiece":
+        vocab_size = known.vocab_size
     else:  # a pretrained model's embedding may have rows beyond its tokenizer's vocabulary
         vocab_size = weights.config.vocab_size
-    if tokenizer and tokenizer.vocab_size > weights.config.vocab_size:
-        raise MtnlgError(f"the tokenizer has {tokenizer.vocab_size} pieces but the weights embed only "
+    if known and known.vocab_size > weights.config.vocab_size:
+        raise MtnlgError(f"the tokenizer has {known.vocab_size} pieces but the weights embed only "
                          f"{weights.config.vocab_size}")
 
     config = workspace.load_config()
-    model = _model_section(config.model, weights.config, vocab_size)
+    model = _model_section(config.model, weights.config, vocab_size, weights.seq_length)
     changed = [f"{f.name} {getattr(config.model, f.name)} -> {getattr(model, f.name)}"
                for f in dataclasses.fields(model) if getattr(config.model, f.name) != getattr(model, f.name)]
     config = dataclasses.replace(config, model=model).validate()
     gpt_config = Architecture.from_model_config(model)
     tensors = {name: t.to(torch.float32) for name, t in weights.tensors.items()}
-    tensors["wte.weight"] = _fit_vocabulary(tensors["wte.weight"], gpt_config.vocab_size)
+    for tensor in gpt_config.tensors():  # the embedding, and an untied head
+        if tensor.split == "vocab" and tensor.name in tensors:
+            tensors[tensor.name] = _fit_vocabulary(tensors[tensor.name], tensor.shape[0])
     check_shapes(tensors, gpt_config.state_dict_shapes(), source or "the imported weights", "the model config")
 
     step = weights.step if step is None else step
@@ -170,14 +181,16 @@ def _import_weights(workspace, weights: Weights, step: Optional[int], source: st
     return path, notes
 
 
-def _model_section(current: ModelConfig, architecture: Architecture, vocab_size: int) -> ModelConfig:
-    """The config's `model` section changed to describe `architecture`, with the tokenizer's `vocab_size`; keys
-    that already describe it (an unset ffn_hidden_size whose default is the model's) stay as they are."""
+def _model_section(current: ModelConfig, architecture: Architecture, vocab_size: int,
+                   seq_length: Optional[int] = None) -> ModelConfig:
+    """The config's `model` section changed to describe `architecture`, with the tokenizer's `vocab_size` and the
+    source's training `seq_length` where it records one; keys that already describe it (an unset ffn_hidden_size
+    whose default is the model's) stay as they are."""
     values = {key: value for key, value in architecture.to_dict().items() if key not in ("vocab_size", "dropout")}
     if values["rope_scaling"] is not None:
         values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
     model = dataclasses.replace(current, **values, vocab_size=vocab_size,
-                                seq_length=min(current.seq_length, architecture.max_position_embeddings))
+                                seq_length=min(seq_length or current.seq_length, architecture.max_position_embeddings))
     if dataclasses.replace(model, ffn_hidden_size=None).ffn_size == architecture.ffn_hidden_size:
         model = dataclasses.replace(model, ffn_hidden_size=None)
     if model.num_query_groups == model.num_heads:
@@ -186,7 +199,7 @@ def _model_section(current: ModelConfig, architecture: Architecture, vocab_size:
 
 
 def _fit_vocabulary(wte: torch.Tensor, rows: int) -> torch.Tensor:
-    """The embedding with mtnlg's padded row count: rows beyond it (another tool's padding) dropped, or zero rows
+    """The embedding (or an untied head) with mtnlg's padded row count: rows beyond it (another tool's padding) dropped, or zero rows
     added."""
     if wte.shape[0] >= rows:
         return wte[:rows].clone()

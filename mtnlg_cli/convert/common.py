@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import IO, Any, Iterator, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -38,6 +38,7 @@ class Weights:
     step: int
     tokenizer: Optional[Path] = None  # the tokenizer file that goes with the weights (see `Tokenizer.load`)
     consumed_samples: int = 0
+    seq_length: Optional[int] = None  # the training sequence length, where the source records it
 
 
 def check_shapes(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str,
@@ -339,22 +340,26 @@ def bundled_tokenizer(directory: Path) -> Optional[Path]:
     return Tokenizer.load(directory).path
 
 
-def load_torch_file(path: Path, allowed_globals: Sequence = ()) -> Any:
+def load_torch_file(path: Path, allowed_globals: Sequence = (), data: Optional[IO[bytes]] = None) -> Any:
     """`torch.load` that runs no pickled code: tensors, plain containers and exactly `allowed_globals`.
 
     Anything else in the file (a class, a function) is refused by name rather than executed, whether the file is
-    torch's zip form or a bare pickle.
+    torch's zip form or a bare pickle. `data`, where given, is read instead of the file: a record inside `path`.
     """
     import pickle
     import warnings
 
+    # only what is not allowed already: leaving the context disallows its globals again, also for other code in
+    # this process that registered them for good (megatron.core does on import)
+    registered = torch.serialization.get_safe_globals()
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allowed_globals)):
+        with warnings.catch_warnings(), \
+                torch.serialization.safe_globals([g for g in allowed_globals if g not in registered]):
             warnings.simplefilter("ignore")  # torch's advice on pickle protocols; what is refused is said below
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path if data is None else data, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        name = found.group(1) if found else _foreign_global(path, allowed_globals)
+        name = found.group(1) if found else _foreign_global(path, allowed_globals, data)
         if name:
             raise MtnlgError(f"{path} holds a Python object {name}, which mtnlg refuses to load "
                              "because unpickling it could run arbitrary code") from None
@@ -363,7 +368,7 @@ def load_torch_file(path: Path, allowed_globals: Sequence = ()) -> Any:
         raise MtnlgError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(exc)})") from None
 
 
-def _foreign_global(path: Path, allowed_globals: Sequence) -> Optional[str]:
+def _foreign_global(path: Path, allowed_globals: Sequence, data: Optional[IO[bytes]] = None) -> Optional[str]:
     """The first object outside torch that a bare pickle (one torch's loader cannot even parse, such as protocol
     4 and later) would import, read from its opcodes without running them; None if there is none."""
     import pickletools
@@ -376,7 +381,9 @@ def _foreign_global(path: Path, allowed_globals: Sequence) -> Optional[str]:
     strings: list[str] = []
     top: Any = None  # the last value pushed, for the memo
     try:
-        with open(path, "rb") as f:
+        if data is not None:
+            data.seek(0)
+        with (open(path, "rb") if data is None else nullcontext(data)) as f:
             for opcode, argument, _ in pickletools.genops(f):
                 if opcode.name in ("GLOBAL", "INST"):
                     name = str(argument).replace(" ", ".")

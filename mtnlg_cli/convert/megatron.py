@@ -13,8 +13,10 @@ mtnlg's fused QKV rows are already checkpoint version 3's [head, q|k|v, head_dim
 slice is whole heads and no reordering is needed; versions 0 and 1 are reordered on import.
 
 The export holds no optimizer or RNG state: load it in Megatron-LM with `--finetune` (or `--no-load-optim
---no-load-rng`). Reading never unpickles arbitrary objects: only tensors, plain containers, `argparse.Namespace`
-(the `args`) and numpy arrays (the RNG state Megatron saves) are allowed.
+--no-load-rng`). Reading never unpickles arbitrary objects (see `megatron_args.SAFE_GLOBALS`).
+
+The folder layout (tracker, iteration folder, rank folders) is shared with Megatron-Core's `torch` format; see
+`megatron_core.read_megatron` for the reader that tells the formats apart.
 """
 
 from __future__ import annotations
@@ -24,30 +26,21 @@ import re
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import numpy as np
 import torch
 
 from mtnlg_cli.atomic import PendingFile, write_text
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.reading import read_bytes
 from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
-                                            folder_summary, load_torch_file, qkv_blocks_to_heads)
+                                      folder_summary, load_torch_file, qkv_blocks_to_heads)
+from mtnlg_cli.convert.megatron_args import (SAFE_GLOBALS, config_from_args, export_args, padded_vocab,
+                                             real_vocab_size, seq_length, tokenizer_args)
 from mtnlg_cli.model.architecture import Architecture
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILES = ("model_optim_rng.pt", "model_rng.pt")
 CHECKPOINT_VERSION = 3.0
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")  # tensor-parallel rank, pipeline stage
-
-# What Megatron-LM's checkpoint files contain besides tensors and plain containers.
-SAFE_GLOBALS = (
-    argparse.Namespace,
-    np.ndarray,
-    np.dtype,
-    np.dtypes.UInt32DType,
-    np._core.multiarray._reconstruct,
-    (np._core.multiarray._reconstruct, "numpy.core.multiarray._reconstruct"),  # written by numpy 1.x
-)
 
 # mtnlg tensor role (see `Architecture.tensors`) -> Megatron-LM legacy name ({layer}: the layer's index)
 _NAMES = {
@@ -68,7 +61,7 @@ _NAMES = {
     "ln_f.weight": "language_model.encoder.final_layernorm.weight",
     "ln_f.bias": "language_model.encoder.final_layernorm.bias",
 }
-_SPLIT_DIMS = {"column": 0, "vocab": 0, "row": 1, None: None}  # tensor-parallel split -> the dimension cut
+SPLIT_DIMS = {"column": 0, "vocab": 0, "row": 1, None: None}  # tensor-parallel split -> the dimension cut
 _WORD_EMBEDDINGS = _NAMES["wte.weight"]
 _WORD_EMBEDDINGS_FOR_HEAD = "word_embeddings_for_head.weight"  # the last pipeline stage's copy, for the output head
 _LAYER = re.compile(r"^(language_model\.encoder\.layers\.)(\d+)(\..*)$")
@@ -85,7 +78,7 @@ _ALIASES = (
 def _names(config: Architecture) -> Iterator[tuple[str, str, Optional[int]]]:
     """(mtnlg name, Megatron name, tensor-parallel split dimension) for every tensor."""
     for tensor in config.tensors():
-        yield tensor.name, _NAMES[tensor.role].format(layer=tensor.layer), _SPLIT_DIMS[tensor.split]
+        yield tensor.name, _NAMES[tensor.role].format(layer=tensor.layer), SPLIT_DIMS[tensor.split]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,17 +90,15 @@ def export_megatron(weights: Weights, out_dir: Path, dtype: torch.dtype, tensor_
     """Writes `out_dir/iter_NNNNNNN/mp_rank_XX[_YYY]/model_optim_rng.pt` for each tensor-parallel rank XX (and
     pipeline stage YYY)."""
     c = weights.config
-    for what, size in (("model.num_heads", c.num_heads), ("the MLP size", c.ffn_hidden_size)):
-        if size % tensor_parallel:
-            raise MtnlgError(f"--tensor-parallel {tensor_parallel} must divide {what} ({size})")
-    if c.num_layers % pipeline_parallel:
-        raise MtnlgError(f"--pipeline-parallel {pipeline_parallel} must divide model.num_layers ({c.num_layers})")
-    # Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by * tensor_parallel
-    padded_vocab = -(-c.vocab_size // (vocab_multiple * tensor_parallel)) * vocab_multiple * tensor_parallel
+    check_parallel_sizes(c, tensor_parallel, pipeline_parallel)
+    rows = padded_vocab(weights.vocab_size or c.vocab_size, vocab_multiple, tensor_parallel)
     tensors = cast(weights.tensors, dtype)
-    wte = tensors["wte.weight"]
-    tensors["wte.weight"] = torch.cat([wte, wte.new_zeros(padded_vocab - wte.shape[0], wte.shape[1])])
-    args = _args(weights, dtype, tensor_parallel, pipeline_parallel, padded_vocab, vocab_multiple)
+    tensors["wte.weight"] = pad_rows(tensors["wte.weight"], rows)
+    # the legacy model's GeLU is the tanh approximation with openai_gelu, whatever bias_gelu_fusion says
+    args = export_args(c, vocab_size=weights.vocab_size, seq_length=weights.seq_length, step=weights.step,
+                       consumed_samples=weights.consumed_samples, dtype=dtype, tensor_parallel=tensor_parallel,
+                       pipeline_parallel=pipeline_parallel, padded_vocab_size=rows, vocab_multiple=vocab_multiple,
+                       openai_gelu=True, **tokenizer_args(weights.tokenizer, "."))
     iteration_dir = out_dir / f"iter_{weights.step:07d}"
     layers_per_stage = c.num_layers // pipeline_parallel
     files = []
@@ -130,6 +121,22 @@ def export_megatron(weights: Weights, out_dir: Path, dtype: torch.dtype, tensor_
     return [TRACKER, *files, *(tokenizer.files if tokenizer else ())]
 
 
+def check_parallel_sizes(config: Architecture, tensor_parallel: int, pipeline_parallel: int) -> None:
+    for what, size in (("model.num_heads", config.num_heads), ("the MLP size", config.ffn_hidden_size)):
+        if size % tensor_parallel:
+            raise MtnlgError(f"--tensor-parallel {tensor_parallel} must divide {what} ({size})")
+    if config.num_layers % pipeline_parallel:
+        raise MtnlgError(f"--pipeline-parallel {pipeline_parallel} must divide model.num_layers "
+                         f"({config.num_layers})")
+
+
+def pad_rows(embedding: torch.Tensor, rows: int) -> torch.Tensor:
+    """The embedding with zero rows added up to `rows` (Megatron's padded vocabulary), or cut to it."""
+    if embedding.shape[0] >= rows:
+        return embedding[:rows]
+    return torch.cat([embedding, embedding.new_zeros(rows - embedding.shape[0], embedding.shape[1])])
+
+
 def _placements(name: str, layers_per_stage: int, stages: int) -> list[tuple[int, str]]:
     """The pipeline stages that hold a tensor, with its name there: layers are numbered within their stage, the
     embeddings live on the first stage, the final LayerNorm on the last, which also keeps a copy of the word
@@ -143,48 +150,6 @@ def _placements(name: str, layers_per_stage: int, stages: int) -> list[tuple[int
     if name == _WORD_EMBEDDINGS and stages > 1:
         return [(0, name), (stages - 1, _WORD_EMBEDDINGS_FOR_HEAD)]
     return [(0, name)]
-
-
-def _args(weights: Weights, dtype: torch.dtype, tensor_parallel: int, pipeline_parallel: int, padded_vocab: int,
-          vocab_multiple: int) -> argparse.Namespace:
-    """The Megatron-LM arguments that describe the model, as its own checkpoints record them."""
-    c = weights.config
-    return argparse.Namespace(
-        num_layers=c.num_layers,
-        hidden_size=c.hidden_size,
-        num_attention_heads=c.num_heads,
-        kv_channels=c.head_dim,
-        ffn_hidden_size=c.ffn_hidden_size,
-        max_position_embeddings=c.max_position_embeddings,
-        seq_length=c.max_position_embeddings,
-        padded_vocab_size=padded_vocab,
-        vocab_size=weights.vocab_size,
-        make_vocab_size_divisible_by=vocab_multiple,
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        layernorm_epsilon=c.norm_epsilon,
-        init_method_std=c.init_method_std,
-        hidden_dropout=c.dropout,
-        attention_dropout=c.dropout,
-        position_embedding_type="learned_absolute",
-        normalization="LayerNorm",
-        apply_residual_connection_post_layernorm=False,
-        untie_embeddings_and_output_weights=False,
-        add_bias_linear=True,
-        swiglu=False,
-        group_query_attention=False,
-        bias_gelu_fusion=True,  # Megatron's fused bias-GeLU is the tanh approximation, as mtnlg's GeLU
-        openai_gelu=False,
-        fp16=dtype == torch.float16,
-        bf16=dtype == torch.bfloat16,
-        params_dtype=dtype,
-        # the folder holds the tokenizer: mtnlg's SentencePiece model, or a pretrained model's Hugging Face files
-        **({"tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": "."}
-           if weights.tokenizer is not None and weights.tokenizer.suffix == ".json"
-           else {"tokenizer_type": "GPTSentencePieceTokenizer", "tokenizer_model": "tokenizer.model"}),
-        iteration=weights.step,
-        consumed_train_samples=weights.consumed_samples,
-    )
 
 
 def _nest(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -208,49 +173,94 @@ def _nest(flat: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 
 def is_megatron(directory: Path) -> bool:
-    return (directory / TRACKER).is_file() or any(_RANK_DIR.match(p.name) for p in directory.iterdir() if p.is_dir())
+    return ((directory / TRACKER).is_file() or any(_RANK_DIR.match(p.name) for p in directory.iterdir() if p.is_dir())
+            or is_distributed(directory))
 
 
-def read_megatron(directory: Path) -> Weights:
-    """Reads a top folder (with the tracker file) or an iteration folder, merging pipeline stages and
-    tensor-parallel ranks."""
-    iteration_dir = _iteration_dir(directory)
-    grid = _rank_files(iteration_dir)  # [pipeline stage][tensor-parallel rank]
-    rank_files = [path for stage in grid for path in stage]
-    states = [load_torch_file(path, SAFE_GLOBALS) for path in rank_files]
-    for path, state in zip(rank_files, states):
+def is_distributed(iteration_dir: Path) -> bool:
+    """Whether a folder holds a `torch.distributed.checkpoint` save (Megatron's torch_dist), complete or not."""
+    return ((iteration_dir / "metadata.json").is_file() or (iteration_dir / ".metadata").is_file()
+            or any(p.suffix == ".distcp" for p in iteration_dir.iterdir()))
+
+
+def iteration_dir(directory: Path) -> Path:
+    """The iteration folder that a top folder's tracker names, or `directory` itself."""
+    tracker = directory / TRACKER
+    if not tracker.is_file():
+        return directory
+    text = read_bytes(tracker, "the iteration", limit=1 << 16).decode(errors="replace").strip()
+    if text == "release":
+        return directory / "release"
+    if not text.isdigit():
+        raise MtnlgError(f"{tracker} should hold an iteration number or 'release', not {text[:40]!r}")
+    path = directory / f"iter_{int(text):07d}"
+    if not path.is_dir():
+        raise MtnlgError(f"{tracker} names iteration {int(text)}, but {path.name} is missing "
+                         f"({folder_summary(directory)})")
+    return path
+
+
+def read_rank_files(iteration_dir: Path) -> tuple[list[list[Path]], list[list[dict]], argparse.Namespace]:
+    """Every rank's checkpoint file and its contents as [pipeline stage][tensor-parallel rank], and the args,
+    checked against the rank folders found."""
+    grid = _rank_files(iteration_dir)
+    states = [[load_torch_file(path, SAFE_GLOBALS) for path in stage] for stage in grid]
+    for path, state in zip((path for stage in grid for path in stage), (state for row in states for state in row)):
         if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
             found = sorted(state)[:6] if isinstance(state, dict) else type(state).__name__
             raise MtnlgError(f"{path} is not a Megatron-LM checkpoint (no 'model' entry; found {found})")
-    args = states[0].get("args")
+    args = states[0][0].get("args")
     if not isinstance(args, argparse.Namespace):
-        raise MtnlgError(f"{rank_files[0]} has no Megatron-LM args; they are needed for the number of heads")
-    config = _config_from_args(args, rank_files[0])
-    pipeline_parallel, tensor_parallel = len(grid), len(grid[0])
-    for key, found in (("tensor_model_parallel_size", tensor_parallel),
-                       ("pipeline_model_parallel_size", pipeline_parallel)):
+        raise MtnlgError(f"{grid[0][0]} has no Megatron-LM args; they are needed for the number of heads")
+    for key, found in (("tensor_model_parallel_size", len(grid[0])), ("pipeline_model_parallel_size", len(grid))):
         if getattr(args, key, found) != found:
             raise MtnlgError(f"{iteration_dir} has rank folders for {key}={found}, but its args say "
                              f"{getattr(args, key)}")
-    version = float(states[0].get("checkpoint_version", 0))
-    flat = {path: _flat_model(state["model"], path) for path, state in zip(rank_files, states)}
-    ranks = [_join_stages([flat[grid[stage][rank]] for stage in range(pipeline_parallel)])
+    return grid, states, args
+
+
+def weights_from_ranks(directory: Path, iteration_dir: Path, grid: list[list[Path]], states: list[list[dict]],
+                       args: argparse.Namespace, config: Architecture, tensors: dict[str, torch.Tensor]) -> Weights:
+    """The `Weights` of a per-rank checkpoint, with what its args and first file record besides the tensors."""
+    step = int(states[0][0].get("iteration", getattr(args, "iteration", 0)) or 0)
+    return Weights(tensors, config, real_vocab_size(args), step, bundled_megatron_tokenizer(directory, iteration_dir),
+                   int(getattr(args, "consumed_train_samples", 0) or 0), seq_length(args))
+
+
+def bundled_megatron_tokenizer(directory: Path, iteration_dir: Path) -> Optional[Path]:
+    """The tokenizer beside a checkpoint: where mtnlg's legacy export puts it (the top folder), or where
+    Megatron-LM saves its tokenizer (`iter_NNNNNNN/tokenizer/`)."""
+    return (bundled_tokenizer(directory) or bundled_tokenizer(iteration_dir.parent)
+            or bundled_tokenizer(iteration_dir / "tokenizer"))
+
+
+def read_legacy(directory: Path, iteration_dir: Path, grid: list[list[Path]], states: list[list[dict]],
+                args: argparse.Namespace) -> Weights:
+    """Merges the pipeline stages and tensor-parallel ranks of a legacy GPT checkpoint."""
+    pipeline_parallel, tensor_parallel = len(grid), len(grid[0])
+    try:
+        rows = int(args.padded_vocab_size)
+    except (AttributeError, TypeError, ValueError):
+        raise MtnlgError(f"{grid[0][0]}: its args lack padded_vocab_size") from None
+    config = config_from_args(args, str(grid[0][0]), rows, legacy=True)
+    version = float(states[0][0].get("checkpoint_version", 0))
+    flat = [[_flat_model(state["model"], path) for path, state in zip(paths, row)]
+            for paths, row in zip(grid, states)]
+    ranks = [_join_stages([flat[stage][rank] for stage in range(pipeline_parallel)])
              for rank in range(tensor_parallel)]
     shapes = config.state_dict_shapes()
-    local_shapes = {theirs: _split_shape(shapes[ours], dim, tensor_parallel) for ours, theirs, dim in _names(config)}
+    local_shapes = {theirs: split_shape(shapes[ours], dim, tensor_parallel) for ours, theirs, dim in _names(config)}
     for rank, tensors in enumerate(ranks):
         source = grid[0][rank] if pipeline_parallel == 1 else f"{iteration_dir}/mp_rank_{rank:02d}_*"
-        check_shapes(tensors, local_shapes, str(source), f"its args (tensor_model_parallel_size={tensor_parallel})")
+        check_shapes(tensors, local_shapes, str(source),
+                     f"its args namespace (tensor_model_parallel_size={tensor_parallel})")
     local_heads = config.num_heads // tensor_parallel
     tensors = {}
     for ours, theirs, dim in _names(config):
         pieces = [_qkv_to_v3(rank[theirs], version, local_heads) if ".query_key_value." in theirs else rank[theirs]
                   for rank in ranks]
         tensors[ours] = pieces[0] if dim is None else torch.cat(pieces, dim)
-    step = int(states[0].get("iteration", getattr(args, "iteration", 0)) or 0)
-    return Weights(tensors, config, getattr(args, "vocab_size", None), step,
-                   bundled_tokenizer(directory) or bundled_tokenizer(iteration_dir.parent),
-                   int(getattr(args, "consumed_train_samples", 0) or 0))
+    return weights_from_ranks(directory, iteration_dir, grid, states, args, config, tensors)
 
 
 def _join_stages(stages: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -268,7 +278,8 @@ def _join_stages(stages: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
     return joined
 
 
-def _split_shape(shape: tuple[int, ...], dim: Optional[int], parts: int) -> tuple[int, ...]:
+def split_shape(shape: tuple[int, ...], dim: Optional[int], parts: int) -> tuple[int, ...]:
+    """A tensor's shape on one of `parts` tensor-parallel ranks that split dimension `dim` (None: not split)."""
     if dim is None:
         return shape
     if shape[dim] % parts:
@@ -276,27 +287,8 @@ def _split_shape(shape: tuple[int, ...], dim: Optional[int], parts: int) -> tupl
     return shape[:dim] + (shape[dim] // parts,) + shape[dim + 1:]
 
 
-def _iteration_dir(directory: Path) -> Path:
-    tracker = directory / TRACKER
-    if not tracker.is_file():
-        return directory
-    text = read_bytes(tracker, "the iteration", limit=1 << 16).decode(errors="replace").strip()
-    if text == "release":
-        return directory / "release"
-    if not text.isdigit():
-        raise MtnlgError(f"{tracker} should hold an iteration number or 'release', not {text[:40]!r}")
-    path = directory / f"iter_{int(text):07d}"
-    if not path.is_dir():
-        raise MtnlgError(f"{tracker} names iteration {int(text)}, but {path.name} is missing "
-                         f"({folder_summary(directory)})")
-    return path
-
-
 def _rank_files(iteration_dir: Path) -> list[list[Path]]:
     """The checkpoint file of every rank, as [pipeline stage][tensor-parallel rank]."""
-    if any(p.suffix == ".distcp" for p in iteration_dir.iterdir()):
-        raise MtnlgError(f"{iteration_dir} is a Megatron-LM distributed (torch_dist) checkpoint; mtnlg reads the "
-                         "legacy format (save with --ckpt-format torch)")
     ranks = {}
     for entry in iteration_dir.iterdir():
         match = _RANK_DIR.match(entry.name)
@@ -321,42 +313,6 @@ def _rank_files(iteration_dir: Path) -> list[list[Path]]:
                                  f"({folder_summary(ranks[stage, rank])})")
             grid[-1].append(found[0])
     return grid
-
-
-def _config_from_args(args: argparse.Namespace, path: Path) -> Architecture:
-    unsupported = {
-        "position_embedding_type": ("learned_absolute", getattr(args, "position_embedding_type", "learned_absolute")),
-        "normalization": ("LayerNorm", getattr(args, "normalization", "LayerNorm")),
-        "swiglu": (False, getattr(args, "swiglu", False)),
-        "group_query_attention": (False, getattr(args, "group_query_attention", False)),
-        "untie_embeddings_and_output_weights": (False, getattr(args, "untie_embeddings_and_output_weights", False)),
-        "apply_residual_connection_post_layernorm":
-            (False, getattr(args, "apply_residual_connection_post_layernorm", False)),
-        "add_bias_linear": (True, getattr(args, "add_bias_linear", True)),
-        "use_rotary_position_embeddings": (False, getattr(args, "use_rotary_position_embeddings", False)),
-    }
-    for key, (supported, value) in unsupported.items():
-        if value != supported:
-            raise MtnlgError(f"{path}: unsupported architecture: {key}={value!r} (mtnlg's GPT has {supported!r})")
-    if not (getattr(args, "bias_gelu_fusion", True) or getattr(args, "openai_gelu", False)):
-        raise MtnlgError(f"{path}: unsupported architecture: exact (erf) GeLU (bias_gelu_fusion=False, "
-                         "openai_gelu=False); mtnlg's GeLU is the tanh approximation")
-    try:
-        hidden, heads = int(args.hidden_size), int(args.num_attention_heads)
-        if hidden % heads or (getattr(args, "kv_channels", None) or hidden // heads) * heads != hidden:
-            raise MtnlgError(f"{path}: unsupported architecture: kv_channels * num_attention_heads != hidden_size")
-        return Architecture(
-            vocab_size=int(args.padded_vocab_size),
-            max_position_embeddings=int(args.max_position_embeddings),
-            num_layers=int(args.num_layers),
-            hidden_size=hidden,
-            num_heads=heads,
-            ffn_hidden_size=int(getattr(args, "ffn_hidden_size", None) or 4 * hidden),
-            init_method_std=float(getattr(args, "init_method_std", 0.02)),
-            norm_epsilon=float(getattr(args, "layernorm_epsilon", 1e-5)),
-        )
-    except AttributeError as exc:
-        raise MtnlgError(f"{path}: its args lack {exc.name}") from None
 
 
 def _flat_model(model: dict, path: Path) -> dict[str, torch.Tensor]:
