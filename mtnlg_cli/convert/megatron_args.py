@@ -77,11 +77,16 @@ GPT_ARCHITECTURE: dict[str, tuple] = {
     "num_experts": (None,),
     "multi_latent_attention": (False,),
     "qk_layernorm": (False,),
+    "qk_l2_norm": (False,),
+    "attention_output_gate": (False,),
+    "softmax_type": ("vanilla",),
+    "window_size": (None,),
+    "experimental_attention_variant": (None,),
+    "use_mup": (False,),
     "mtp_num_layers": (None, 0),
     "hybrid_layer_pattern": (None,),
     "hybrid_override_pattern": (None,),
     "heterogeneous_layers_config_path": (None,),
-    "window_size": (None,),
 }
 _EPSILON_NAMES = ("layernorm_epsilon", "norm_epsilon")
 
