@@ -107,6 +107,7 @@ def test_checkpoints_that_megatron_core_saves_import_with_its_logits(source, meg
     import numpy as np
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
     from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from torch.distributed.checkpoint import FileSystemReader
 
     from mtnlg_cli.convert.megatron_core import synchronous_save_strategy
@@ -122,7 +123,8 @@ def test_checkpoints_that_megatron_core_saves_import_with_its_logits(source, meg
     rng_state = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
                   "torch_rng_state": torch.get_rng_state()}]
     common = {"args": args, "checkpoint_version": 3.0, "iteration": 7, "num_floating_point_operations_so_far": 1e12}
-    saves = {name: tmp_path / name / "iter_0000007" for name in ("dist", "current", "per_layer", "torch")}
+    saves = {name: tmp_path / name / "iter_0000007"
+             for name in ("dist", "current", "per_layer", "torch", "torch_te_names")}
     for folder in saves.values():
         folder.mkdir(parents=True)
         (folder.parent / "latest_checkpointed_iteration.txt").write_text("7")
@@ -145,6 +147,17 @@ def test_checkpoints_that_megatron_core_saves_import_with_its_logits(source, meg
     (saves["torch"] / "mp_rank_00").mkdir()
     torch.save({**common, "rng_state": rng_state, "model": theirs.state_dict_for_save_checkpoint()},
                saves["torch"] / "mp_rank_00" / "model_optim_rng.pt")
+    # a Transformer Engine model's names, which the local spec maps its LayerNorms to
+    te_names = get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map
+    assert te_names == {"input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+                        "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
+    renamed = {}
+    for key, value in theirs.state_dict_for_save_checkpoint().items():
+        for local, te in te_names.items():
+            key = key.replace(f".{local}", f".{te}")
+        renamed[key] = value
+    (saves["torch_te_names"] / "mp_rank_00").mkdir()
+    torch.save({**common, "model": renamed}, saves["torch_te_names"] / "mp_rank_00" / "model_optim_rng.pt")
 
     expected = megatron_logits(theirs, tokens)
     for name, folder in saves.items():
