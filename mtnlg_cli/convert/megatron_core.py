@@ -23,8 +23,9 @@ reordering is needed in either direction.
 
 Writing uses `megatron.core.dist_checkpointing` (the optional `megatron` extra): a single process saves the
 chunks that a run with the requested tensor-parallel size would save. Reading needs only torch: the index is
-unpickled through an allow-list of torch's checkpoint-metadata classes, `common.pt` through
-`megatron_args.SAFE_GLOBALS`, and the tensors with `weights_only=True`.
+unpickled through an allow-list of torch's checkpoint-metadata classes, the common state through
+`megatron_args.SAFE_GLOBALS`, and the tensors with `weights_only=True`. The name maps below translate each tensor
+of `Architecture.tensors()` by its role, and its tensor-parallel split gives the dimension that ranks cut.
 """
 
 from __future__ import annotations
