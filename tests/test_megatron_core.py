@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from megatron_side import (CONTENT_METADATA, megatron_gpt, megatron_lm_args, megatron_logits, megatron_on_cpu,
-                           parallel_args, save_parallel_rank)
+from megatron_side import (CONTENT_METADATA, FAMILIES, megatron_gpt, megatron_lm_args, megatron_logits,
+                           megatron_on_cpu, parallel_args, save_parallel_rank)
 from mtnlg_cli.checkpoint import latest_checkpoint, load_checkpoint, load_model
 from test_convert import STEP, assert_same_weights, checkpoint_tensors, new_workspace, ok, refused
 
@@ -174,35 +174,114 @@ def test_checkpoints_that_megatron_core_saves_import_with_its_logits(source, meg
             assert (ours(tokens) - expected[..., :640]).abs().max().item() < 1e-5, name
 
 
-def test_a_tensor_and_pipeline_parallel_megatron_run_imports_whole(megatron, tmp_path):
-    """Four processes (tensor-parallel 2 x pipeline-parallel 2) save their parts of a Megatron-Core GPTModel as
-    torch_dist and as torch; both import to the same tensors, whose logits equal those of Megatron's own
-    single-process load of the torch_dist save."""
+def test_tensor_and_pipeline_parallel_megatron_runs_import_whole(megatron, tmp_path):
+    """Four processes (tensor-parallel 2 x pipeline-parallel 2) save their parts of Megatron-Core GPTModels of both
+    families as torch_dist and as torch; both import to the same tensors, whose logits equal those of Megatron's
+    own single-process load of the torch_dist save."""
     from mtnlg_cli.convert.megatron_core import read_megatron
     from mtnlg_cli.model.gpt import GPT
 
-    (tmp_path / "dist" / "iter_0000001").mkdir(parents=True)
+    for family in FAMILIES:
+        (tmp_path / family / "dist" / "iter_0000001").mkdir(parents=True)
     torch.multiprocessing.spawn(save_parallel_rank, args=(str(tmp_path),), nprocs=4)
-    assert sorted(p.name for p in (tmp_path / "dist" / "iter_0000001").glob("*.distcp")) == [
-        f"__{rank}_0.distcp" for rank in range(4)]
-    weights = {}
-    for name in ("dist", "torch"):
-        (tmp_path / name / "latest_checkpointed_iteration.txt").write_text("1")
-        weights[name] = read_megatron(tmp_path / name)
-    assert weights["dist"].config == weights["torch"].config and weights["dist"].config.num_layers == 4
-    assert sorted(weights["dist"].tensors) == sorted(weights["torch"].tensors)
-    for key, tensor in weights["dist"].tensors.items():
-        assert torch.equal(tensor, weights["torch"].tensors[key]), key
-
-    theirs = megatron_gpt(parallel_args())
-    loaded = megatron.load({"model": theirs.sharded_state_dict()}, str(tmp_path / "dist" / "iter_0000001"),
-                           strict="raise_all")
-    theirs.load_state_dict(loaded["model"])
-    ours = GPT(weights["dist"].config)
-    ours.load_state_dict(weights["dist"].tensors)
     tokens = torch.randint(0, 768, (1, 40), generator=torch.Generator().manual_seed(0))
+    for family in FAMILIES:
+        root = tmp_path / family
+        assert sorted(p.name for p in (root / "dist" / "iter_0000001").glob("*.distcp")) == [
+            f"__{rank}_0.distcp" for rank in range(4)]
+        weights = {}
+        for name in ("dist", "torch"):
+            (root / name / "latest_checkpointed_iteration.txt").write_text("1")
+            weights[name] = read_megatron(root / name)
+        assert weights["dist"].config == weights["torch"].config and weights["dist"].config.num_layers == 4
+        assert sorted(weights["dist"].tensors) == sorted(weights["torch"].tensors)
+        for key, tensor in weights["dist"].tensors.items():
+            assert torch.equal(tensor, weights["torch"].tensors[key]), (family, key)
+
+        theirs = megatron_gpt(parallel_args(family))
+        loaded = megatron.load({"model": theirs.sharded_state_dict()}, str(root / "dist" / "iter_0000001"),
+                               strict="raise_all")
+        theirs.load_state_dict(loaded["model"])
+        ours = GPT(weights["dist"].config)
+        ours.load_state_dict(weights["dist"].tensors)
+        with torch.no_grad():
+            assert (megatron_logits(theirs, tokens) - ours.eval()(tokens)).abs().max().item() < 1e-5, family
+    assert weights["dist"].config.swiglu and weights["dist"].config.num_query_groups == 2
+
+
+# the Llama family: rotary positions (a non-default base), RMSNorm, SwiGLU, grouped-query attention, an untied head,
+# no linear biases
+LLAMA = ["model.vocab_size=600", "model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
+         "model.num_query_groups=2", "model.ffn_hidden_size=96", "model.max_position_embeddings=64",
+         "model.seq_length=48", "model.position_embedding_type=rope", "model.rotary_base=5000",
+         "model.normalization=RMSNorm", "model.swiglu=true", "model.untie_embeddings_and_output_weights=true",
+         "model.add_bias_linear=false"]
+
+
+def test_the_llama_family_both_ways(source, megatron, tmp_path):
+    """An mtnlg Llama-family model exported with two tensor-parallel ranks loads into Megatron-Core's GPTModel
+    with mtnlg's logits and imports back bit for bit; Megatron-Core's own torch_dist and torch saves of such a
+    model import with its logits."""
+    from mtnlg_cli.checkpoint import save_checkpoint
+    from mtnlg_cli.convert.megatron_core import synchronous_save_strategy
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.workspace import init_workspace
+
+    ws, _, tokenizer, tokens = source
+    llama_ws = init_workspace(tmp_path / "llama", "tiny", overrides=LLAMA)
+    shutil.copytree(ws.tokenizer_dir, llama_ws.tokenizer_dir, dirs_exist_ok=True)
+    config = llama_ws.load_config()
+    torch.manual_seed(2)
+    model = GPT(Architecture.from_model_config(config.model))
     with torch.no_grad():
-        assert (megatron_logits(theirs, tokens) - ours.eval()(tokens)).abs().max().item() < 1e-5
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    save_checkpoint(llama_ws.checkpoints_dir, STEP, {"model": model.state_dict()},
+                    {"model_config": model.config.to_dict(), "config": config.to_dict(),
+                     "tokenizer_hash": tokenizer.hash, "consumed_samples": 160, "loss": 6.0})
+    out = tmp_path / "mcore"
+    ok("convert", "export", out, "--to", "megatron-core", "-t", "2", "-w", llama_ws.root)
+    checkpoint = str(out / f"iter_{STEP:07d}")
+    args = megatron.load_common_state_dict(checkpoint)["args"]
+    assert (args.position_embedding_type, args.normalization, args.swiglu, args.num_query_groups) == (
+        "rope", "RMSNorm", True, 2)
+    assert args.untie_embeddings_and_output_weights and not args.add_bias_linear and args.rotary_base == 5000
+    theirs = megatron_gpt(args)
+    theirs.load_state_dict(megatron.load({"model": theirs.sharded_state_dict()}, checkpoint,
+                                         strict="raise_all")["model"])
+    with torch.no_grad():
+        assert (megatron_logits(theirs, tokens)[..., :640] - model.eval()(tokens)).abs().max().item() < 1e-5
+    fresh = new_workspace(tmp_path / "fresh")
+    ok("convert", "import", out, "-w", fresh.root)
+    assert_same_weights(model, checkpoint_tensors(fresh, STEP))
+    assert load_checkpoint(latest_checkpoint(fresh.checkpoints_dir)).state["model_config"] == model.config.to_dict()
+    assert "--to megatron-core" in refused("convert", "export", tmp_path / "legacy", "--to", "megatron",
+                                           "-w", llama_ws.root)
+
+    torch.manual_seed(3)
+    theirs = megatron_gpt(args)
+    with torch.no_grad():
+        for parameter in theirs.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    common = {"args": argparse.Namespace(**{**vars(args), "tensor_model_parallel_size": 1}),  # as saved by TP=1
+              "checkpoint_version": 3.0, "iteration": 7}
+    saves = {name: tmp_path / f"saved_{name}" / "iter_0000007" for name in ("dist", "torch")}
+    for folder in saves.values():
+        folder.mkdir(parents=True)
+        (folder.parent / "latest_checkpointed_iteration.txt").write_text("7")
+    megatron.save({**common, "model": theirs.sharded_state_dict()}, str(saves["dist"]),
+                  sharded_strategy=synchronous_save_strategy(), content_metadata=dict(CONTENT_METADATA))
+    (saves["torch"] / "mp_rank_00").mkdir()
+    torch.save({**common, "model": theirs.state_dict_for_save_checkpoint()},
+               saves["torch"] / "mp_rank_00" / "model_optim_rng.pt")
+    expected = megatron_logits(theirs, tokens)
+    for name, folder in saves.items():
+        fresh = new_workspace(tmp_path / f"ws_{name}")
+        ok("convert", "import", folder.parent, "-w", fresh.root)
+        ours = load_model(load_checkpoint(latest_checkpoint(fresh.checkpoints_dir)))
+        with torch.no_grad():
+            assert (ours(tokens) - expected[..., :640]).abs().max().item() < 1e-5, name
 
 
 def write_common(checkpoint: Path, **changes) -> None:
@@ -252,7 +331,7 @@ def test_bad_torch_dist_checkpoints_are_one_line_errors_and_write_nothing(source
     assert ("tensor decoder.layers.mlp.linear_fc1.weight has shape (2, 256, 64), but its args namespace implies "
             "(2, 128, 64)") in message
     for name, value in (("apply_layernorm_1p", True), ("layernorm_zero_centered_gamma", True), ("num_experts", 8),
-                        ("swiglu", True), ("normalization", "RMSNorm"), ("bias_gelu_fusion", False)):
+                        ("position_embedding_type", "mrope"), ("qk_layernorm", True), ("bias_gelu_fusion", False)):
         unsupported = broken(f"unsupported_{name}")
         write_common(unsupported, **{name: value})
         assert f"unsupported argument {name}={value!r}" in refused("convert", "import", unsupported.parent,

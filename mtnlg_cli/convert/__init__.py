@@ -151,12 +151,12 @@ def _import_weights(workspace, weights: Weights, step: Optional[int], source: st
     changed = [f"{f.name} {getattr(config.model, f.name)} -> {getattr(model, f.name)}"
                for f in dataclasses.fields(model) if getattr(config.model, f.name) != getattr(model, f.name)]
     config = dataclasses.replace(config, model=model).validate()
-    gpt_config = Architecture.from_model_config(model)
+    architecture = Architecture.from_model_config(model)
     tensors = {name: t.to(torch.float32) for name, t in weights.tensors.items()}
-    for tensor in gpt_config.tensors():  # the embedding, and an untied head
+    for tensor in architecture.tensors():
         if tensor.split == "vocab" and tensor.name in tensors:
             tensors[tensor.name] = _fit_vocabulary(tensors[tensor.name], tensor.shape[0])
-    check_shapes(tensors, gpt_config.state_dict_shapes(), source or "the imported weights", "the model config")
+    check_shapes(tensors, architecture.state_dict_shapes(), source or "the imported weights", "the model config")
 
     step = weights.step if step is None else step
     if (workspace.checkpoints_dir / step_dir_name(step)).exists():
@@ -167,7 +167,7 @@ def _import_weights(workspace, weights: Weights, step: Optional[int], source: st
         Tokenizer.load(workspace.tokenizer_dir).save_info(workspace.tokenizer_dir)
         notes.append(f"installed the tokenizer in {workspace.tokenizer_dir}")
     state = {
-        "model_config": gpt_config.to_dict(),
+        "model_config": architecture.to_dict(),
         "config": config.to_dict(),
         "tokenizer_hash": tokenizer.hash if tokenizer else None,
         "consumed_samples": weights.consumed_samples,
@@ -189,8 +189,8 @@ def _model_section(current: ModelConfig, architecture: Architecture, vocab_size:
     values = {key: value for key, value in architecture.to_dict().items() if key not in ("vocab_size", "dropout")}
     if values["rope_scaling"] is not None:
         values["rope_scaling"] = RopeScaling(**values["rope_scaling"])
-    model = dataclasses.replace(current, **values, vocab_size=vocab_size,
-                                seq_length=min(seq_length or current.seq_length, architecture.max_position_embeddings))
+    model = dataclasses.replace(current, **values, vocab_size=vocab_size, seq_length=min(
+        seq_length or current.seq_length, architecture.max_position_embeddings))
     if dataclasses.replace(model, ffn_hidden_size=None).ffn_size == architecture.ffn_hidden_size:
         model = dataclasses.replace(model, ffn_hidden_size=None)
     if model.num_query_groups == model.num_heads:
@@ -199,8 +199,8 @@ def _model_section(current: ModelConfig, architecture: Architecture, vocab_size:
 
 
 def _fit_vocabulary(wte: torch.Tensor, rows: int) -> torch.Tensor:
-    """The embedding (or an untied head) with mtnlg's padded row count: rows beyond it (another tool's padding) dropped, or zero rows
-    added."""
+    """The embedding (or an untied head) with mtnlg's padded row count: rows beyond it (another tool's padding)
+    dropped, or zero rows added."""
     if wte.shape[0] >= rows:
         return wte[:rows].clone()
     return torch.cat([wte, wte.new_zeros(rows - wte.shape[0], wte.shape[1])])

@@ -33,8 +33,8 @@ from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.reading import read_bytes
 from mtnlg_cli.convert.common import (Weights, bundled_tokenizer, cast, check_shapes, copy_tokenizer,
                                       folder_summary, load_torch_file, qkv_blocks_to_heads)
-from mtnlg_cli.convert.megatron_args import (SAFE_GLOBALS, config_from_args, export_args, padded_vocab,
-                                             real_vocab_size, seq_length, tokenizer_args)
+from mtnlg_cli.convert.megatron_args import (SAFE_GLOBALS, config_from_args, export_args, gpt_family_problem,
+                                             padded_vocab, real_vocab_size, seq_length, tokenizer_args)
 from mtnlg_cli.model.architecture import Architecture
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -90,6 +90,10 @@ def export_megatron(weights: Weights, out_dir: Path, dtype: torch.dtype, tensor_
     """Writes `out_dir/iter_NNNNNNN/mp_rank_XX[_YYY]/model_optim_rng.pt` for each tensor-parallel rank XX (and
     pipeline stage YYY)."""
     c = weights.config
+    problem = gpt_family_problem(c)
+    if problem:
+        raise MtnlgError(f"the legacy Megatron-LM format holds GPT models only, and this one has {problem}; "
+                         "export it --to megatron-core")
     check_parallel_sizes(c, tensor_parallel, pipeline_parallel)
     rows = padded_vocab(weights.vocab_size or c.vocab_size, vocab_multiple, tensor_parallel)
     tensors = cast(weights.tensors, dtype)
@@ -122,7 +126,8 @@ def export_megatron(weights: Weights, out_dir: Path, dtype: torch.dtype, tensor_
 
 
 def check_parallel_sizes(config: Architecture, tensor_parallel: int, pipeline_parallel: int) -> None:
-    for what, size in (("model.num_heads", config.num_heads), ("the MLP size", config.ffn_hidden_size)):
+    for what, size in (("model.num_heads", config.num_heads), ("the key/value heads", config.query_groups),
+                       ("the MLP size", config.ffn_hidden_size)):
         if size % tensor_parallel:
             raise MtnlgError(f"--tensor-parallel {tensor_parallel} must divide {what} ({size})")
     if config.num_layers % pipeline_parallel:
@@ -243,6 +248,10 @@ def read_legacy(directory: Path, iteration_dir: Path, grid: list[list[Path]], st
     except (AttributeError, TypeError, ValueError):
         raise MtnlgError(f"{grid[0][0]}: its args lack padded_vocab_size") from None
     config = config_from_args(args, str(grid[0][0]), rows, legacy=True)
+    problem = gpt_family_problem(config)
+    if problem:
+        raise MtnlgError(f"{grid[0][0]}: mtnlg reads legacy checkpoints of GPT models only, and its args have "
+                         f"{problem}")
     version = float(states[0][0].get("checkpoint_version", 0))
     flat = [[_flat_model(state["model"], path) for path, state in zip(paths, row)]
             for paths, row in zip(grid, states)]

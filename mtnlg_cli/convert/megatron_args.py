@@ -57,23 +57,15 @@ SAFE_GLOBALS = (
       for module, names in _MEGATRON_ENUMS.items() for name in names),
 )
 
-# The arguments that fix the architecture, with the values that describe mtnlg's GPT: an export writes the first
-# value, an import accepts any of them (an argument missing from a checkpoint takes Megatron-LM's default, which
-# for all of these is mtnlg's).
-GPT_ARCHITECTURE: dict[str, tuple] = {
-    "position_embedding_type": ("learned_absolute",),
-    "add_position_embedding": (True,),
-    "use_rotary_position_embeddings": (False,),
-    "normalization": ("LayerNorm",),
+# Megatron-LM's options that no mtnlg model has, with the values that mean "off": an export writes the first, an
+# import accepts any of them (an argument missing from a checkpoint takes Megatron-LM's default, which is "off").
+UNSUPPORTED: dict[str, tuple] = {
     "apply_layernorm_1p": (False,),
     "layernorm_zero_centered_gamma": (False,),
     "apply_residual_connection_post_layernorm": (False,),
-    "untie_embeddings_and_output_weights": (False,),
-    "add_bias_linear": (True,),
-    "swiglu": (False,),
+    "rotary_interleaved": (False,),
     "squared_relu": (False,),
     "quick_geglu": (False,),
-    "group_query_attention": (False,),
     "num_experts": (None,),
     "multi_latent_attention": (False,),
     "qk_layernorm": (False,),
@@ -88,7 +80,40 @@ GPT_ARCHITECTURE: dict[str, tuple] = {
     "hybrid_override_pattern": (None,),
     "heterogeneous_layers_config_path": (None,),
 }
+# Megatron-Core's Llama 3 rope scaling fixes all but the factor (RotaryEmbedding._apply_scaling).
+LLAMA3_SCALING = {"type": "llama3", "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
 _EPSILON_NAMES = ("layernorm_epsilon", "norm_epsilon")
+
+
+def architecture_args(config: Architecture) -> dict[str, Any]:
+    """The arguments with which Megatron-LM builds `config`'s model, or a one-line error for what it cannot."""
+    rope = config.position_embedding_type == "rope"
+    scaling = config.rope_scaling
+    if scaling and any(scaling.get(key) != value for key, value in LLAMA3_SCALING.items()):
+        raise MtnlgError(f"Megatron-LM's Llama 3 rope scaling has {LLAMA3_SCALING}; model.rope_scaling is {scaling}")
+    if not config.swiglu and not config.add_bias_linear:
+        raise MtnlgError("Megatron-LM applies the exact (erf) GeLU to a model without linear biases; mtnlg's GeLU "
+                         "is the tanh approximation (set model.add_bias_linear or model.swiglu)")
+    return {
+        "position_embedding_type": config.position_embedding_type,
+        "add_position_embedding": not rope,
+        "use_rotary_position_embeddings": rope,
+        "rotary_base": config.rotary_base,
+        "rotary_percent": config.rotary_percent,
+        "use_rope_scaling": scaling is not None,
+        "rope_scaling_factor": scaling["factor"] if scaling else 8.0,
+        "normalization": config.normalization,
+        "swiglu": config.swiglu,
+        "group_query_attention": config.num_query_groups is not None,
+        "num_query_groups": config.query_groups,
+        "untie_embeddings_and_output_weights": config.untie_embeddings_and_output_weights,
+        "add_bias_linear": config.add_bias_linear,
+        "add_qkv_bias": config.add_bias_linear or config.add_qkv_bias,
+        # Megatron-Core's GeLU is the tanh approximation only with this fusion on (its default)
+        "bias_gelu_fusion": config.add_bias_linear and not config.swiglu,
+        **{name: values[0] for name, values in UNSUPPORTED.items()},
+    }
 
 
 def padded_vocab(vocab_size: int, vocab_multiple: int, tensor_parallel: int) -> int:
@@ -101,17 +126,11 @@ def padded_vocab(vocab_size: int, vocab_multiple: int, tensor_parallel: int) -> 
 def export_args(config: Architecture, *, vocab_size: Optional[int], seq_length: Optional[int], step: int,
                 consumed_samples: int, dtype: torch.dtype, tensor_parallel: int, pipeline_parallel: int,
                 padded_vocab_size: int, vocab_multiple: int, **format_args: Any) -> argparse.Namespace:
-    """The Megatron-LM arguments that describe the model, as its own checkpoints record them, plus `format_args`.
-
-    The GeLU is the tanh approximation, which Megatron-Core applies when `bias_gelu_fusion` is on (its default);
-    with it off Megatron uses the exact (erf) GeLU.
-    """
-    architecture = {name: values[0] for name, values in GPT_ARCHITECTURE.items()}
+    """The Megatron-LM arguments that describe the model, as its own checkpoints record them, plus `format_args`."""
     return argparse.Namespace(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_heads,
-        num_query_groups=config.num_heads,
         kv_channels=config.head_dim,
         ffn_hidden_size=config.ffn_hidden_size,
         max_position_embeddings=config.max_position_embeddings,
@@ -126,8 +145,7 @@ def export_args(config: Architecture, *, vocab_size: Optional[int], seq_length: 
         init_method_std=config.init_method_std,
         hidden_dropout=config.dropout,
         attention_dropout=config.dropout,
-        bias_gelu_fusion=True,
-        **architecture,
+        **architecture_args(config),
         fp16=dtype == torch.float16,
         bf16=dtype == torch.bfloat16,
         params_dtype=dtype,
@@ -139,48 +157,82 @@ def export_args(config: Architecture, *, vocab_size: Optional[int], seq_length: 
 
 
 def config_from_args(args: argparse.Namespace, source: str, vocab_rows: int, *, legacy: bool) -> Architecture:
-    """mtnlg's `Architecture` for a checkpoint's args, or a one-line error naming the first argument that mtnlg's GPT
+    """mtnlg's `Architecture` for a checkpoint's args, or a one-line error naming the first argument that mtnlg
     cannot represent. `vocab_rows` is the embedding's row count (the padded vocabulary). `legacy` selects the GeLU
     rule of Megatron-LM's legacy model, which also honours `openai_gelu`."""
     values = vars(args)
     if "disable_bias_linear" in values and "add_bias_linear" not in values:  # the name before Megatron-LM 2023
         values = {**values, "add_bias_linear": not values["disable_bias_linear"]}
-    for name, accepted in GPT_ARCHITECTURE.items():
-        if name in values and values[name] not in accepted:
-            raise MtnlgError(f"{source}: unsupported argument {name}={values[name]!r} "
-                             f"(mtnlg's GPT has {name}={accepted[0]!r})")
-    tanh_gelu = values.get("bias_gelu_fusion", True) or (legacy and values.get("openai_gelu", False))
-    if not tanh_gelu:
-        raise MtnlgError(f"{source}: unsupported argument bias_gelu_fusion=False: Megatron-LM then uses the exact "
-                         "(erf) GeLU, mtnlg's GPT the tanh approximation")
+
+    def value(name: str, default: Any, accepted: Optional[tuple] = None) -> Any:
+        found = values.get(name, default)
+        if accepted is not None and found not in accepted:
+            raise MtnlgError(f"{source}: unsupported argument {name}={found!r} (mtnlg reads "
+                             f"{' or '.join(map(repr, accepted))})")
+        return found
+
+    for name, accepted in UNSUPPORTED.items():
+        value(name, accepted[0], accepted)
+    default_positions = "rope" if values.get("use_rotary_position_embeddings") else "learned_absolute"
+    positions = value("position_embedding_type", default_positions, ("learned_absolute", "rope"))
+    if positions == "learned_absolute":
+        value("add_position_embedding", True, (True,))
+    swiglu = bool(value("swiglu", False))
+    bias = bool(value("add_bias_linear", True))
+    tanh_gelu = (value("bias_gelu_fusion", True) and bias) or (legacy and value("openai_gelu", False))
+    if not swiglu and not tanh_gelu:
+        raise MtnlgError(f"{source}: unsupported argument bias_gelu_fusion=False (or add_bias_linear=False): "
+                         "Megatron-LM then uses the exact (erf) GeLU, mtnlg the tanh approximation")
     epsilons = {values[name] for name in _EPSILON_NAMES if values.get(name) is not None}
     if len(epsilons) > 1:
         raise MtnlgError(f"{source}: its args disagree on the epsilon (layernorm_epsilon="
                          f"{values['layernorm_epsilon']!r}, norm_epsilon={values['norm_epsilon']!r})")
     try:
         hidden, heads = int(args.hidden_size), int(args.num_attention_heads)
-        layers, positions = int(args.num_layers), int(args.max_position_embeddings)
+        layers, positions_count = int(args.num_layers), int(args.max_position_embeddings)
     except AttributeError as exc:
         raise MtnlgError(f"{source}: its args lack {exc.name}") from None
     except (TypeError, ValueError) as exc:
         raise MtnlgError(f"{source}: its args hold a non-integer size ({exc})") from None
     kv_channels = values.get("kv_channels") or (hidden // heads if heads else 0)
     if kv_channels * heads != hidden:
-        raise MtnlgError(f"{source}: unsupported argument kv_channels={kv_channels} (mtnlg's GPT needs "
+        raise MtnlgError(f"{source}: unsupported argument kv_channels={kv_channels} (mtnlg needs "
                          f"kv_channels * num_attention_heads = hidden_size = {hidden})")
+    groups = values.get("num_query_groups") if value("group_query_attention", False) else None
+    rope = positions == "rope"
     try:
         return Architecture(
             vocab_size=vocab_rows,
-            max_position_embeddings=positions,
+            max_position_embeddings=positions_count,
             num_layers=layers,
             hidden_size=hidden,
             num_heads=heads,
             ffn_hidden_size=int(values.get("ffn_hidden_size") or 4 * hidden),
             init_method_std=float(values.get("init_method_std", 0.02)),
             norm_epsilon=float(epsilons.pop() if epsilons else 1e-5),
+            position_embedding_type=positions,
+            rotary_base=float(value("rotary_base", 10000)) if rope else 10000.0,
+            rotary_percent=float(value("rotary_percent", 1.0)) if rope else 1.0,
+            rope_scaling={**LLAMA3_SCALING, "factor": float(value("rope_scaling_factor", 8.0))}
+            if rope and value("use_rope_scaling", False) else None,
+            normalization=value("normalization", "LayerNorm", ("LayerNorm", "RMSNorm")),
+            swiglu=swiglu,
+            num_query_groups=groups if groups != heads else None,
+            untie_embeddings_and_output_weights=bool(value("untie_embeddings_and_output_weights", False)),
+            add_bias_linear=bias,
+            add_qkv_bias=bool(value("add_qkv_bias", False)) and not bias,
         )
     except (TypeError, ValueError) as exc:
         raise MtnlgError(f"{source}: its args describe no valid model ({exc})") from None
+
+
+def gpt_family_problem(config: Architecture) -> Optional[str]:
+    """The first option of `config` beyond the GPT family's ("name=value"), or None."""
+    for name in ("position_embedding_type", "rope_scaling", "normalization", "swiglu", "num_query_groups",
+                 "untie_embeddings_and_output_weights", "add_bias_linear", "add_qkv_bias"):
+        if getattr(config, name) != getattr(Architecture, name):  # the dataclass's defaults are GPT's
+            return f"{name}={getattr(config, name)!r}"
+    return None
 
 
 def tokenizer_args(tokenizer: Optional[Path], folder: str) -> dict[str, Any]:

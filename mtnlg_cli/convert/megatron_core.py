@@ -65,13 +65,19 @@ _NAMES = {
     "attn.proj.bias": "{layers}self_attention.linear_proj.bias",
     "ln_2.weight": "{layers}pre_mlp_layernorm.weight",
     "ln_2.bias": "{layers}pre_mlp_layernorm.bias",
+    "mlp.gate.weight": "{layers}mlp.linear_fc1.weight",
+    "mlp.gate.bias": "{layers}mlp.linear_fc1.bias",
     "mlp.fc.weight": "{layers}mlp.linear_fc1.weight",
     "mlp.fc.bias": "{layers}mlp.linear_fc1.bias",
     "mlp.proj.weight": "{layers}mlp.linear_fc2.weight",
     "mlp.proj.bias": "{layers}mlp.linear_fc2.bias",
     "ln_f.weight": "decoder.final_layernorm.weight",
     "ln_f.bias": "decoder.final_layernorm.bias",
+    "lm_head.weight": "output_layer.weight",
 }
+# With SwiGLU, Megatron-Core's linear_fc1 holds the gate and the up projection (mtnlg's fc) stacked, [gate; up],
+# and tensor parallelism splits each half on its own: rank r holds [gate_r; up_r].
+_GLU_HALVES = {"mlp.gate.weight": 0, "mlp.gate.bias": 0, "mlp.fc.weight": 1, "mlp.fc.bias": 1}
 # Where Transformer Engine's fused LayerNorm-linear layers name a tensor otherwise: the names in a Transformer
 # Engine model's state dict, and in every torch_dist checkpoint whichever layer implementation saved it.
 _TE_NAMES = {
@@ -82,7 +88,7 @@ _TE_NAMES = {
 }
 _LAYER_PREFIX = "decoder.layers."
 _WORD_EMBEDDINGS = _NAMES["wte.weight"]
-_OUTPUT_LAYER = "output_layer.weight"  # the last pipeline stage's copy of the tied word embeddings
+_OUTPUT_LAYER = _NAMES["lm_head.weight"]  # tied: the last pipeline stage's copy of the word embeddings
 # The layers whose `_extra_state` Megatron-Core's sharded state dict holds.
 _LINEAR_MODULES = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
@@ -98,6 +104,11 @@ INDEX_FILE = ".metadata"
 def _theirs(tensor: TensorSpec) -> str:
     """The tensor's name in a Megatron-Core state dict (local layer spec)."""
     return _NAMES[tensor.role].format(layers=f"{_LAYER_PREFIX}{tensor.layer}.")
+
+
+def _half(tensor: TensorSpec, config: Architecture) -> Optional[int]:
+    """Which half of its Megatron-Core tensor this tensor is (0: the first), or None if it is all of it."""
+    return _GLU_HALVES.get(tensor.role) if config.swiglu else None
 
 
 def _key(tensor: TensorSpec, stacked: bool = True) -> str:
@@ -121,7 +132,9 @@ def export_megatron_core(weights: Weights, out_dir: Path, final_dir: Path, dtype
     check_parallel_sizes(c, tensor_parallel, pipeline_parallel)
     rows = padded_vocab(weights.vocab_size or c.vocab_size, vocab_multiple, tensor_parallel)
     tensors = cast(weights.tensors, dtype)
-    tensors["wte.weight"] = pad_rows(tensors["wte.weight"], rows)
+    for tensor in c.tensors():
+        if tensor.split == "vocab":
+            tensors[tensor.name] = pad_rows(tensors[tensor.name], rows)
     iteration_name = f"iter_{weights.step:07d}"
     tokenizer_dir = f"{iteration_name}/tokenizer"
     args = export_args(c, vocab_size=weights.vocab_size, seq_length=weights.seq_length, step=weights.step,
@@ -151,10 +164,12 @@ def _sharded_state_dict(tensors: dict[str, torch.Tensor], config: Architecture, 
     each linear layer's (empty) `_extra_state`."""
     sharded: dict[str, Any] = {}
     for tensor in config.tensors():
-        data, dim = tensors[tensor.name], SPLIT_DIMS[tensor.split]
+        data, dim, half = tensors[tensor.name], SPLIT_DIMS[tensor.split], _half(tensor, config)
         layer_offset = () if tensor.layer is None else ((0, tensor.layer, config.num_layers),)
+        # a SwiGLU half's chunk r is chunk (half * ranks + r) of 2 * ranks along the split dimension
+        first, chunks = (0, tensor_parallel) if half is None else (half * tensor_parallel, 2 * tensor_parallel)
         parts = [(data, ())] if dim is None else [
-            (part, ((dim + len(layer_offset), rank, tensor_parallel),))
+            (part, ((dim + len(layer_offset), first + rank, chunks),))
             for rank, part in enumerate(data.chunk(tensor_parallel, dim))]
         for rank, (part, tp_offset) in enumerate(parts):
             sharded[f"{tensor.name}/{rank}"] = mapping.ShardedTensor.from_rank_offsets(
@@ -244,20 +259,26 @@ def read_core_ranks(directory: Path, checkpoint_dir: Path, grid: list[list[Path]
                     args: argparse.Namespace) -> Weights:
     """Merges the pipeline stages and tensor-parallel ranks of a Megatron-Core `torch` checkpoint."""
     pipeline_parallel, tensor_parallel = len(grid), len(grid[0])
+    tied = not getattr(args, "untie_embeddings_and_output_weights", False)
     ranks = [_join_stages([_core_tensors(states[stage][rank]["model"], grid[stage][rank])
-                           for stage in range(pipeline_parallel)], grid[-1][rank]) for rank in range(tensor_parallel)]
+                           for stage in range(pipeline_parallel)], grid[-1][rank], tied)
+             for rank in range(tensor_parallel)]
     embedding = ranks[0].get(_WORD_EMBEDDINGS)
     if embedding is None:
         raise MtnlgError(f"{grid[0][0]} lacks tensor {_WORD_EMBEDDINGS}")
     config = config_from_args(args, str(grid[0][0]), embedding.shape[0] * tensor_parallel, legacy=False)
-    local_shapes = {_theirs(t): split_shape(t.shape, SPLIT_DIMS[t.split], tensor_parallel) for t in config.tensors()}
+    local_shapes = {}
+    for t in config.tensors():
+        shape = split_shape(t.shape, SPLIT_DIMS[t.split], tensor_parallel)
+        local_shapes[_theirs(t)] = shape if _half(t, config) is None else (2 * shape[0], *shape[1:])
     for rank, tensors in enumerate(ranks):
         source = grid[0][rank] if pipeline_parallel == 1 else f"{checkpoint_dir}/mp_rank_{rank:02d}_*"
         check_shapes(tensors, local_shapes, str(source),
                      f"its args namespace (tensor_model_parallel_size={tensor_parallel})")
     tensors = {}
     for tensor in config.tensors():
-        pieces, dim = [rank[_theirs(tensor)] for rank in ranks], SPLIT_DIMS[tensor.split]
+        half, dim = _half(tensor, config), SPLIT_DIMS[tensor.split]
+        pieces = [rank[_theirs(tensor)] if half is None else rank[_theirs(tensor)].chunk(2)[half] for rank in ranks]
         tensors[tensor.name] = pieces[0] if dim is None else torch.cat(pieces, dim)
     return weights_from_ranks(directory, checkpoint_dir, grid, states, args, config, tensors)
 
@@ -278,9 +299,9 @@ def _core_tensors(model: dict, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _join_stages(stages: list[dict[str, torch.Tensor]], last_file: Path) -> dict[str, torch.Tensor]:
+def _join_stages(stages: list[dict[str, torch.Tensor]], last_file: Path, tied: bool) -> dict[str, torch.Tensor]:
     """One tensor-parallel rank's pipeline stages as one model: layers renumbered from stage-local to global, and
-    the output layer (the last stage's copy of the tied word embeddings) checked and dropped."""
+    with a tied head the output layer (the last stage's copy of the word embeddings) checked and dropped."""
     joined: dict[str, torch.Tensor] = {}
     offset = 0
     for stage in stages:
@@ -289,10 +310,11 @@ def _join_stages(stages: list[dict[str, torch.Tensor]], last_file: Path) -> dict
             layer = _LAYER.match(key)
             joined[f"{_LAYER_PREFIX}{offset + int(layer.group(1))}.{layer.group(2)}" if layer else key] = tensor
         offset += len(layers)
-    head = stages[-1].get(_OUTPUT_LAYER)
-    joined.pop(_OUTPUT_LAYER, None)
-    if head is not None and not torch.equal(head, joined.get(_WORD_EMBEDDINGS, head)):
-        raise MtnlgError(f"{last_file}: unsupported architecture: an output layer not tied to the word embeddings")
+    if tied:
+        head = joined.pop(_OUTPUT_LAYER, None)
+        if head is not None and not torch.equal(head, joined.get(_WORD_EMBEDDINGS, head)):
+            raise MtnlgError(f"{last_file}: its output layer differs from the word embeddings, but its args tie them "
+                             "(untie_embeddings_and_output_weights=False)")
     return joined
 
 
@@ -338,25 +360,28 @@ def read_torch_dist(directory: Path, checkpoint_dir: Path) -> Weights:
     _load_tensors(checkpoint_dir, loaded)
     tensors = {}
     for key, (_, parts) in wanted.items():
-        for ours, index_in_key in parts:
-            tensors[ours] = loaded[key] if index_in_key is None else loaded[key][index_in_key]
+        for ours, layer, half in parts:
+            tensor = loaded[key] if layer is None else loaded[key][layer]
+            tensors[ours] = tensor if half is None else tensor.chunk(2)[half]
     step = int(common.get("iteration", getattr(args, "iteration", 0)) or 0)
     return Weights(tensors, config, real_vocab_size(args), step, bundled_megatron_tokenizer(directory, checkpoint_dir),
                    int(getattr(args, "consumed_train_samples", 0) or 0), seq_length(args))
 
 
 def _stored_keys(config: Architecture, stored: dict[str, tuple[int, ...]]
-                 ) -> dict[str, tuple[tuple[int, ...], list[tuple[str, Optional[int]]]]]:
+                 ) -> dict[str, tuple[tuple[int, ...], list[tuple[str, Optional[int], Optional[int]]]]]:
     """The checkpoint keys that hold the model, each with its expected global shape and the mtnlg tensors it
-    holds (with their index along the layer axis, or None). Layers are stacked under one key, except in
-    checkpoints saved with one key per layer (Megatron's layout for layers that differ from each other)."""
-    wanted: dict[str, tuple[tuple[int, ...], list[tuple[str, Optional[int]]]]] = {}
+    holds: (name, index along the layer axis or None, SwiGLU half or None). Layers are stacked under one key,
+    except in checkpoints saved with one key per layer (Megatron's layout for layers that differ from each other)."""
+    wanted: dict[str, tuple[tuple[int, ...], list[tuple[str, Optional[int], Optional[int]]]]] = {}
     for tensor in config.tensors():
+        half = _half(tensor, config)
+        shape = tensor.shape if half is None else (2 * tensor.shape[0], *tensor.shape[1:])
         if tensor.layer is None or _key(tensor, stacked=False) in stored:
-            wanted[_key(tensor, stacked=False)] = (tensor.shape, [(tensor.name, None)])
+            wanted.setdefault(_key(tensor, stacked=False), (shape, []))[1].append((tensor.name, None, half))
         else:
             key = _key(tensor)
-            wanted.setdefault(key, ((config.num_layers, *tensor.shape), []))[1].append((tensor.name, tensor.layer))
+            wanted.setdefault(key, ((config.num_layers, *shape), []))[1].append((tensor.name, tensor.layer, half))
     return wanted
 
 
