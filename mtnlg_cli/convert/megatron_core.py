@@ -17,9 +17,10 @@ Megatron-LM trains Megatron-Core `GPTModel`s, whose tensors are named `embedding
   the flat `state_dict` of a Megatron-Core model (local or Transformer Engine names, layers numbered within their
   pipeline stage, each rank's slice of the split tensors).
 
-mtnlg's fused QKV rows are per head [head, q|k|v, head_dim], which is Megatron-Core's `linear_qkv` layout for
-multi-head attention (its [query group, q heads of the group | k | v, head_dim] with one head per group), so no
-reordering is needed in either direction.
+mtnlg's fused QKV rows are ordered by query group, [group, (its q heads | k | v), head_dim], which is
+Megatron-Core's `linear_qkv` layout (with one group per head for multi-head attention), so no reordering is needed
+in either direction. SwiGLU's gate and up projections (mtnlg's `mlp.gate` and `mlp.fc`) are the two halves of
+Megatron-Core's `linear_fc1`, and an untied head is its `output_layer`.
 
 Writing uses `megatron.core.dist_checkpointing` (the optional `megatron` extra): a single process saves the
 chunks that a run with the requested tensor-parallel size would save. Reading needs only torch: the index is
