@@ -164,7 +164,7 @@ def test_checkpoints_that_megatron_core_saves_import_with_its_logits(source, meg
         fresh = new_workspace(tmp_path / f"ws_{name}")
         shutil.copytree(ws.tokenizer_dir, fresh.tokenizer_dir, dirs_exist_ok=True)
         output = ok("convert", "import", folder.parent, "-w", fresh.root)
-        assert "the workspace's tokenizer (600 pieces) sets the vocabulary" in output
+        assert "the workspace's tokenizer (600 pieces) sets the vocabulary" in " ".join(output.split())
         imported = load_checkpoint(latest_checkpoint(fresh.checkpoints_dir))
         assert imported.step == 7 and imported.state["consumed_samples"] == 3200
         assert imported.state["config"]["model"]["seq_length"] == 32
