@@ -173,6 +173,29 @@ def test_checkpoints_that_megatron_core_saves_import_with_its_logits(source, meg
         with torch.no_grad():
             assert (ours(tokens) - expected[..., :640]).abs().max().item() < 1e-5, name
 
+    # bad Megatron-Core torch checkpoints: one line each, and the workspace gets nothing
+    target = new_workspace(tmp_path / "target")
+
+    def broken(name: str) -> Path:
+        copy = tmp_path / f"broken_{name}"
+        shutil.copytree(saves["torch"].parent, copy)
+        return copy / "iter_0000007" / "mp_rank_00" / "model_optim_rng.pt"
+
+    truncated = broken("truncated")
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    result = run_cli("convert", "import", str(truncated.parents[2]), "-w", str(target.root))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "model_optim_rng.pt is truncated or not a PyTorch checkpoint" in result.stderr
+    for name, change in (("misshapen", {"ffn_hidden_size": 128}), ("unsupported", {"apply_layernorm_1p": True})):
+        path = broken(name)
+        state = torch.load(path, weights_only=False)
+        torch.save({**state, "args": argparse.Namespace(**{**vars(state["args"]), **change})}, path)
+        message = refused("convert", "import", path.parents[2], "-w", target.root)
+        assert ("tensor decoder.layers.0.mlp.linear_fc1.weight has shape (192, 64), but its args namespace "
+                "(tensor_model_parallel_size=1) implies (128, 64)" in message if name == "misshapen"
+                else "unsupported argument apply_layernorm_1p=True" in message), message
+    assert not any(target.checkpoints_dir.iterdir())
+
 
 def test_tensor_and_pipeline_parallel_megatron_runs_import_whole(megatron, tmp_path):
     """Four processes (tensor-parallel 2 x pipeline-parallel 2) save their parts of Megatron-Core GPTModels of both
@@ -324,6 +347,10 @@ def test_bad_torch_dist_checkpoints_are_one_line_errors_and_write_nothing(source
     no_index = broken("no_index")
     (no_index / ".metadata").unlink()
     assert "lacks .metadata" in refused("convert", "import", no_index.parent, "-w", target.root)
+    no_common = broken("no_common")
+    (no_common / "common.pt").unlink()
+    assert "has neither common.pt nor a common_state/shard_0_1 record: Megatron's args are missing" in refused(
+        "convert", "import", no_common.parent, "-w", target.root)
 
     misshapen = broken("misshapen")
     write_common(misshapen, ffn_hidden_size=128)
@@ -359,3 +386,32 @@ def test_megatron_core_export_without_the_package_says_how_to_install_it(source,
     message = refused("convert", "export", tmp_path / "out", "--to", "megatron-core", "-w", ws.root)
     assert "needs the megatron-core package" in message and "pip install 'mtnlg-cli[megatron]'" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_megatron_core_exports_that_megatron_would_compute_otherwise_are_refused(tmp_path):
+    """A GeLU model without linear biases (Megatron-Core then applies the erf GeLU), Llama 3 scaling with other
+    constants than Megatron's, and tensor-parallel sizes that do not divide the heads: one line, nothing written."""
+    import dataclasses
+
+    from mtnlg_cli.convert import Weights, export_weights
+    from mtnlg_cli.errors import MtnlgError
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.model.gpt import GPT
+
+    gpt = Architecture(vocab_size=256, max_position_embeddings=32, num_layers=2, hidden_size=32, num_heads=4,
+                       ffn_hidden_size=64)
+    rope = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, add_bias_linear=False)
+    cases = [
+        (dataclasses.replace(gpt, add_bias_linear=False), 1, "exact (erf) GeLU"),
+        (dataclasses.replace(gpt, **rope, rope_scaling={"type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
+                                                        "high_freq_factor": 4.0,
+                                                        "original_max_position_embeddings": 8192}),
+         1, "Megatron-LM's Llama 3 rope scaling has"),
+        (gpt, 3, "must divide model.num_heads (4)"),
+    ]
+    for config, tensor_parallel, message in cases:
+        weights = Weights(GPT(config).state_dict(), config, 200, 1)
+        out = tmp_path / "out"
+        with pytest.raises(MtnlgError, match=message.replace("(", r"\(").replace(")", r"\)")) as refusal:
+            export_weights(weights, out, to="megatron-core", tensor_parallel=tensor_parallel)
+        assert "\n" not in str(refusal.value) and not out.exists() and not any(tmp_path.iterdir())

@@ -42,6 +42,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
+from mtnlg_cli.atomic import make_folders, write_text, writing
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.convert.common import (Weights, cast, check_shapes, copy_tokenizer, folder_summary, load_torch_file,
                                       read_json)
@@ -147,14 +148,15 @@ def export_megatron_core(weights: Weights, out_dir: Path, final_dir: Path, dtype
              "num_floating_point_operations_so_far": 0,
              "model": _sharded_state_dict(tensors, c, tensor_parallel, mapping)}
     checkpoint_dir = out_dir / iteration_name
-    checkpoint_dir.mkdir()
-    with _single_process_group(), warnings.catch_warnings():
+    make_folders(checkpoint_dir)
+    # the files land in the export's staging folder, which becomes the output only once complete
+    with _single_process_group(), warnings.catch_warnings(), writing(checkpoint_dir):
         warnings.simplefilter("ignore")
         dist_checkpointing.save(state, str(checkpoint_dir), sharded_strategy=synchronous_save_strategy(),
                                 content_metadata=dict(CONTENT_METADATA))
     files = sorted(str(p.relative_to(out_dir)) for p in checkpoint_dir.iterdir())
     tokenizer = copy_tokenizer(weights, out_dir / tokenizer_dir)
-    (out_dir / TRACKER).write_text(f"{weights.step}\n")
+    write_text(out_dir / TRACKER, f"{weights.step}\n")
     return [TRACKER, *files, *(f"{tokenizer_dir}/{name}" for name in (tokenizer.files if tokenizer else ()))]
 
 
@@ -401,9 +403,12 @@ def _common_state(checkpoint_dir: Path, index: Any) -> Any:
     if info.transform_descriptors:
         raise MtnlgError(f"{checkpoint_dir}: record {_COMMON_STATE} is stored with {info.transform_descriptors}, "
                          "which mtnlg does not read")
-    with open(checkpoint_dir / info.relative_path, "rb") as f:
-        f.seek(info.offset)
-        data = io.BytesIO(f.read(info.length))
+    try:
+        with open(checkpoint_dir / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            data = io.BytesIO(f.read(info.length))
+    except OSError as exc:
+        raise MtnlgError(f"cannot read {checkpoint_dir / info.relative_path}: {exc.strerror or exc}") from None
     objects = load_torch_file(checkpoint_dir / info.relative_path, SAFE_GLOBALS, data)
     return objects[0] if isinstance(objects, list) and objects else objects  # a sharded object's data is a list
 
