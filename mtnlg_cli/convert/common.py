@@ -376,7 +376,8 @@ def _foreign_global(path: Path, allowed_globals: Sequence, data: Optional[IO[byt
     allowed = set()
     for entry in allowed_globals:  # an object, or (object, the name a file may use for it)
         obj, *names = entry if isinstance(entry, tuple) else (entry,)
-        allowed.update([f"{obj.__module__}.{obj.__qualname__}", *names])
+        qualified = getattr(obj, "__qualname__", None)  # None: a callable such as a partial, known by its names
+        allowed.update([*([f"{obj.__module__}.{qualified}"] if qualified else []), *names])
     memo: dict[int, Any] = {}
     strings: list[str] = []
     top: Any = None  # the last value pushed, for the memo
