@@ -22,8 +22,8 @@ def convert_command(
     to: Annotated[Optional[Literal["safetensors", "hf", "megatron-core", "megatron", "gguf"]], typer.Option(
         "--to", help="export: plain safetensors (default), a Hugging Face folder (LlamaForCausalLM, "
         "Qwen2ForCausalLM or GPT2LMHeadModel, as the model is), a Megatron-LM torch_dist checkpoint of a "
-        "Megatron-Core GPTModel (needs mtnlg-cli[megatron]), a Megatron-LM legacy GPT checkpoint, or one GGUF file "
-        "for llama.cpp (PATH is the file).", show_default=False)] = None,
+        "Megatron-Core GPTModel (needs the megatron-core package), a Megatron-LM legacy GPT checkpoint, or one GGUF "
+        "file for llama.cpp (PATH is the file).", show_default=False)] = None,
     source_format: Annotated[Optional[Literal["auto", "hf", "megatron", "safetensors"]], typer.Option(
         "--from", help="import: the format of PATH (default: detected).", show_default=False)] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(
