@@ -17,9 +17,10 @@ template. `llama-cli -m model.gguf` runs it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -36,9 +37,25 @@ BLOCK = 32  # q8_0 and q4_0 quantize blocks of 32 values along a row
 @dataclass(frozen=True)
 class Architecture:
     name: str  # llama.cpp's
+    unfit: Callable[[object], Optional[str]]  # Architecture -> why llama.cpp's architecture cannot run it, or None
     hyperparameters: Callable[[object], dict[str, object]]  # Architecture -> {key suffix: value}
-    tensors: dict[str, str]  # mtnlg name (per layer "layers.{i}.") -> llama.cpp name ("blk.{i}.")
-    reorder: dict[str, Callable[[torch.Tensor, object], torch.Tensor]]  # mtnlg name -> its layout for llama.cpp
+    # a tensor's role (see model/architecture.py; "{i}" stands for the layer) -> llama.cpp's name, or names when
+    # llama.cpp splits it (then `reorder` returns the parts in that order)
+    tensors: dict[str, Union[str, tuple[str, ...]]]
+    reorder: dict[str, Callable[[torch.Tensor, object], object]]  # role -> its layout (or parts) for llama.cpp
+    extra_tensors: Callable[[object], dict[str, torch.Tensor]] = lambda config: {}  # tensors llama.cpp adds
+
+
+def _unfit(config, **wanted) -> Optional[str]:
+    """The first of the model's settings that differs from `wanted`, as a reason."""
+    values = {"position_embedding_type": config.position_embedding_type, "normalization": config.normalization,
+              "swiglu": config.swiglu, "add_bias_linear": config.add_bias_linear, "add_qkv_bias": config.add_qkv_bias,
+              "grouped_query_attention": config.query_groups != config.num_heads,
+              "rotary_percent": config.rotary_percent, "rope_scaling": config.rope_scaling is not None}
+    for key, value in wanted.items():
+        if values[key] != value:
+            return f"model.{key} is {values[key]!r}, not {value!r}"
+    return None
 
 
 def _gpt2_hyperparameters(config) -> dict[str, object]:
@@ -47,54 +64,139 @@ def _gpt2_hyperparameters(config) -> dict[str, object]:
             "attention.head_count": config.num_heads, "attention.layer_norm_epsilon": config.norm_epsilon}
 
 
+def _rope_hyperparameters(config) -> dict[str, object]:
+    return {"context_length": config.max_position_embeddings, "embedding_length": config.hidden_size,
+            "feed_forward_length": config.ffn_hidden_size, "block_count": config.num_layers,
+            "attention.head_count": config.num_heads, "attention.head_count_kv": config.query_groups,
+            "attention.layer_norm_rms_epsilon": config.norm_epsilon, "rope.freq_base": float(config.rotary_base),
+            "rope.dimension_count": config.rotary_dim, "vocab_size": None}  # None: the tokenizer's size
+
+
 def _qkv_blocks(tensor: torch.Tensor, config) -> torch.Tensor:
     """mtnlg's fused QKV rows are per head [q|k|v]; llama.cpp's gpt2 splits all q, then all k, then all v."""
     return qkv_heads_to_blocks(tensor, config.num_heads)
 
 
+def _qkv_split(tensor: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """mtnlg's fused QKV rows [group, (its q heads | k | v), head_dim] as llama.cpp's separate q, k and v."""
+    per_group = config.num_heads // config.query_groups
+    grouped = tensor.reshape(config.query_groups, per_group + 2, config.head_dim, *tensor.shape[1:])
+    q = grouped[:, :per_group].reshape(config.num_heads * config.head_dim, *tensor.shape[1:])
+    k = grouped[:, per_group].reshape(config.query_groups * config.head_dim, *tensor.shape[1:])
+    v = grouped[:, per_group + 1].reshape(config.query_groups * config.head_dim, *tensor.shape[1:])
+    return q, k, v
+
+
+def _interleave_rotary_pairs(tensor: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rows of each head from mtnlg's (and Hugging Face's) rotary pairs (i, i + d/2) to the adjacent pairs
+    (2i, 2i + 1) that llama.cpp's `llama` architecture rotates (its convert_hf_to_gguf.py `permute`)."""
+    return tensor.reshape(heads, 2, tensor.shape[0] // heads // 2, *tensor.shape[1:]).transpose(1, 2).reshape(
+        tensor.shape)
+
+
+def _qkv_split_interleaved(tensor: torch.Tensor, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _qkv_split(tensor, config)
+    return _interleave_rotary_pairs(q, config.num_heads), _interleave_rotary_pairs(k, config.query_groups), v
+
+
+def _rope_frequency_factors(config) -> dict[str, torch.Tensor]:
+    """Llama 3's long-context scaling as llama.cpp takes it: per rotary pair, the factor that divides its
+    frequency (1 for short wavelengths, `factor` for long ones, a blend between)."""
+    from mtnlg_cli.model.gpt import rotary_inverse_frequencies
+
+    if config.rope_scaling is None:
+        return {}
+    unscaled = rotary_inverse_frequencies(dataclasses.replace(config, rope_scaling=None)).double()
+    return {"rope_freqs.weight": (unscaled / rotary_inverse_frequencies(config).double()).float()}
+
+
+_ROPE_BLOCK = {
+    "wte.weight": "token_embd.weight", "ln_f.weight": "output_norm.weight", "lm_head.weight": "output.weight",
+    "ln_1.weight": "blk.{i}.attn_norm.weight", "attn.proj.weight": "blk.{i}.attn_output.weight",
+    "attn.qkv.weight": ("blk.{i}.attn_q.weight", "blk.{i}.attn_k.weight", "blk.{i}.attn_v.weight"),
+    "ln_2.weight": "blk.{i}.ffn_norm.weight", "mlp.gate.weight": "blk.{i}.ffn_gate.weight",
+    "mlp.fc.weight": "blk.{i}.ffn_up.weight", "mlp.proj.weight": "blk.{i}.ffn_down.weight",
+}
+
+# In the order they are tried: the first that fits the model is the one written.
 ARCHITECTURES = {
-    "gpt": Architecture(
+    "gpt2": Architecture(
         name="gpt2",
+        unfit=lambda c: _unfit(c, position_embedding_type="learned_absolute", normalization="LayerNorm", swiglu=False,
+                               add_bias_linear=True, grouped_query_attention=False),
         hyperparameters=_gpt2_hyperparameters,
         tensors={
             "wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
-            "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias",
-            "layers.{i}.ln_1.weight": "blk.{i}.attn_norm.weight", "layers.{i}.ln_1.bias": "blk.{i}.attn_norm.bias",
-            "layers.{i}.attn.qkv.weight": "blk.{i}.attn_qkv.weight", "layers.{i}.attn.qkv.bias": "blk.{i}.attn_qkv.bias",
-            "layers.{i}.attn.proj.weight": "blk.{i}.attn_output.weight",
-            "layers.{i}.attn.proj.bias": "blk.{i}.attn_output.bias",
-            "layers.{i}.ln_2.weight": "blk.{i}.ffn_norm.weight", "layers.{i}.ln_2.bias": "blk.{i}.ffn_norm.bias",
-            "layers.{i}.mlp.fc.weight": "blk.{i}.ffn_up.weight", "layers.{i}.mlp.fc.bias": "blk.{i}.ffn_up.bias",
-            "layers.{i}.mlp.proj.weight": "blk.{i}.ffn_down.weight", "layers.{i}.mlp.proj.bias": "blk.{i}.ffn_down.bias",
+            "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias", "lm_head.weight": "output.weight",
+            "ln_1.weight": "blk.{i}.attn_norm.weight", "ln_1.bias": "blk.{i}.attn_norm.bias",
+            "attn.qkv.weight": "blk.{i}.attn_qkv.weight", "attn.qkv.bias": "blk.{i}.attn_qkv.bias",
+            "attn.proj.weight": "blk.{i}.attn_output.weight", "attn.proj.bias": "blk.{i}.attn_output.bias",
+            "ln_2.weight": "blk.{i}.ffn_norm.weight", "ln_2.bias": "blk.{i}.ffn_norm.bias",
+            "mlp.fc.weight": "blk.{i}.ffn_up.weight", "mlp.fc.bias": "blk.{i}.ffn_up.bias",
+            "mlp.proj.weight": "blk.{i}.ffn_down.weight", "mlp.proj.bias": "blk.{i}.ffn_down.bias",
         },
-        reorder={"layers.{i}.attn.qkv.weight": _qkv_blocks, "layers.{i}.attn.qkv.bias": _qkv_blocks},
+        reorder={"attn.qkv.weight": _qkv_blocks, "attn.qkv.bias": _qkv_blocks},
+    ),
+    # Llama, SmolLM, Mistral: llama.cpp rotates adjacent pairs ("norm" rope), so q and k rows are interleaved
+    "llama": Architecture(
+        name="llama",
+        unfit=lambda c: _unfit(c, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                               add_bias_linear=False, add_qkv_bias=False, rotary_percent=1.0),
+        hyperparameters=_rope_hyperparameters,
+        tensors=_ROPE_BLOCK,
+        reorder={"attn.qkv.weight": _qkv_split_interleaved},
+        extra_tensors=_rope_frequency_factors,
+    ),
+    # Qwen2: biases on q, k and v only; llama.cpp rotates pairs (i, i + d/2) ("neox" rope), as mtnlg does
+    "qwen2": Architecture(
+        name="qwen2",
+        unfit=lambda c: _unfit(c, position_embedding_type="rope", normalization="RMSNorm", swiglu=True,
+                               add_bias_linear=False, add_qkv_bias=True, rotary_percent=1.0, rope_scaling=False),
+        hyperparameters=_rope_hyperparameters,
+        tensors={**_ROPE_BLOCK,
+                 "attn.qkv.bias": ("blk.{i}.attn_q.bias", "blk.{i}.attn_k.bias", "blk.{i}.attn_v.bias")},
+        reorder={"attn.qkv.weight": _qkv_split, "attn.qkv.bias": _qkv_split},
     ),
 }
 
 
-def gguf_tensors(weights: Weights, family: str = "gpt") -> dict[str, torch.Tensor]:
-    """The model's tensors under llama.cpp's names and layouts, fp32, the embedding cut to the tokenizer's pieces."""
-    architecture = ARCHITECTURES[family]
+def architecture_for(config) -> Architecture:
+    """The llama.cpp architecture that runs this model exactly, or an error that says why none does."""
+    reasons = {}
+    for name, architecture in ARCHITECTURES.items():
+        reason = architecture.unfit(config)
+        if reason is None:
+            return architecture
+        reasons[name] = reason
+    raise MtnlgError("llama.cpp has no architecture for this model: "
+                     + "; ".join(f"{name}: {reason}" for name, reason in reasons.items()))
+
+
+def gguf_tensors(weights: Weights, architecture: Architecture) -> dict[str, torch.Tensor]:
+    """The model's tensors under llama.cpp's names and layouts, fp32, the embedding and output head cut to the
+    tokenizer's pieces."""
     config = weights.config
     out = {}
-    for name, gguf_name in architecture.tensors.items():
-        layers = range(config.num_layers) if "{i}" in name else [None]
-        for i in layers:
-            tensor = weights.tensors[name.format(i=i)].float()
-            if name in architecture.reorder:
-                tensor = architecture.reorder[name](tensor, config)
-            out[gguf_name.format(i=i)] = tensor
-    if weights.vocab_size:
-        out["token_embd.weight"] = out["token_embd.weight"][:weights.vocab_size]
-    return out
+    for spec in config.tensors():
+        names = architecture.tensors.get(spec.role)
+        if names is None:
+            raise MtnlgError(f"llama.cpp's {architecture.name} architecture has no place for tensor {spec.name}")
+        tensor = weights.tensors[spec.name].float()
+        if spec.role in architecture.reorder:
+            tensor = architecture.reorder[spec.role](tensor, config)
+        parts = (tensor,) if isinstance(names, str) else tensor
+        for name, part in zip((names,) if isinstance(names, str) else names, parts):
+            out[name.format(i=spec.layer)] = part.contiguous()
+    for name in ("token_embd.weight", "output.weight"):
+        if weights.vocab_size and name in out:
+            out[name] = out[name][:weights.vocab_size]
+    return {**out, **architecture.extra_tensors(config)}
 
 
 def export_gguf(weights: Weights, path: Path, dtype: str = "fp32", force: bool = False,
-                report: Optional[Callable[[object], None]] = None, family: str = "gpt") -> list[str]:
+                report: Optional[Callable[[object], None]] = None) -> list[str]:
     """Writes `weights` (with their tokenizer) as one GGUF file at `path`, atomically; returns its name."""
     import gguf
-
-    from mtnlg_cli.inference.chat import CHAT_TEMPLATE
 
     if dtype not in GGUF_DTYPES:
         raise MtnlgError(f"unknown GGUF dtype {dtype!r}; choose one of: {', '.join(GGUF_DTYPES)}")
@@ -107,9 +209,9 @@ def export_gguf(weights: Weights, path: Path, dtype: str = "fp32", force: bool =
         raise MtnlgError(f"{path} exists; pass --force to replace it")
     if not path.parent.is_dir():
         raise MtnlgError(f"cannot write {path}: no folder {path.parent}")
-    architecture = ARCHITECTURES[family]
-    tokenizer = _tokenizer_metadata(Path(weights.tokenizer))
-    tensors = gguf_tensors(weights, family)
+    architecture = architecture_for(weights.config)
+    tokenizer = tokenizer_metadata(Path(weights.tokenizer))
+    tensors = gguf_tensors(weights, architecture)
     if tensors["token_embd.weight"].shape[0] != len(tokenizer["tokens"]):
         raise MtnlgError(f"the tokenizer has {len(tokenizer['tokens'])} pieces but the embedding "
                          f"{tensors['token_embd.weight'].shape[0]} rows")
@@ -121,19 +223,23 @@ def export_gguf(weights: Weights, path: Path, dtype: str = "fp32", force: bool =
         if dtype in ("q8_0", "q4_0"):
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for key, value in architecture.hyperparameters(weights.config).items():
-            _add(writer, f"{architecture.name}.{key}", value)
+            _add(writer, f"{architecture.name}.{key}", len(tokenizer["tokens"]) if value is None else value)
         writer.add_tokenizer_model(tokenizer["model"])
-        writer.add_tokenizer_pre("default")
+        writer.add_tokenizer_pre(tokenizer["pre"])
         writer.add_token_list(tokenizer["tokens"])
-        writer.add_token_scores(tokenizer["scores"])
+        if "scores" in tokenizer:
+            writer.add_token_scores(tokenizer["scores"])
         writer.add_token_types(tokenizer["types"])
+        if "merges" in tokenizer:
+            writer.add_token_merges(tokenizer["merges"])
         for key, value in tokenizer["ids"].items():
             writer.add_uint32(f"tokenizer.ggml.{key}", value)
-        writer.add_add_bos_token(False)
+        writer.add_add_bos_token(tokenizer["add_bos"])
         writer.add_add_eos_token(False)
-        writer.add_add_space_prefix(tokenizer["add_space_prefix"])
-        writer.add_remove_extra_whitespaces(tokenizer["remove_extra_whitespaces"])
-        writer.add_chat_template(CHAT_TEMPLATE)
+        if "add_space_prefix" in tokenizer:
+            writer.add_add_space_prefix(tokenizer["add_space_prefix"])
+            writer.add_remove_extra_whitespaces(tokenizer["remove_extra_whitespaces"])
+        writer.add_chat_template(tokenizer["chat_template"])
         for name, tensor in tensors.items():
             data, raw_dtype = _encode(name, tensor, dtype, gguf, report)
             writer.add_tensor(name, data, raw_dtype=raw_dtype)
@@ -173,8 +279,27 @@ def _encode(name: str, tensor: torch.Tensor, dtype: str, gguf, report) -> tuple[
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
-def _tokenizer_metadata(model_file: Path) -> dict:
-    """What llama.cpp reads of a SentencePiece model: its kind, pieces, scores, types and special ids."""
+def tokenizer_metadata(path: Path) -> dict:
+    """What llama.cpp reads of the tokenizer at `path` (see `Tokenizer.load`): its kind, pieces, token types and
+    special ids, scores (SentencePiece) or merges (byte-level BPE), and the chat template."""
+    from mtnlg_cli.data.tokenizer import Tokenizer
+    from mtnlg_cli.inference.chat import CHAT_TEMPLATE
+
+    tokenizer = Tokenizer.load(path)
+    if tokenizer.backend == "sentencepiece":
+        metadata = _sentencepiece_metadata(tokenizer.path)
+    else:
+        metadata = _byte_level_bpe_metadata(tokenizer)
+    # mtnlg starts a prompt with the tokenizer's prefix: none, or the beginning-of-sequence token, as llama.cpp can
+    prefix = tuple(tokenizer.prefix_ids)
+    if prefix not in ((), (tokenizer.bos_id,)):
+        raise MtnlgError(f"the tokenizer starts sequences with {list(prefix)}, which llama.cpp cannot: it adds "
+                         f"one beginning-of-sequence token or none")
+    return {**metadata, "add_bos": bool(prefix), "chat_template": tokenizer.chat_template or CHAT_TEMPLATE}
+
+
+def _sentencepiece_metadata(model_file: Path) -> dict:
+    """A SentencePiece model: a BPE one is llama.cpp's "llama" (SPM) tokenizer, a unigram one its "t5" (UGM)."""
     try:
         from sentencepiece import sentencepiece_model_pb2
     except ImportError:
@@ -189,6 +314,7 @@ def _tokenizer_metadata(model_file: Path) -> dict:
            "padding_token_id": spec.pad_id}
     return {
         "model": kinds[spec.model_type],
+        "pre": "default",
         "tokens": [piece.piece for piece in proto.pieces],
         "scores": [piece.score for piece in proto.pieces],
         # SentencePiece's piece types are llama.cpp's token types, number for number (NORMAL 1 ... BYTE 6)
@@ -197,3 +323,63 @@ def _tokenizer_metadata(model_file: Path) -> dict:
         "add_space_prefix": proto.normalizer_spec.add_dummy_prefix,
         "remove_extra_whitespaces": proto.normalizer_spec.remove_extra_whitespaces,
     }
+
+
+# The text splitting ("pre-tokenization") of a byte-level BPE, as llama.cpp names the ones it implements
+# (llama-vocab.cpp): GPT-2's pattern inside ByteLevel, or a Split by one of these patterns before it.
+_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_PRE_TOKENIZERS = {
+    ("ByteLevel+regex",): "gpt2",
+    ("Digits", "ByteLevel+regex"): "smollm",
+    (f"Split:{_LLAMA3_PATTERN}", "ByteLevel"): "llama-bpe",
+    (f"Split:{_LLAMA3_PATTERN.replace('{1,3}', '')}", "ByteLevel"): "qwen2",
+}
+_TOKEN_TYPES = {"normal": 1, "control": 3, "user_defined": 4, "unused": 5}  # llama.cpp's (gguf.TokenType)
+
+
+def _pre_tokenizer_steps(spec: Optional[dict]) -> tuple[str, ...]:
+    """A tokenizer.json pre-tokenizer as a tuple of steps ("ByteLevel+regex", "Split:<pattern>", "Digits")."""
+    if not isinstance(spec, dict):
+        return ()
+    kind = spec.get("type")
+    if kind == "Sequence":
+        return tuple(step for child in spec.get("pretokenizers") or [] for step in _pre_tokenizer_steps(child))
+    if kind == "ByteLevel":
+        return ("ByteLevel+regex" if spec.get("use_regex", True) else "ByteLevel",)
+    if kind == "Split":
+        pattern = spec.get("pattern") or {}
+        return (f"Split:{pattern.get('Regex', pattern.get('String'))}",)
+    if kind == "Digits" and spec.get("individual_digits"):
+        return ("Digits",)
+    return (str(kind),)
+
+
+def _byte_level_bpe_metadata(tokenizer) -> dict:
+    """A Hugging Face byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM): llama.cpp's "gpt2" tokenizer, with merges."""
+    from mtnlg_cli.reading import read_json
+
+    spec = read_json(tokenizer.path, "a tokenizer file")
+    model = spec.get("model") or {}
+    steps = _pre_tokenizer_steps(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or not steps or not steps[-1].startswith("ByteLevel"):
+        raise MtnlgError(f"{tokenizer.path} is not a byte-level BPE; a GGUF export takes those and SentencePiece "
+                         f"models")
+    pre = _PRE_TOKENIZERS.get(steps)
+    if pre is None:
+        raise MtnlgError(f"{tokenizer.path} splits text in a way llama.cpp does not know ({', '.join(steps)}); "
+                         f"it would tokenize differently")
+    vocabulary = tokenizer.tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [f"[PAD{i}]" for i in range(tokenizer.vocab_size)]  # ids the vocabulary skips, as convert_hf_to_gguf
+    types = [_TOKEN_TYPES["unused"]] * tokenizer.vocab_size
+    for text, token_id in vocabulary.items():
+        tokens[token_id], types[token_id] = text, _TOKEN_TYPES["normal"]
+    for token_id, added in tokenizer.tokenizer.get_added_tokens_decoder().items():
+        types[token_id] = _TOKEN_TYPES["control" if added.special else "user_defined"]
+    merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges") or []]
+    named = {key: tokenizer.token_id(tokenizer.token_texts[f"{name}_token"])
+             for key, name in (("unknown_token_id", "unk"), ("padding_token_id", "pad"))
+             if f"{name}_token" in tokenizer.token_texts}
+    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, **named}
+    return {"model": "gpt2", "pre": pre, "tokens": tokens, "types": types, "merges": merges,
+            "ids": {key: value for key, value in ids.items() if value is not None}}
