@@ -190,7 +190,7 @@ class MegatronLM:
     def _inference(self):
         """(model, tokenizer, checkpoint) of the latest checkpoint, loaded once until the next train()."""
         from mtnlg_cli.checkpoint import load_for_inference
-        from mtnlg_cli.inference.quantize import Quantization, quantize_model
+        from mtnlg_cli.inference.quantize import Quantization, quantize_cached
 
         if self._loaded is None:
             device = self._device
@@ -202,7 +202,8 @@ class MegatronLM:
             quantization = Quantization.from_config(self.config.generate)
             if quantization is not None:  # generate.quantize: the options' quantize="int8" or "int4"
                 with self._reporter() as report:
-                    model = quantize_model(model, quantization, report)
+                    model = quantize_cached(model, quantization, checkpoint.path, self.workspace.quantized_dir,
+                                            report)
             self._loaded = model, tokenizer, checkpoint
         return self._loaded
 

@@ -51,6 +51,11 @@ class Workspace:
     def runs_dir(self) -> Path:
         return self.root / "runs"
 
+    @property
+    def quantized_dir(self) -> Path:
+        """Quantized copies of checkpoints' weights, made once (see `inference.quantize.quantize_cached`)."""
+        return self.root / "cache" / "quantized"
+
     def resolve(self, path: str | Path) -> Path:
         """A path from the config: relative paths are relative to the workspace root."""
         path = Path(path).expanduser()

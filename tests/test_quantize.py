@@ -166,6 +166,8 @@ def test_generate_and_chat_with_quantize_and_bad_input(trained):
     by_config = invoke("generate", "-w", str(workspace.root), "--set", "generate.quantize=int4", "-t", "0", "-n",
                        "12", "It is a truth")
     assert by_config.stdout == result.stdout
+    # both runs used one quantized copy, kept in the workspace under the checkpoint it came from
+    assert [p.name.split(".")[:2] for p in workspace.quantized_dir.iterdir()] == [[f"step_{STEPS:07d}", "int4g32"]]
     from mtnlg_cli import MegatronLM
 
     api = MegatronLM.from_workspace(workspace.root, quantize="int4", quiet=True, device="cpu")
@@ -179,3 +181,71 @@ def test_generate_and_chat_with_quantize_and_bad_input(trained):
         "error: generate.quantize_group_size=48 must be a positive multiple of 32"], bad.stderr
     unknown = invoke("generate", "-w", str(workspace.root), "--quantize", "int3", "x")
     assert unknown.exit_code == 2 and "'int3' is not one of 'int8', 'int4'" in unknown.output, unknown.output
+
+
+def test_the_quantized_copy_is_made_once_per_checkpoint_and_remade_when_it_changes(trained, tmp_path, monkeypatch):
+    from mtnlg_cli.checkpoint import save_checkpoint
+    from mtnlg_cli.events import Notice
+    from mtnlg_cli.inference import quantize
+    from mtnlg_cli.inference.quantize import quantize_cached
+
+    _, model, _, _ = trained
+    cache, checkpoints = tmp_path / "cache", tmp_path / "checkpoints"
+    int4 = Quantization("int4", group_size=64)
+    tokens = torch.randint(0, 256, (2, 20))
+
+    def save(weights):  # a checkpoint of `weights` at step 5 (saving it again replaces it, as a resumed run does)
+        return save_checkpoint(checkpoints, 5, {"model": weights.state_dict()}, {"model_config": {}})
+
+    def logits(m):
+        with torch.no_grad():
+            return m(tokens)
+
+    checkpoint = save(model)
+    fresh = quantize_model(model, int4)
+    first = quantize_cached(model, int4, checkpoint, cache)
+    copies = list(cache.iterdir())
+    assert len(copies) == 1 and copies[0].name.startswith("step_0000005.int4g64.")
+    assert torch.equal(logits(first), logits(fresh))
+
+    def no_quantizing(*args):
+        raise AssertionError("quantized again")
+
+    with monkeypatch.context() as patch:  # the second load reads the copy: nothing is quantized
+        patch.setattr(quantize, "quantize_int4", no_quantizing)
+        again = quantize_cached(model, int4, checkpoint, cache)
+    assert torch.equal(logits(again), logits(fresh)) and list(cache.iterdir()) == copies
+
+    # int8 of the same checkpoint is a copy of its own
+    int8 = quantize_cached(model, Quantization("int8"), checkpoint, cache)
+    assert torch.equal(logits(int8), logits(quantize_model(model, Quantization("int8"))))
+    assert len(list(cache.iterdir())) == 2
+
+    # new weights under the same checkpoint name: the old int4 copy is replaced, never used
+    changed = GPT(model.config).eval()
+    checkpoint = save(changed)
+    replaced = quantize_cached(changed, int4, checkpoint, cache)
+    assert torch.equal(logits(replaced), logits(quantize_model(changed, int4)))
+    int4_copies = [p for p in cache.iterdir() if ".int4g64." in p.name]
+    assert len(int4_copies) == 1 and int4_copies != copies
+
+    # a damaged copy is quantized again, with a notice, and rewritten whole
+    int4_copies[0].write_bytes(int4_copies[0].read_bytes()[:100])
+    notices = []
+    repaired = quantize_cached(changed, int4, checkpoint, cache, notices.append)
+    assert torch.equal(logits(repaired), logits(quantize_model(changed, int4)))
+    assert any(isinstance(n, Notice) and "cannot be used" in n.message for n in notices)
+    assert int4_copies[0].stat().st_size > 100
+
+    # a copy that fails to be written leaves nothing behind, and the model still comes back quantized
+    for old in cache.iterdir():
+        old.unlink()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    notices = []
+    unsaved = quantize_cached(changed, int4, checkpoint, cache, notices.append)
+    assert torch.equal(logits(unsaved), logits(quantize_model(changed, int4)))
+    assert list(cache.iterdir()) == [] and any("not kept" in n.message for n in notices)

@@ -122,7 +122,7 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     quantization = Quantization.from_config(config.generate, quantize)
     models = [("", model)]  # (suffix of the data name, model)
     if quantization is not None:
-        models.append((f" [{quantization.method}]", quantized(model, config, quantize)))
+        models.append((f" [{quantization.method}]", quantized(model, config, ws, ckpt, quantize)))
     rows: list[tuple[str, dict]] = []  # (data name, metrics), each source under every model
     with _progress(console) as progress:
         def scored(name: str, fn):

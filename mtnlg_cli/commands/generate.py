@@ -52,13 +52,14 @@ def load_generator(workspace, checkpoint: Optional[Path], config, quantize: Opti
     from mtnlg_cli.checkpoint import load_for_inference
     from mtnlg_cli.inference.engine import Generator
 
-    model, tokenizer, _ = load_for_inference(workspace, checkpoint)
-    return Generator(quantized(model, config, quantize), tokenizer)
+    model, tokenizer, loaded = load_for_inference(workspace, checkpoint)
+    return Generator(quantized(model, config, workspace, loaded, quantize), tokenizer)
 
 
-def quantized(model, config, quantize: Optional[str] = None):
-    """`model` quantized as `--quantize` (else the config's generate.quantize) says; as it is for neither."""
-    from mtnlg_cli.inference.quantize import Quantization, quantize_model
+def quantized(model, config, workspace, checkpoint, quantize: Optional[str] = None):
+    """`model` (the weights of `checkpoint`) quantized as `--quantize` (else the config's generate.quantize) says,
+    through the workspace's cache of quantized copies; as it is for neither."""
+    from mtnlg_cli.inference.quantize import Quantization, quantize_cached
 
     from rich.console import Console
 
@@ -68,7 +69,7 @@ def quantized(model, config, quantize: Optional[str] = None):
     if quantization is None:
         return model
     with ConsoleReporter(Console(stderr=True)) as report:
-        return quantize_model(model, quantization, report)
+        return quantize_cached(model, quantization, checkpoint.path, workspace.quantized_dir, report)
 
 
 @contextmanager

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -114,16 +116,42 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], quantization: Quantization):
         super().__init__()
-        self.method, self.group_size = quantization.method, quantization.group_size
-        self.out_features, self.in_features = weight.shape
-        if self.method == "int8":
+        if quantization.method == "int8":
             q, scale = quantize_int8(weight)
-            self.register_buffer("scales", scale)
-            self.mins = None
+            low = None
         else:
-            q, scale, low = quantize_int4(weight, self.group_size)
-            self.register_buffer("scales", scale)
-            self.register_buffer("mins", low)
+            q, scale, low = quantize_int4(weight, quantization.group_size)
+        self._hold(q, scale, low, bias, quantization, tuple(weight.shape))
+
+    @classmethod
+    def stored(cls, tensors: dict[str, torch.Tensor], prefix: str, bias: Optional[torch.Tensor],
+               quantization: Quantization, shape: tuple[int, int], device: torch.device) -> "QuantizedLinear":
+        """The layer whose quantized data `tensors` holds under `prefix` (see `quantized_tensors`); raises
+        ValueError where it does not hold them in the shapes `shape` and `quantization` give."""
+        rows, cols = shape
+        names = ("qweight", "scales") + (("mins",) if quantization.method == "int4" else ())
+        expected = {"qweight": ((rows, cols), torch.int8) if quantization.method == "int8"
+                    else ((rows, cols // 2), torch.uint8),
+                    "scales": ((rows,), torch.float32) if quantization.method == "int8"
+                    else ((rows, cols // quantization.group_size), torch.bfloat16),
+                    "mins": ((rows, cols // quantization.group_size), torch.bfloat16)}
+        for name in names:
+            tensor = tensors.get(prefix + name)
+            if tensor is None or (tuple(tensor.shape), tensor.dtype) != expected[name]:
+                raise ValueError(f"{prefix}{name} is missing or misshapen")
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        q, scale, low = (tensors[prefix + name].to(device) if name in names else None
+                         for name in ("qweight", "scales", "mins"))
+        layer._hold(q, scale, low, bias, quantization, shape)
+        return layer
+
+    def _hold(self, q: torch.Tensor, scale: torch.Tensor, low: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+              quantization: Quantization, shape: tuple[int, int]) -> None:
+        self.method, self.group_size = quantization.method, quantization.group_size
+        self.out_features, self.in_features = shape
+        self.register_buffer("scales", scale)
+        self.register_buffer("mins", low)
         self.register_buffer("qweight", q)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._matrix: Optional[tuple[tuple[int, ...], _Matrix]] = None
@@ -184,30 +212,112 @@ class QuantizedLinear(nn.Module):
 
 
 def quantize_model(model: nn.Module, quantization: Quantization,
-                   report: Optional[Callable[[object], None]] = None) -> nn.Module:
+                   report: Optional[Callable[[object], None]] = None,
+                   stored: Optional[dict[str, torch.Tensor]] = None) -> nn.Module:
     """A copy of `model` for inference whose linear layers (and tied output head) are quantized; the embeddings,
-    norms and biases are shared with `model` (see the module docstring)."""
+    norms and biases are shared with `model` (see the module docstring). With `stored` (`quantized_tensors` of an
+    earlier call on the same weights), the quantized data comes from there; ValueError if it does not fit."""
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     quantized = copy.deepcopy(model, memo=shared).eval()
+
+    def layer(name: str, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> QuantizedLinear:
+        if stored is None:
+            return QuantizedLinear(weight, bias, quantization)
+        return QuantizedLinear.stored(stored, f"{name}.", bias, quantization, tuple(weight.shape), weight.device)
+
     kept = []
     for parent_name, parent in list(quantized.named_modules()):
         for name, child in list(parent.named_children()):
             if not isinstance(child, nn.Linear):
                 continue
+            full_name = f"{parent_name}.{name}".lstrip(".")
             reason = QuantizedLinear.fits(child.weight, quantization)
             if reason:
-                kept.append((f"{parent_name}.{name}".lstrip("."), reason))
+                kept.append((full_name, reason))
                 continue
-            setattr(parent, name, QuantizedLinear(child.weight, child.bias, quantization))
+            setattr(parent, name, layer(full_name, child.weight, child.bias))
     if quantized.lm_head is None:  # the head is tied to the embedding, which stays full precision: a copy
         reason = QuantizedLinear.fits(model.wte.weight, quantization)
         if reason:
             kept.append(("the output head", reason))
         else:
-            quantized.lm_head = QuantizedLinear(model.wte.weight, None, quantization)
+            quantized.lm_head = layer("lm_head", model.wte.weight, None)
+    if stored is not None:
+        extra = set(stored) - set(quantized_tensors(quantized))
+        if extra:
+            raise ValueError(f"{sorted(extra)[0]} belongs to no layer of this model")
     if report is not None:
-        for layer, reason in kept:
-            report(Notice(f"{layer} stays fp32 under {quantization.describe()}: {reason}"))
+        for name, reason in kept:
+            report(Notice(f"{name} stays fp32 under {quantization.describe()}: {reason}"))
+    return quantized
+
+
+def quantized_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The quantized data of `model`'s quantized layers (not their biases: those are the model's own), by name."""
+    return {f"{name}.{key}": tensor.cpu() for name, module in model.named_modules()
+            if isinstance(module, QuantizedLinear)
+            for key, tensor in module.named_buffers(recurse=False) if key != "bias"}
+
+
+# --- the quantized copy kept in the workspace --------------------------------------------------------------------
+
+CACHE_FORMAT = "1"  # raise it when the quantized data changes meaning: older copies are then quantized again
+
+
+def checkpoint_fingerprint(checkpoint_dir: Path, quantization: Quantization) -> Optional[str]:
+    """What identifies a checkpoint's weights and the format they are quantized to: state.json's bytes and the
+    identity of model.safetensors (device, inode, size, modification time; a checkpoint is written once, under a
+    temporary name, and a rewrite is a new file), not a hash of its gigabytes, which would cost what quantizing
+    does. None when the checkpoint cannot be read (it was pruned meanwhile): then nothing is cached."""
+    try:
+        state = (checkpoint_dir / "state.json").read_bytes()
+        weights = (checkpoint_dir / "model.safetensors").stat()
+    except OSError:
+        return None
+    digest = hashlib.sha256()
+    for part in (CACHE_FORMAT, quantization.method, str(quantization.group_size), str(checkpoint_dir.resolve()),
+                 str((weights.st_dev, weights.st_ino, weights.st_size, weights.st_mtime_ns))):
+        digest.update(part.encode() + b"\0")
+    digest.update(state)
+    return digest.hexdigest()
+
+
+def quantize_cached(model: nn.Module, quantization: Quantization, checkpoint_dir: Path, cache_dir: Path,
+                    report: Optional[Callable[[object], None]] = None) -> nn.Module:
+    """`quantize_model(model, quantization)` for the weights of `checkpoint_dir`, quantized once: the quantized
+    data is kept in `cache_dir` under the checkpoint's fingerprint and read from there next time. A copy whose
+    checkpoint has changed or gone is removed when another copy is written; a damaged one is quantized again. The
+    copy lands whole or not at all (atomic rename); a cache folder that cannot be written only costs the saving."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    from mtnlg_cli import atomic
+
+    checkpoint_dir, cache_dir = Path(checkpoint_dir), Path(cache_dir)
+    fingerprint = checkpoint_fingerprint(checkpoint_dir, quantization)
+    if fingerprint is None:
+        return quantize_model(model, quantization, report)
+    kind = quantization.method if quantization.method == "int8" else f"int4g{quantization.group_size}"
+    path = cache_dir / f"{checkpoint_dir.name}.{kind}.{fingerprint[:32]}.safetensors"
+    if path.is_file():
+        try:
+            return quantize_model(model, quantization, report, stored=load_file(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            if report is not None:
+                report(Notice(f"the quantized copy {path.name} cannot be used ({exc}); quantizing again"))
+    quantized = quantize_model(model, quantization, report)
+    try:
+        atomic.make_folders(cache_dir)
+        atomic.remove_stale_temporaries(cache_dir)
+        for old in cache_dir.glob("*.safetensors"):  # this checkpoint's stale copies, and those of pruned ones
+            name, old_kind = old.name.split(".")[:2]
+            if (name == checkpoint_dir.name and old_kind == kind) or not (checkpoint_dir.parent / name).is_dir():
+                atomic.remove_file(old)
+        with atomic.PendingFile(path) as pending:
+            save_file(quantized_tensors(quantized), str(pending.path), metadata={"format": CACHE_FORMAT})
+    except (MtnlgError, OSError) as exc:
+        if report is not None:
+            report(Notice(f"the quantized copy is not kept ({exc})"))
     return quantized
 
 
