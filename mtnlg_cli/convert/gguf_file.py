@@ -1,18 +1,23 @@
 """Export to GGUF, the single-file format of llama.cpp (and of Ollama and LM Studio), with the `gguf` package.
 
 One file carries the architecture and its hyperparameters, every tensor under llama.cpp's name and layout, the
-SentencePiece tokenizer (pieces, scores, token types, special-token ids, whether to add a space prefix) and the chat
-template. `llama-cli -m model.gguf` runs it.
+tokenizer and the chat template. `llama-cli -m model.gguf` runs it.
 
+- The architecture is a row of `ARCHITECTURES`: llama.cpp's name for it, which models it runs exactly, its
+  hyperparameters, and the map from mtnlg tensor roles to llama.cpp's names (with a reordering, or a split of the
+  fused QKV, where the layouts differ). The first row that fits the model is written: `gpt2`, `llama` (no biases;
+  llama.cpp rotates adjacent pairs, so q and k rows are interleaved; Llama 3's rope scaling goes as
+  `rope_freqs.weight`) or `qwen2` (q, k, v biases). A new model family is a new row.
 - Tensors: matrices in the requested type (fp32, fp16, bf16, or llama.cpp's q8_0 / q4_0 blocks of 32 along each
   row); norms and biases stay f32, as llama.cpp expects. A matrix whose rows are not a multiple of the block size
   is written as f16, with a Notice.
-- The embedding keeps only the tokenizer's pieces (mtnlg pads it to a multiple of 64 or 128 rows, rows that no
-  text reaches); the tied output head is not written: llama.cpp reuses the token embedding.
-- The architecture is a row of `ARCHITECTURES`: llama.cpp's name for it, its hyperparameters, and the map from mtnlg
-  tensor names to llama.cpp's (with a reordering where the layouts differ). A new model family is a new row.
+- The embedding (and an untied output head) keeps only the tokenizer's pieces (mtnlg pads it to a multiple of 64
+  or 128 rows, rows that no text reaches); a tied output head is not written: llama.cpp reuses the token
+  embedding.
 - The tokenizer: a BPE SentencePiece model is llama.cpp's "llama" (SPM) tokenizer, a unigram one its "t5" (UGM)
-  tokenizer; neither adds BOS or EOS to a prompt, as mtnlg does not.
+  tokenizer; a Hugging Face byte-level BPE is its "gpt2" tokenizer, with merges and the pre-tokenizer it names
+  (recognised from tokenizer.json; one llama.cpp does not implement is refused rather than tokenized
+  differently). llama.cpp adds a beginning-of-sequence token to a prompt exactly when mtnlg does.
 """
 
 from __future__ import annotations
