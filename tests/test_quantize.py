@@ -166,8 +166,9 @@ def test_generate_and_chat_with_quantize_and_bad_input(trained):
     by_config = invoke("generate", "-w", str(workspace.root), "--set", "generate.quantize=int4", "-t", "0", "-n",
                        "12", "It is a truth")
     assert by_config.stdout == result.stdout
-    # both runs used one quantized copy, kept in the workspace under the checkpoint it came from
-    assert [p.name.split(".")[:2] for p in workspace.quantized_dir.iterdir()] == [[f"step_{STEPS:07d}", "int4g32"]]
+    # both runs used one int4 copy, kept in the workspace under the checkpoint it came from
+    int4_copies = [p.name for p in workspace.quantized_dir.iterdir() if ".int4g32." in p.name]
+    assert len(int4_copies) == 1 and int4_copies[0].startswith(f"step_{STEPS:07d}.")
     from mtnlg_cli import MegatronLM
 
     api = MegatronLM.from_workspace(workspace.root, quantize="int4", quiet=True, device="cpu")
