@@ -210,6 +210,19 @@ def test_a_client_that_disconnects_frees_its_slot_while_others_go_on(server):
     wait_until(lambda: server.health()["running"] == 0)
 
 
+def test_quantized_serving_gives_quantized_generate_greedy_text(workspace):
+    server = Server(workspace, "--quantize", "int8")
+    try:
+        assert "int8 weights" in server.lines[0]
+        text = server.client().completions.create(model=server.model, prompt=ENGLISH, max_tokens=16,
+                                                   temperature=0).choices[0].text
+    finally:
+        assert server.stop() == 0
+    result = run_cli("generate", "-w", str(workspace), "-t", "0", "-n", "16", "--quantize", "int8", ENGLISH)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == text + "\n"
+
+
 def test_full_queue_gets_429_and_shutdown_ends_running_requests(workspace):
     server = Server(workspace, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "0.3")
     try:

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 import typer
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
-from mtnlg_cli.commands.generate import CheckpointOption, sampling_settings, warnings_as_notes
+from mtnlg_cli.commands.generate import (CheckpointOption, QuantizeOption, quantized, sampling_settings,
+                                         warnings_as_notes)
 from mtnlg_cli.errors import MtnlgError
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -37,6 +38,7 @@ def serve_command(
     device: Annotated[Optional[str], typer.Option(
         "--device", help="Device to run the model on (default: cuda when available, else cpu).",
         show_default=False)] = None,
+    quantize: QuantizeOption = None,
     checkpoint: CheckpointOption = None,
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
@@ -59,13 +61,16 @@ def serve_command(
     from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.inference.engine import Generator
     from mtnlg_cli.inference.openai_server import OpenAIServer, bind, run
+    from mtnlg_cli.inference.quantize import Quantization
     from mtnlg_cli.inference.scheduler import Scheduler
     from mtnlg_cli.model.gpt import KVCache
 
     ws, config = open_workspace(workspace, overrides)
     defaults = sampling_settings(config)
+    quantization = Quantization.from_config(config.generate, quantize)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, loaded = load_for_inference(ws, checkpoint, device=device)
+    model = quantized(model, config, ws, loaded, quantize)
     scheduler = Scheduler(Generator(model, tokenizer), max_batch=max_batch, max_waiting=max_queue)
     name = model_name or Path(ws.root).resolve().name
     log = ConsoleReporter(Console(soft_wrap=True))  # a request's line stays one line in a log file
@@ -82,7 +87,8 @@ def serve_command(
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound_port}"
     row_bytes = 2 * math.prod(KVCache.shape(model.config, 1, model.config.max_position_embeddings)) * \
         model.wte.weight.element_size()
-    typer.echo(f"serving {name} ({Path(loaded.path).name}, {device}) at {url}/v1: up to {max_batch} requests "
+    weights = f", {quantization.describe()} weights" if quantization else ""
+    typer.echo(f"serving {name} ({Path(loaded.path).name}, {device}{weights}) at {url}/v1: up to {max_batch} requests "
                f"together ({max_batch * row_bytes / 2**20:,.0f} MiB of keys and values when all are full), "
                f"{max_queue} waiting; Ctrl-C stops")
     example = json.dumps({"model": name, "prompt": "Once upon a time", "max_tokens": 20})
