@@ -32,6 +32,8 @@ from mtnlg_cli.reading import read_json
 if TYPE_CHECKING:
     import torch
 
+    from mtnlg_cli.model.architecture import Architecture
+
 # torch and safetensors are imported where tensors are read or written, so that listing checkpoints and reading
 # their state (`mtnlg info`) stays free of torch's import cost
 
@@ -61,6 +63,15 @@ class Checkpoint:
         for name in (section, key):
             value = value.get(name) if isinstance(value, dict) else None
         return value if type(value) is int and value > 0 else default
+
+    def architecture(self) -> "Architecture":
+        """The model this checkpoint holds, from state.json's `model_config` (torch-free)."""
+        from mtnlg_cli.model.architecture import Architecture
+
+        try:
+            return Architecture.from_dict(self.state["model_config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MtnlgError(f"{self.path / STATE_FILE} has no valid model_config ({exc})") from None
 
     def tensors(self, name: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         """The tensors of `name.safetensors` in this checkpoint (e.g. "model", "optimizer", "rng")."""
@@ -199,18 +210,13 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
     import torch
 
     from mtnlg_cli.model.gpt import GPT
-    from mtnlg_cli.model.architecture import Architecture
 
-    try:
-        config = Architecture.from_dict(checkpoint.state["model_config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MtnlgError(f"{checkpoint.path / STATE_FILE} has no valid model_config ({exc})") from None
+    config = checkpoint.architecture()
     weights = checkpoint.tensors("model", device)
     check_weights(config.state_dict_shapes(), weights, str(checkpoint.path))  # before allocating the model
     damaged = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
     if damaged is not None:  # training never saves such weights; they would only make NaN logits
-        raise MtnlgError(f"{checkpoint.path / 'model.safetensors'} is damaged: tensor {damaged} holds NaN or "
-                         "infinite values")
+        raise damaged_weights(checkpoint, damaged)
     # built and initialised for real, then overwritten: at the sizes CPU inference serves this is cheaper than
     # the meta device, whose first use costs about a second per process
     with torch.device(device):
@@ -219,16 +225,25 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
     return model.eval()
 
 
+def damaged_weights(checkpoint: Checkpoint, name: str) -> MtnlgError:
+    return MtnlgError(f"{checkpoint.path / 'model.safetensors'} is damaged: tensor {name} holds NaN or infinite "
+                      "values")
+
+
 def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], source: str) -> None:
     """Refuses `weights` with a missing, unexpected or differently shaped tensor."""
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
+    check_weight_shapes(expected, {name: tuple(tensor.shape) for name, tensor in weights.items()}, source)
+
+
+def check_weight_shapes(expected: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Refuses weights (their names and shapes) with a missing, unexpected or differently shaped tensor."""
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise MtnlgError(f"{source} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for name, tensor in weights.items():
-        if tuple(tensor.shape) != expected[name]:
-            raise MtnlgError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
-                             f"the model expects {expected[name]}")
+    for name, shape in shapes.items():
+        if tuple(shape) != expected[name]:
+            raise MtnlgError(f"{source}: tensor {name} has shape {tuple(shape)}, the model expects {expected[name]}")
 
 
 def resolve_checkpoint(checkpoints_dir: Path, explicit: Optional[Path] = None) -> Checkpoint:
@@ -278,9 +293,15 @@ def load_for_inference(workspace, explicit: Optional[Path] = None, device: str |
 
     Uses the workspace's tokenizer, and refuses a checkpoint that was trained with another one.
     """
+    with held_checkpoint(workspace.checkpoints_dir, explicit) as checkpoint:
+        tokenizer = load_tokenizer_for(workspace, checkpoint)
+        return load_model(checkpoint, device), tokenizer, checkpoint
+
+
+def load_tokenizer_for(workspace, checkpoint: Checkpoint):
+    """The workspace's tokenizer, refused if `checkpoint` was trained with another one."""
     from mtnlg_cli.data.tokenizer import Tokenizer
 
-    with held_checkpoint(workspace.checkpoints_dir, explicit) as checkpoint:
-        tokenizer = Tokenizer.load(workspace.tokenizer_dir)
-        check_tokenizer(checkpoint, tokenizer.hash)
-        return load_model(checkpoint, device), tokenizer, checkpoint
+    tokenizer = Tokenizer.load(workspace.tokenizer_dir)
+    check_tokenizer(checkpoint, tokenizer.hash)
+    return tokenizer

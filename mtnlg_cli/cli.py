@@ -57,10 +57,23 @@ def _main(
 def main() -> None:
     """The console script: user errors become one line on stderr and exit code 2, never a traceback.
 
-    Ctrl-C that a command does not handle itself ends with exit code 130 (Typer turns it into Exit(130)).
+    Ctrl-C that a command does not handle itself ends with exit code 130 (Typer turns it into Exit(130)). In a
+    process that a launcher started as one rank of several, the command runs as that rank (`launch.run_as_rank`).
     """
+    from mtnlg_cli.launch import launched_rank, run_as_rank
+
+    rank = launched_rank()
+    if rank is not None:
+        run_as_rank(rank, _command_as_rank)
     try:
         app()
     except MtnlgError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+
+
+def _command_as_rank() -> Optional[int]:
+    try:
+        return app(standalone_mode=False)
+    except typer.Abort:  # what Click makes of a KeyboardInterrupt outside standalone mode
+        raise KeyboardInterrupt from None

@@ -8,6 +8,9 @@ recognises the launcher's environment.
 A failure on any rank ends the run with that rank's one-line message: each rank process writes its `MtnlgError`
 into a folder the starting process gave it, exits at once (the launcher then stops the others), and the starting
 process prints the first message, instead of the launcher's tracebacks.
+
+Every command that runs as several processes (training's runtime, the model split across processes for
+inference) joins them with `join_processes()`.
 """
 
 from __future__ import annotations
@@ -18,13 +21,27 @@ import subprocess
 import sys
 import tempfile
 import traceback
+from datetime import timedelta
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, NoReturn, Optional
 
 from mtnlg_cli.atomic import write_text
 from mtnlg_cli.errors import MtnlgError
 
+if TYPE_CHECKING:
+    import torch
+
 ERROR_DIR_ENV = "MTNLG_ERROR_DIR"
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)  # a dead rank ends the others with an error instead of a hang
+
+# what must happen before a rank that ends normally or with an error leaves (e.g. rank 0 of a model split across
+# processes releases the other ranks); each is called with `failed`
+_BEFORE_RANK_ENDS: list[Callable[[bool], None]] = []
+
+
+class RunInterrupted(BaseException):
+    """Ctrl-C ended a launched run on rank 0, which ends every rank (not a KeyboardInterrupt, which a REPL would
+    take as "stop this reply")."""
 
 
 def launched_rank() -> Optional[int]:
@@ -32,6 +49,21 @@ def launched_rank() -> Optional[int]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return int(os.environ.get("RANK", "0"))
     return None
+
+
+def join_processes() -> "torch.device":
+    """Joins the run's other processes, if a launcher started several (gloo on CPUs, NCCL on GPUs; each process
+    takes the GPU of its local rank); returns this process's device."""
+    import torch
+    import torch.distributed as dist
+
+    if launched_rank() is not None and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
 
 
 def launch(command_args: list[str], num_processes: int, num_machines: int = 1, machine_rank: int = 0,
@@ -98,8 +130,13 @@ def _first_failure(folder: Path) -> Optional[str]:
     return f"rank {rank}: {message}"
 
 
-def run_as_rank(rank: int, body: Callable[[], Optional[int]]) -> None:
-    """Runs `body` as one rank of a launched run and ends the process (never returns).
+def before_rank_ends(hook: Callable[[bool], None]) -> None:
+    """Has `run_as_rank` call `hook(failed)` before this rank ends, whether its body returned or failed."""
+    _BEFORE_RANK_ENDS.append(hook)
+
+
+def run_as_rank(rank: int, body: Callable[[], Optional[int]]) -> NoReturn:
+    """Runs `body` as one rank of a launched run and ends the process.
 
     A finished run ends with barrier, `destroy_process_group()`, flush, then `os._exit`: a normal interpreter exit
     occasionally aborts after a finished multi-process run (see FACTS.md). A failing rank exits at once, so that
@@ -107,20 +144,41 @@ def run_as_rank(rank: int, body: Callable[[], Optional[int]]) -> None:
     """
     try:
         code = body() or 0
+    except RunInterrupted:
+        code = 130
     except MtnlgError as exc:
-        _report_failure(rank, str(exc))
-        _exit(2)
+        _before_end(failed=True)
+        end_run(rank, str(exc))
     except KeyboardInterrupt:
-        _exit(130)
+        _before_end(failed=True)
+        exit_process(130)
     except BaseException:  # a bug: the traceback is what helps
         traceback.print_exc()
-        _exit(1)
+        _before_end(failed=True)
+        exit_process(1)
+    _before_end(failed=False)
+    finish_rank(code)
+
+
+def _before_end(failed: bool) -> None:
+    while _BEFORE_RANK_ENDS:
+        _BEFORE_RANK_ENDS.pop()(failed)
+
+
+def finish_rank(code: int) -> NoReturn:
+    """Ends a rank whose work is done, together with the others (see run_as_rank)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    _exit(code)
+    exit_process(code)
+
+
+def end_run(rank: int, message: str) -> NoReturn:
+    """Ends this rank's process at once with `message`, the run's one-line error (from any thread)."""
+    _report_failure(rank, message)
+    exit_process(2)
 
 
 def _report_failure(rank: int, message: str) -> None:
@@ -135,7 +193,7 @@ def _report_failure(rank: int, message: str) -> None:
     print(f"error: {f'rank {rank}: ' if rank else ''}{message}", file=sys.stderr)
 
 
-def _exit(code: int) -> None:
+def exit_process(code: int) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import enum
 import os
-import sys
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.generate import quantization_asked
+from mtnlg_cli.commands.processes import (MachineRankOption, MainProcessIpOption, MainProcessPortOption,
+                                          NumMachinesOption, Processes, forwarded_args, model_parallel, split_model)
 from mtnlg_cli.errors import MtnlgError
 
 
@@ -57,8 +59,14 @@ def eval_command(
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when "
                                                   "available).", show_default=False)] = None,
     num_processes: Annotated[int, typer.Option("--num-processes", "-n", help="Run as N processes through "
-                                               "Accelerate (CPU processes over gloo where there is no GPU); they "
-                                               "share the batches and give the single-process result.")] = 1,
+                                               "Accelerate (CPU processes over gloo where there is no GPU): they "
+                                               "share the batches, or with parallel.tensor_parallel x "
+                                               "parallel.pipeline_parallel = N they split the model; either way "
+                                               "they give the single-process result.")] = 1,
+    num_machines: NumMachinesOption = 1,
+    machine_rank: MachineRankOption = 0,
+    main_process_ip: MainProcessIpOption = None,
+    main_process_port: MainProcessPortOption = None,
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
 ) -> None:
@@ -67,26 +75,27 @@ def eval_command(
     `accelerate launch -m mtnlg_cli eval ...` and `torchrun -m mtnlg_cli eval ...` work as --num-processes does.
     """
     options = dict(locals())  # every option, for the evaluation itself
-    del options["num_processes"]
-    from mtnlg_cli.launch import launch, launched_rank, run_as_rank
+    processes = Processes(*(options.pop(key) for key in ("num_processes", "num_machines", "machine_rank",
+                                                          "main_process_ip", "main_process_port")))
+    from mtnlg_cli.launch import launched_rank
 
-    rank = launched_rank()
     if num_processes < 1:
         raise MtnlgError(f"--num-processes {num_processes} must be positive")
-    if num_processes > 1 and rank is None:
-        open_workspace(workspace, overrides)  # config errors before any process starts
-        raise typer.Exit(launch(["eval", *_forwarded_args()], num_processes))
-    if rank is None:
-        _evaluate(**options)
-    else:
-        run_as_rank(rank, lambda: _evaluate(**options))
+    ws, config = open_workspace(workspace, overrides)  # config errors before any process starts
+    if model_parallel(config):  # the processes split the model, not the batches
+        options["split_run"] = split_model("eval", ws, config, checkpoint, processes,
+                                           {**quantization_asked(config, quantize), "--device": device is not None},
+                                           short_options=("-n",))
+    elif processes.starts_run and launched_rank() is None:
+        raise typer.Exit(processes.launch(["eval", *forwarded_args("eval", short_options=("-n",))]))
+    _evaluate(**options)  # (a launched process runs as its rank: cli.main)
 
 
 def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]], build_from: Optional[Path],
               min_words: int, text_key: str, delimiter: str, context: Optional[int], stride: Optional[int],
               batch_size: int, quantize: Optional[str], checkpoint: Optional[Path], output: Optional[Path],
-              run: Optional[str],
-              device: Optional[str], workspace: Optional[Path], overrides: Optional[list[str]]) -> None:
+              run: Optional[str], device: Optional[str], workspace: Optional[Path], overrides: Optional[list[str]],
+              split_run: Optional[tuple] = None) -> None:
     import torch
     from rich.console import Console
 
@@ -94,7 +103,7 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     from mtnlg_cli.checkpoint import load_for_inference
 
     ws, config = open_workspace(workspace, overrides)
-    rank, process_device = _start_processes()
+    rank, process_device = (0, None) if split_run else _start_processes()  # (a split model's rank 0 drives alone)
     console = Console(quiet=rank != 0)
     if task is not Task.perplexity and (stride is not None or split):
         raise MtnlgError(f"--{'stride' if stride is not None else 'split'} applies to --task perplexity only")
@@ -110,7 +119,7 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
         raise MtnlgError(f"cannot write {output}: no folder {Path(output).parent}")
     target = torch.device(device) if device else process_device
 
-    model, tokenizer, ckpt = load_for_inference(ws, checkpoint, target)
+    model, tokenizer, ckpt = split_run or load_for_inference(ws, checkpoint, target)
     context = ev.context_length(ckpt, model, context)
     stride = max(1, context // 2) if stride is None else stride
     if not 1 <= stride <= context:
@@ -132,7 +141,8 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
                     bar, completed=done, total=total))))
 
         if task is Task.perplexity:
-            sources = _perplexity_sources(ws, config, data, split, text_key, tokenizer, rank)
+            sources = _perplexity_sources(ws, config, data, split, text_key, tokenizer, rank,
+                                          data_parallel=split_run is None)
             for name, documents in sources:
                 scored(name, lambda m, report: ev.evaluate_perplexity(
                     m, documents, tokenizer.document_start_id, context, stride, batch_size, report).metrics())
@@ -180,20 +190,6 @@ def _start_processes():
     return state.process_index, state.device if state.device.type == "cuda" else torch.device("cpu")
 
 
-def _forwarded_args() -> list[str]:
-    """This command's arguments, less --num-processes, for each launched process."""
-    args = sys.argv[sys.argv.index("eval") + 1:]
-    forwarded, skip = [], False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg in ("--num-processes", "-n"):
-            skip = True
-        elif not arg.startswith("--num-processes="):
-            forwarded.append(arg)
-    return forwarded
-
-
 def _progress(console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -202,7 +198,8 @@ def _progress(console):
                     transient=True)
 
 
-def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank) -> list[tuple[str, list]]:
+def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank,
+                        data_parallel: bool) -> list[tuple[str, list]]:
     """(name, documents) of each --data file, or else of each workspace split."""
     from mtnlg_cli.evaluation import scoring as ev
 
@@ -221,7 +218,7 @@ def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank) -> 
 
     if rank == 0:  # may run preprocess, which one process does while the others wait
         ensure_datasets(ws, config)
-    if dist.is_initialized():
+    if data_parallel and dist.is_initialized():
         dist.barrier()
     sources = []
     for split in splits or ["valid", "test"]:

@@ -14,6 +14,8 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.processes import (MachineRankOption, MainProcessIpOption, MainProcessPortOption,
+                                          NumMachinesOption, NumProcessesOption, Processes, split_model)
 from mtnlg_cli.errors import MtnlgError
 
 CheckpointOption = Annotated[Optional[Path], typer.Option(
@@ -48,12 +50,19 @@ def sampling_settings(config, **options):
     return SamplingSettings.from_config(config.generate, **options)
 
 
-def load_generator(workspace, checkpoint: Optional[Path], config, quantize: Optional[str] = None):
+def load_generator(workspace, checkpoint: Optional[Path], config, quantize: Optional[str] = None,
+                   split: Optional[tuple] = None):
+    """A generator over the checkpoint's model: the whole model, or `split`, the model split across processes."""
     from mtnlg_cli.checkpoint import load_for_inference
     from mtnlg_cli.inference.engine import Generator
 
-    model, tokenizer, loaded = load_for_inference(workspace, checkpoint)
+    model, tokenizer, loaded = split or load_for_inference(workspace, checkpoint)
     return Generator(quantized(model, config, workspace, loaded, quantize), tokenizer)
+
+
+def quantization_asked(config, quantize: Optional[str]) -> dict[str, bool]:
+    """Whether quantization is asked for, as `split_model` takes it (a split model is not quantized)."""
+    return {"quantization (--quantize, generate.quantize)": bool(quantize or config.generate.quantize)}
 
 
 def quantized(model, config, workspace, checkpoint, quantize: Optional[str] = None):
@@ -105,6 +114,11 @@ def generate_command(
     quantize: QuantizeOption = None,
     stats: Annotated[bool, typer.Option("--stats", help="Print prompt and generated token counts and tokens/s "
                                         "on stderr.")] = False,
+    num_processes: NumProcessesOption = 1,
+    num_machines: NumMachinesOption = 1,
+    machine_rank: MachineRankOption = 0,
+    main_process_ip: MainProcessIpOption = None,
+    main_process_port: MainProcessPortOption = None,
     checkpoint: CheckpointOption = None,
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
@@ -112,17 +126,20 @@ def generate_command(
     """Generate text from prompts with the workspace's latest checkpoint.
 
     On a terminal the text streams as it is generated; otherwise each continuation is printed once, clean,
-    separated by a blank line when there are several.
+    separated by a blank line when there are several. With --num-processes N the model is split over N
+    processes (parallel.tensor_parallel x parallel.pipeline_parallel = N); rank 0 reads and writes.
     """
     ws, config = open_workspace(workspace, overrides)
     settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
+    split = split_model("generate", ws, config, checkpoint, Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port),
+                        quantization_asked(config, quantize))
     records = _read_prompts(prompts or [], input_path)
     style = _prompt_style(config, prompt_style)
     records = [dict(record, sample=i) for record in records for i in range(num_samples)]
     texts = [style.replace("{text}", record["prompt"]) for record in records]
 
-    generator = load_generator(ws, checkpoint, config, quantize)
+    generator = load_generator(ws, checkpoint, config, quantize, split)
     stream = output_path is None and sys.stdout.isatty()
     chunk = 1 if stream else batch_size
     results, prompt_tokens, generated_tokens = [], 0, 0

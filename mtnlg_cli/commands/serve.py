@@ -11,8 +11,10 @@ from typing import Annotated, Optional
 import typer
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
-from mtnlg_cli.commands.generate import (CheckpointOption, QuantizeOption, quantized, sampling_settings,
-                                         warnings_as_notes)
+from mtnlg_cli.commands.generate import (CheckpointOption, QuantizeOption, quantization_asked, quantized,
+                                         sampling_settings, warnings_as_notes)
+from mtnlg_cli.commands.processes import (MachineRankOption, MainProcessIpOption, MainProcessPortOption,
+                                          NumMachinesOption, NumProcessesOption, Processes, split_model)
 from mtnlg_cli.errors import MtnlgError
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
@@ -39,6 +41,11 @@ def serve_command(
         "--device", help="Device to run the model on (default: cuda when available, else cpu).",
         show_default=False)] = None,
     quantize: QuantizeOption = None,
+    num_processes: NumProcessesOption = 1,
+    num_machines: NumMachinesOption = 1,
+    machine_rank: MachineRankOption = 0,
+    main_process_ip: MainProcessIpOption = None,
+    main_process_port: MainProcessPortOption = None,
     checkpoint: CheckpointOption = None,
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
@@ -47,7 +54,8 @@ def serve_command(
 
     Endpoints: GET /v1/models, GET /health, POST /v1/completions, POST /v1/chat/completions (stream: true for
     Server-Sent Events). Concurrent requests decode together; fields a request leaves out take the config's
-    generate section.
+    generate section. With --num-processes N the model is split over N processes (parallel.tensor_parallel x
+    parallel.pipeline_parallel = N); rank 0 listens.
     """
     try:
         import starlette  # noqa: F401
@@ -66,10 +74,12 @@ def serve_command(
     from mtnlg_cli.model.gpt import KVCache
 
     ws, config = open_workspace(workspace, overrides)
+    split = split_model("serve", ws, config, checkpoint, Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port),
+                        {"--device": device is not None, **quantization_asked(config, quantize)})
     defaults = sampling_settings(config)
     quantization = Quantization.from_config(config.generate, quantize)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, loaded = load_for_inference(ws, checkpoint, device=device)
+    model, tokenizer, loaded = split or load_for_inference(ws, checkpoint, device=device)
     model = quantized(model, config, ws, loaded, quantize)
     scheduler = Scheduler(Generator(model, tokenizer), max_batch=max_batch, max_waiting=max_queue)
     name = model_name or Path(ws.root).resolve().name
@@ -86,9 +96,10 @@ def serve_command(
     bound_port = sock.getsockname()[1]
     url = f"http://{f'[{host}]' if ':' in host else host}:{bound_port}"
     row_bytes = 2 * math.prod(KVCache.shape(model.config, 1, model.config.max_position_embeddings)) * \
-        model.wte.weight.element_size()
+        model.dtype.itemsize
     weights = f", {quantization.describe()} weights" if quantization else ""
-    typer.echo(f"serving {name} ({Path(loaded.path).name}, {device}{weights}) at {url}/v1: up to {max_batch} requests "
+    where = f"{device}" if split is None else f"split over {num_processes} processes"
+    typer.echo(f"serving {name} ({Path(loaded.path).name}, {where}{weights}) at {url}/v1: up to {max_batch} requests "
                f"together ({max_batch * row_bytes / 2**20:,.0f} MiB of keys and values when all are full), "
                f"{max_queue} waiting; Ctrl-C stops")
     example = json.dumps({"model": name, "prompt": "Once upon a time", "max_tokens": 20})

@@ -17,7 +17,9 @@ with `mtnlg_cli.evaluation.lm_eval_adapter`):
 
 Several processes (torch.distributed initialised) split the batches, not the items: every batch is the one a
 single process would run, and the per-item results are summed across processes before any total is taken, so
-the result is bit-for-bit the single-process one.
+the result is bit-for-bit the single-process one. A model split across processes (`inference.parallel.ParallelGPT`,
+on rank 0 of such a run) is driven by rank 0 alone: it scores every batch, its last pipeline stage computing the
+scores (`token_scores`) so that only they travel, not the logits.
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def score_spans(model: torch.nn.Module, spans: Sequence[Span], batch_size: int =
     for span in spans:
         if not 1 <= span.score_from < len(span.tokens):
             raise ValueError(f"span of {len(span.tokens)} tokens cannot score from {span.score_from}")
-    device = next(model.parameters()).device
-    rank, world = _process_group()
+    split = hasattr(model, "token_scores")  # a model split across processes scores the targets itself
+    device = model.device if split else next(model.parameters()).device
+    rank, world = (0, 1) if split else _process_group()
     # Longest first: similar lengths share a batch (little padding) and a memory problem shows up at once.
     order = sorted(range(len(spans)), key=lambda i: -len(spans[i].tokens))
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
@@ -89,11 +92,11 @@ def score_spans(model: torch.nn.Module, spans: Sequence[Span], batch_size: int =
             n = len(tokens) - 1  # right padding: causal attention keeps it from changing the real positions
             inputs[row, :n], targets[row, :n] = tokens[:-1], tokens[1:]
             scored[row, spans[index].score_from - 1:n] = True
-        logits = model(inputs.to(device)).float()
-        targets, scored = targets.to(device), scored.to(device)
-        # log-softmax at the targets only: a full log-softmax would be one more (batch, length, vocab) tensor
-        target_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-        is_greedy = logits.argmax(dim=-1) == targets
+        inputs, targets, scored = inputs.to(device), targets.to(device), scored.to(device)
+        if split:
+            target_logprobs, is_greedy = model.token_scores(inputs, targets)
+        else:
+            target_logprobs, is_greedy = target_scores(model(inputs), targets)
         results[0, batch] = (target_logprobs.double() * scored).sum(dim=1).cpu()
         results[1, batch] = (is_greedy | ~scored).all(dim=1).double().cpu()
         if progress is not None:
@@ -105,6 +108,15 @@ def score_spans(model: torch.nn.Module, spans: Sequence[Span], batch_size: int =
         dist.all_reduce(reduced)  # each span was scored on exactly one process; the others hold zeros
         results = reduced.cpu()
     return SpanScores(results[0], results[1].bool())
+
+
+def target_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probability (float32) of each target under `logits` (batch, length, vocab), and whether it is the
+    most likely token."""
+    logits = logits.float()
+    # log-softmax at the targets only: a full log-softmax would be one more (batch, length, vocab) tensor
+    target_logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    return target_logprobs, logits.argmax(dim=-1) == targets
 
 
 def context_length(checkpoint, model, requested: Optional[int] = None) -> int:

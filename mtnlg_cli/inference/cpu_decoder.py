@@ -33,9 +33,9 @@ class CpuDecoder:
         self._copies: dict = {}  # decoding copies by "batched", and the C step's weights as "native"
 
     @staticmethod
-    def applies(model: GPT) -> bool:
-        weight = model.wte.weight
-        return weight.device.type == "cpu" and weight.dtype == torch.float32
+    def applies(model) -> bool:
+        """Whether `model` is a whole GPT with fp32 weights on the CPU (not one split across processes)."""
+        return isinstance(model, GPT) and model.device.type == "cpu" and model.dtype == torch.float32
 
     def model_for(self, batch_size: int) -> GPT:
         """The model to run prompts and steps of `batch_size` rows through."""

@@ -27,20 +27,25 @@ One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks an
   the window slides: the cache is rebuilt from the last half window of tokens and decoding goes on.
 - The engine is device-agnostic; on a CPU with fp32 weights it decodes through a `CpuDecoder`
   (`cpu_decoder.py`: copies of the model laid out for small batches, and a C step for a single row).
+- `model` is a GPT, or a model split across processes (`parallel.ParallelGPT`, on rank 0 of such a run): the
+  engine asks of it only `config`, `device`, `new_cache` and forward passes.
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 import torch
 
 from mtnlg_cli.config import SamplingSettings
 from mtnlg_cli.inference.cpu_decoder import CpuDecoder
 from mtnlg_cli.inference.sampling import Sampler
-from mtnlg_cli.model.gpt import GPT, KVCache
+from mtnlg_cli.model.gpt import GPT
+
+if TYPE_CHECKING:
+    from mtnlg_cli.inference.parallel import ParallelGPT
 
 Prompt = Union[str, Sequence[int]]
 TextCallback = Callable[[int, str], None]
@@ -61,7 +66,7 @@ class Completion:
 class Generator:
     """Generates continuations of prompts with `model` and `tokenizer` (see the module docstring)."""
 
-    def __init__(self, model: GPT, tokenizer):
+    def __init__(self, model: Union[GPT, "ParallelGPT"], tokenizer):
         self.model = model
         self.tokenizer = tokenizer
         self.cpu_decoder = CpuDecoder(model)
@@ -87,7 +92,7 @@ class Generator:
         histories = [self._fit_to_context(self.encode(p), row) for row, p in enumerate(prompts)]
         prompt_lengths = [len(h) for h in histories]
         streams = [TextStream(self.tokenizer, h, settings.stop) for h in histories]
-        sampler = Sampler(settings, self.tokenizer, histories, self._device)
+        sampler = Sampler(settings, self.tokenizer, histories, self.model.device)
         finish: list[Optional[str]] = [None] * len(histories)
 
         longest = max(prompt_lengths) + settings.max_new_tokens
@@ -128,10 +133,6 @@ class Generator:
         if on_text is not None and text:
             on_text(row, text)
 
-    @property
-    def _device(self) -> torch.device:
-        return self.model.wte.weight.device
-
     def _fit_to_context(self, ids: list[int], row: int) -> list[int]:
         if len(ids) <= self.context_length:
             return ids
@@ -160,8 +161,7 @@ class LeftPaddedBatch:
 
     def __init__(self, model: GPT, batch_size: int, capacity: int):
         self.model = model
-        weight = model.wte.weight
-        self.cache = KVCache(model.config, batch_size, capacity, device=weight.device, dtype=weight.dtype)
+        self.cache = model.new_cache(batch_size, capacity)
         self.key_mask: Optional[torch.Tensor] = None  # (batch, capacity): True at real tokens
         self.next_positions: Optional[torch.Tensor] = None  # (batch, 1)
         # one call per token for a single row, where a decoder has one (it leaves the logits' argmax in `argmax`)

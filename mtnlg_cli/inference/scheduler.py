@@ -184,9 +184,7 @@ class SlotCache:
 
     def _reserve(self, rows: int, columns: int) -> None:
         if self.cache is None:
-            weight = self.model.wte.weight
-            self.cache = KVCache(self.model.config, _grown(0, rows, self.max_rows), _grown(0, columns, self.context),
-                                 device=weight.device, dtype=weight.dtype)
+            self.cache = self.model.new_cache(_grown(0, rows, self.max_rows), _grown(0, columns, self.context))
         elif rows > self.cache.batch_size or columns > self.cache.max_length:
             self.cache = self.cache.resized(_grown(self.cache.batch_size, rows, self.max_rows),
                                             _grown(self.cache.max_length, columns, self.context))
@@ -408,7 +406,7 @@ class Scheduler:
             if CpuDecoder.applies(model):
                 model = self.generator.cpu_decoder.model_for(self.max_batch)
             self._slots = SlotCache(model, self.max_batch)
-        device = self._slots.model.wte.weight.device
+        device = self._slots.model.device
         joining = sorted((_Running(request, (request.prompt or [self.tokenizer.eos_id])[-self.context_length:],
                                    self.tokenizer, device) for request in admitted),
                          key=lambda running: len(running.tokens))

@@ -236,6 +236,9 @@ class Architecture:
         """Why `tensor_parallel` ranks cannot split this model, naming the config keys; None if they can."""
         if self.num_heads % tensor_parallel:
             return f"model.num_heads={self.num_heads} must be divisible by parallel.tensor_parallel={tensor_parallel}"
+        if tensor_parallel > self.query_groups:
+            return (f"parallel.tensor_parallel={tensor_parallel} is more than the model's {self.query_groups} query "
+                    "groups (key/value heads): each tensor-parallel rank holds whole groups")
         if self.query_groups % tensor_parallel:
             return (f"model.num_query_groups={self.query_groups} must be divisible by "
                     f"parallel.tensor_parallel={tensor_parallel}")

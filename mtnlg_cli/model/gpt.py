@@ -44,10 +44,15 @@ class KVCache:
     its own column, `length` is the number of columns in use, and the caller passes each row's position and a mask
     of its own columns to `GPT.forward`. `rows(...)` is a cache over some rows sharing this one's storage (to fill
     one row's prompt on its own), and `resized` and `move_row` reshape the set of rows as requests come and go.
+
+    A model split across processes keeps a shard of it in each: `layers`, the layers of a pipeline stage, and
+    `query_groups`, the groups of a tensor-parallel rank (default: all of them).
     """
 
-    def __init__(self, config: Architecture, batch_size: int, max_length: int, device=None, dtype=torch.float32):
-        shape = self.shape(config, batch_size, max_length)
+    def __init__(self, config: Architecture, batch_size: int, max_length: int, device=None, dtype=torch.float32,
+                 layers: Optional[range] = None, query_groups: Optional[int] = None):
+        self.first_layer = layers.start if layers is not None else 0
+        shape = self.shape(config, batch_size, max_length, layers, query_groups)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0  # positions filled so far; the model advances it after the last layer
@@ -55,9 +60,11 @@ class KVCache:
         self.row_columns: Optional[torch.Tensor] = None  # (batch,): where each row's next token goes, if per row
 
     @staticmethod
-    def shape(config: Architecture, batch_size: int, max_length: int) -> tuple[int, ...]:
+    def shape(config: Architecture, batch_size: int, max_length: int, layers: Optional[range] = None,
+              query_groups: Optional[int] = None) -> tuple[int, ...]:
         """The shape of `keys` (and of `values`): (layers, rows, query groups, columns, head_dim)."""
-        return config.num_layers, batch_size, config.query_groups, max_length, config.head_dim
+        return (len(layers) if layers is not None else config.num_layers, batch_size,
+                query_groups or config.query_groups, max_length, config.head_dim)
 
     @property
     def batch_size(self) -> int:
@@ -66,6 +73,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the new keys and values of `layer` and returns all of them so far."""
         end = self.length + k.shape[2]
+        layer -= self.first_layer
         if self.row_columns is None:
             self.keys[layer, :, :, self.length:end] = k
             self.values[layer, :, :, self.length:end] = v
@@ -310,6 +318,22 @@ class GPT(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    # --- what generation asks of a model (`inference.parallel.ParallelGPT`, the model split across processes,
+    # answers the same) ----------------------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model takes its inputs."""
+        return self.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.wte.weight.dtype
+
+    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty cache of `batch_size` rows and `max_length` positions for generating with this model."""
+        return KVCache(self.config, batch_size, max_length, device=self.device, dtype=self.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

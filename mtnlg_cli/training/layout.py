@@ -98,3 +98,22 @@ def resolve_layout(config: Config, world_size: int) -> Layout:
             raise MtnlgError(f"the 1f1b schedule needs at least as many micro-batches as stages: "
                              f"{microbatches} micro-batches < parallel.pipeline_parallel={pp}")
     return Layout(dp, p.fsdp, tp, p.sequence_parallel, pp, p.pipeline_schedule, microbatches)
+
+
+def resolve_inference_layout(config: Config, architecture: Architecture, world_size: int) -> Layout:
+    """How `world_size` processes split `architecture` (a checkpoint's model) to generate, chat, evaluate or serve:
+    `parallel.tensor_parallel` x `parallel.pipeline_parallel`, which must make `world_size`, each process one
+    shard; or a one-line MtnlgError. (The section's other keys, data parallelism, FSDP, sequence parallelism and the
+    pipeline schedule, describe training: inference runs one request stream through the stages in turn.)"""
+    tp, pp = config.parallel.tensor_parallel, config.parallel.pipeline_parallel
+    if tp * pp != world_size:
+        raise MtnlgError(f"the model is split over parallel.tensor_parallel={tp} x parallel.pipeline_parallel={pp} "
+                         f"= {tp * pp} process{'es' if tp * pp > 1 else ''}, but the run has {world_size}: set them "
+                         f"so that they make {world_size}")
+    problem = architecture.tensor_parallel_problem(tp)
+    if problem:
+        raise MtnlgError(f"the checkpoint's model cannot be split so: {problem}")
+    if architecture.num_layers % pp:
+        raise MtnlgError(f"the checkpoint's model cannot be split so: its {architecture.num_layers} layers do not "
+                         f"divide into parallel.pipeline_parallel={pp} equal stages")
+    return Layout(tensor_parallel=tp, pipeline_parallel=pp)

@@ -27,7 +27,6 @@ full (unsharded, layout-independent) state dicts. One process is the layout with
 from __future__ import annotations
 
 import contextlib
-from datetime import timedelta
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -37,9 +36,6 @@ import torch.nn.functional as F
 
 from mtnlg_cli.model.gpt import GPT
 from mtnlg_cli.training.layout import Layout
-
-PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)  # a dead rank ends the others with an error instead of a hang
-
 
 def build_mesh(layout: Layout, device_type: str):
     from torch.distributed.device_mesh import init_device_mesh

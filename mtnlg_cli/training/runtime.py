@@ -25,7 +25,6 @@ by `mtnlg train --num-processes`, `torchrun` or `accelerate launch`: gloo on CPU
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Any, Iterable, Optional
 
 import torch
@@ -34,36 +33,27 @@ import torch.distributed as dist
 from mtnlg_cli.checkpoint import check_weights
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.launch import join_processes
 from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.model.gpt import GPT
 from mtnlg_cli.training.layout import Layout, resolve_layout
 from mtnlg_cli.training.optim import build_adamw
-from mtnlg_cli.training.plans import PROCESS_GROUP_TIMEOUT, ParallelModel, parallelize
+from mtnlg_cli.training.plans import ParallelModel, parallelize
 
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_runtime(config: Config) -> "Runtime":
     """The runtime for the config's `parallel` section and the processes this one was launched with."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
-        # the timeout ends a run whose peer died instead of letting it hang
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
-    return Runtime(config, resolve_layout(config, world_size))
-
-
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        index = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device("cpu")
+    device = join_processes()
+    world_size = dist.get_world_size() if dist.is_initialized() else 1
+    return Runtime(config, resolve_layout(config, world_size), device)
 
 
 class Runtime:
-    def __init__(self, config: Config, layout: Layout):
+    def __init__(self, config: Config, layout: Layout, device: torch.device):
         self.config, self.layout = config, layout
-        self.device = _device()
+        self.device = device
         self.model: Optional[GPT] = None
         self.parallel: Optional[ParallelModel] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
