@@ -1,14 +1,15 @@
-"""Inference with a model split across processes: tensor and pipeline parallelism with training's plans.
+"""Inference with a model split across processes: tensor and pipeline parallelism laid out by training's plans.
 
 `mtnlg generate|chat|eval|serve --num-processes N` (or `torchrun` / `accelerate launch` directly) start N processes,
-which `run_split` turns into one model split `parallel.tensor_parallel` x `parallel.pipeline_parallel` (= N) ways.
+and `load_split` makes them one model split `parallel.tensor_parallel` x `parallel.pipeline_parallel` (= N) ways.
 Every process:
 
 - joins the run as training does (`launch.join_processes`: gloo on CPUs, NCCL on GPUs) and builds training's
   device mesh (`plans.build_mesh`);
-- builds the unchanged GPT on the meta device, applies training's plans to it (`plans.apply_tensor_parallel`, then
-  `plans.pipeline_stage`) and fills in only the parameters it holds, each read as its slice straight from the
-  checkpoint's model.safetensors (`load_shard`), so that its memory is about the model's size over N;
+- builds the unchanged GPT on the meta device, cuts it to its pipeline stage (`plans.pipeline_stage`) and reads
+  each parameter it keeps straight from the checkpoint's model.safetensors: its slice along the dimension that
+  training's tensor-parallel plan (`plans.apply_tensor_parallel`) shards it on, or the whole tensor (`load_shard`),
+  so that its memory is about the model's size over N;
 - keeps the keys and values of its own layers (its pipeline stage) and its own query groups (its tensor-parallel
   share) in a `KVCache`.
 
@@ -16,17 +17,18 @@ Rank 0 drives. It owns the terminal, the files and the HTTP socket, and runs the
 eval exactly as one process does, with a `ParallelGPT` as the model. Every forward pass and cache operation that
 it asks for is broadcast to the other ranks (`Channel`: the operation, then its token ids, positions, masks and
 which cache rows it works on), which follow (`follow`). The pipeline stages run in turn, each handing its hidden
-states to the rank of the next stage with the same tensor-parallel index; the last stage gathers the logits over
-its vocabulary-parallel head and sends them to rank 0, which alone picks each token and sends it with the next
+states to the rank of the next stage with the same tensor-parallel index; within a stage the ranks add up their
+partial sums after each row-parallel product (Megatron's two all-reduces per layer) and gather the head's logits
+over the vocabulary; the last stage sends them to rank 0, which alone picks each token and sends it with the next
 forward pass. So every rank computes with the same token, and a seed gives the text one process gives. For eval,
 the last stage turns the logits into the targets' log-probabilities itself, and only those travel
 (`ParallelGPT.token_scores`).
 
-Ending: rank 0's body returning (`/exit`, the end of the prompts, a stopped server) sends every rank an exit.
-Ctrl-C (SIGINT, which a launcher passes on to every rank) ends the run too: the other ranks ignore it and rank 0
-stops at the end of the forward pass under way (`RunInterrupted`), then sends the exit. A rank that fails or
+Ending: rank 0 closes the model when its command ends (`launch.run_as_rank` calls `close`), which sends every rank
+an exit. Ctrl-C (SIGINT, which a launcher passes on to every rank) ends the run too: the other ranks ignore it, and
+rank 0 takes it only between two requests (`RunInterrupted`), never half-way through one. A rank that fails or
 loses contact with the others ends its process at once with a one-line message (`launch.end_run`); the others'
-collectives then fail at once (a closed connection), and they end the same way, so nothing waits for a dead rank.
+collectives then fail at once (a closed connection) and they end the same way, so nothing waits for a dead rank.
 The other ranks wait for rank 0's next request on a gloo group of their own with no practical timeout, so a chat
 may wait for its user and a server for its clients as long as they like.
 """
@@ -34,6 +36,7 @@ may wait for its user and a server for its clients as long as they like.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import signal
 import threading
@@ -121,36 +124,107 @@ class Channel:
 # What one rank holds, and its part of a forward pass.
 
 
-def load_shard(checkpoint: Checkpoint, architecture: Architecture, layout: Layout, mesh, device: torch.device,
-               dtype: Optional[torch.dtype] = None) -> GPT:
-    """The GPT as this rank holds it under `layout`, in eval mode: training's plans applied to the unchanged model
-    on the meta device, then each parameter this rank holds read from model.safetensors, as its slice where the
-    plan shards it (`dtype`: convert them; default: as stored)."""
+def tensor_parallel_split(model: GPT, tp_mesh) -> dict[str, Optional[int]]:
+    """Training's tensor-parallel plan (`plans.apply_tensor_parallel`) as data: the dimension along which it shards
+    each parameter of `model` (on the meta device), None where it keeps it whole."""
     from torch.distributed.tensor import DTensor
 
-    from mtnlg_cli.training.plans import apply_tensor_parallel, pipeline_stage
+    from mtnlg_cli.training.plans import apply_tensor_parallel
+
+    planned = copy.deepcopy(model)
+    apply_tensor_parallel(planned, tp_mesh, sequence_parallel=False)
+    split = {}
+    for name, param in planned.named_parameters():
+        placement = param.placements[0] if isinstance(param, DTensor) else None
+        split[name] = placement.dim % param.dim() if placement is not None and placement.is_shard() else None
+    return split
+
+
+def load_shard(checkpoint: Checkpoint, architecture: Architecture, layout: Layout, mesh, device: torch.device,
+               dtype: Optional[torch.dtype] = None) -> GPT:
+    """The GPT as this rank holds it under `layout`, in eval mode.
+
+    The unchanged model is built on the meta device and cut to this rank's pipeline stage (`plans.pipeline_stage`);
+    each parameter left is read from model.safetensors, as this rank's slice along the dimension training's
+    tensor-parallel plan shards it on (`tensor_parallel_split`), or whole. The sharded layers then run on plain
+    tensors with Megatron's collectives (`RowParallelLinear`, `VocabParallelEmbedding`, and the logits gathered in
+    `Shard`), not as DTensors: on the project's CPU a DTensor decoding step cost ten times a plain one, all of it
+    per-operator dispatch, which would dwarf a GPU's work per token too. `dtype`: convert the weights (default:
+    as stored)."""
+    from mtnlg_cli.training.plans import pipeline_stage
 
     path = checkpoint.path / "model.safetensors"
     check_weight_shapes(architecture.state_dict_shapes(), _stored_shapes(path), str(checkpoint.path))
     with torch.device("meta"):
         model = GPT(architecture)
-    if layout.tensor_parallel > 1:
-        apply_tensor_parallel(model, mesh["tp"], sequence_parallel=False)
+    tp, tp_rank = layout.tensor_parallel, mesh["tp"].get_local_rank()
+    split = tensor_parallel_split(model, mesh["tp"]) if tp > 1 else {}
     if layout.pipeline_parallel > 1:
         pipeline_stage(model, mesh["pp"].get_local_rank(), layout.pipeline_parallel)
-    for module_name, module in model.named_modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+    group = mesh["tp"].get_group() if tp > 1 else None
+    for module_name, module in list(model.named_modules()):
+        own = {name: param for name, param in module.named_parameters(recurse=False)}
+        local = {}
+        for name in own:
             full_name = f"{module_name}.{name}" if module_name else name
-            local = _read_slice(path, full_name, param).to(device=device, dtype=dtype)
-            if not torch.isfinite(local).all():  # training never saves such weights; they would only make NaN logits
+            local[name] = _read_slice(path, full_name, split.get(full_name), tp_rank, tp).to(device=device,
+                                                                                                 dtype=dtype)
+            if not torch.isfinite(local[name]).all():  # training never saves such weights: they make NaN logits
                 raise damaged_weights(checkpoint, full_name)
-            if isinstance(param, DTensor):
-                local = DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                           shape=param.shape, stride=param.stride())
-            module.register_parameter(name, nn.Parameter(local, requires_grad=False))
+        weight_split = split.get(f"{module_name}.weight")
+        if isinstance(module, nn.Linear) and weight_split == 1:
+            _replace(model, module_name, RowParallelLinear(local["weight"], local.get("bias"), group))
+        elif isinstance(module, nn.Embedding) and weight_split == 0:
+            _replace(model, module_name, VocabParallelEmbedding(local["weight"], tp_rank, group))
+        elif any(split.get(f"{module_name}.{name}") is not None for name in own) and not (
+                isinstance(module, nn.Linear) and weight_split == 0):
+            raise MtnlgError(f"the tensor-parallel plan shards {module_name} in a way inference does not run")
+        else:  # whole, or column-parallel: the rank's output features, from whole inputs
+            for name, tensor in local.items():
+                module.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
     if model.rotary is not None:  # computed, not stored
         model.rotary.inverse_frequencies = rotary_inverse_frequencies(architecture).to(device)
     return model.eval()
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+class RowParallelLinear(nn.Module):
+    """A linear layer whose inputs are split across the tensor-parallel ranks: each computes its partial sums, an
+    all-reduce adds them up, then the (whole) bias is added once."""
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor], group):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False) if bias is not None else None
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = nn.functional.linear(x, self.weight)
+        dist.all_reduce(out, group=self.group)
+        return out + self.bias if self.bias is not None else out
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding whose rows (the vocabulary) are split across the tensor-parallel ranks: each looks up the ids
+    in its own rows, zeros for the others, and an all-reduce adds them up. Its `weight` also serves as the tied
+    output head, whose logits then hold this rank's part of the vocabulary."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, group):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.first = rank * weight.shape[0]
+        self.group = group
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.first
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = nn.functional.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0)
+        dist.all_reduce(out, group=self.group)
+        return out
 
 
 def _stored_shapes(path) -> dict[str, tuple[int, ...]]:
@@ -165,30 +239,26 @@ def _stored_shapes(path) -> dict[str, tuple[int, ...]]:
         raise MtnlgError(f"{path} is truncated or not a safetensors file ({exc})") from None
 
 
-def _read_slice(path, name: str, param: torch.Tensor) -> torch.Tensor:
-    """The part of stored tensor `name` that this rank's `param` holds: its shard of a DTensor sharded on one
-    dimension, else the whole tensor."""
+def _read_slice(path, name: str, dim: Optional[int], rank: int, ranks: int) -> torch.Tensor:
+    """Stored tensor `name`: rank `rank`'s of `ranks` equal slices along `dim`, or all of it (`dim` None)."""
     from safetensors import safe_open
 
     # the file is opened for each tensor: the pages of a slice read through the mapping stay in this process's
     # memory only while it is open, so no more than one tensor's pages do
     with safe_open(str(path), framework="pt") as stored:
         part = stored.get_slice(name)
-        placement = param.placements[0] if hasattr(param, "placements") else None
-        if placement is None or not placement.is_shard():
+        if dim is None:
             return part[:]
-        dim = placement.dim % param.dim()
-        ranks = param.device_mesh.size()
-        size = param.shape[dim] // ranks
-        first = param.device_mesh.get_local_rank() * size
-        index = [slice(None)] * param.dim()
-        index[dim] = slice(first, first + size)
+        shape = part.get_shape()
+        size = shape[dim] // ranks
+        index = [slice(None)] * len(shape)
+        index[dim] = slice(rank * size, (rank + 1) * size)
         return part[tuple(index)]
 
 
 class Shard:
-    """What one rank of a split run holds of the model (`model`, a GPT cut down by the plans), and its part of
-    each forward pass: its pipeline stage's layers, with its tensor-parallel share of each."""
+    """What one rank of a split run holds of the model (`model`, the GPT cut to its pipeline stage and its
+    tensor-parallel share), and its part of each forward pass."""
 
     def __init__(self, checkpoint: Checkpoint, architecture: Architecture, layout: Layout, device: torch.device,
                  dtype: Optional[torch.dtype] = None):
@@ -197,7 +267,7 @@ class Shard:
         self.config, self.layout, self.device = architecture, layout, device
         self.rank = dist.get_rank()
         mesh = build_mesh(layout, device.type)
-        self.tensor_rank = mesh["tp"].get_local_rank()
+        self.tensor_group = mesh["tp"].get_group() if layout.tensor_parallel > 1 else None
         stage, stages = mesh["pp"].get_local_rank(), layout.pipeline_parallel
         self.is_first_stage, self.is_last_stage = stage == 0, stage == stages - 1
         per_stage = architecture.num_layers // stages
@@ -211,11 +281,9 @@ class Shard:
         self.answering_rank = (stages - 1) * layout.tensor_parallel
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """A cache for this rank's layers and query groups (made outside inference mode: the forward passes,
-        which run outside it for DTensor's sake, write into it)."""
-        with torch.inference_mode(False):
-            return KVCache(self.config, batch_size, max_length, self.device, self.dtype, layers=self.layers,
-                           query_groups=self.query_groups)
+        """A cache for this rank's layers and query groups."""
+        return KVCache(self.config, batch_size, max_length, self.device, self.dtype, layers=self.layers,
+                       query_groups=self.query_groups)
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, attn_mask: Optional[torch.Tensor] = None,
@@ -238,17 +306,12 @@ class Shard:
         answer = self._answer(scores, [(tokens.shape, torch.float32), (tokens.shape, torch.uint8)])
         return (answer[0], answer[1].bool()) if answer else None
 
-    # DTensor dispatch under inference mode misses its sharding cache and costs ten times as much: the stage runs
-    # outside it (the engine and the scheduler enter it); nothing here records gradients either way
-    @torch.inference_mode(False)
     @torch.no_grad()
     def _stage(self, tokens: torch.Tensor, **kwargs) -> Optional[torch.Tensor]:
         """Runs this rank's pipeline stage; the whole logits on the last stage's ranks, None on the others."""
-        from torch.distributed.tensor import DTensor
-
-        kwargs = {key: value.to(self.device).clone() if isinstance(value, torch.Tensor) else value
+        kwargs = {key: value.to(self.device) if isinstance(value, torch.Tensor) else value
                   for key, value in kwargs.items()}
-        x = tokens.to(self.device).clone()
+        x = tokens.to(self.device)
         if not self.is_first_stage:
             x = torch.empty(*tokens.shape, self.config.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(x, self.previous_rank)
@@ -256,7 +319,12 @@ class Shard:
         if not self.is_last_stage:
             dist.send(out.contiguous(), self.next_rank)
             return None
-        return out.full_tensor() if isinstance(out, DTensor) else out
+        if self.tensor_group is None:
+            return out
+        # the head's logits hold this rank's part of the vocabulary
+        parts = [torch.empty_like(out) for _ in range(self.layout.tensor_parallel)]
+        dist.all_gather(parts, out.contiguous(), group=self.tensor_group)
+        return torch.cat(parts, dim=-1)
 
     def _answer(self, tensors: Optional[list[torch.Tensor]], templates: list[tuple]) -> Optional[list[torch.Tensor]]:
         """The last stage's `tensors` on rank 0 (received there, with the `templates`' shapes and dtypes, when
@@ -288,8 +356,7 @@ def follow(shard: Shard, channel: Channel) -> int:
                 caches[cache_id] = shard.new_cache(rows, columns)
             elif op == RESIZE_CACHE:
                 cache_id, resized_id, rows, columns = ints
-                with torch.inference_mode(False):
-                    caches[resized_id] = caches[cache_id].resized(rows, columns)
+                caches[resized_id] = caches[cache_id].resized(rows, columns)
             elif op == MOVE_ROW:
                 cache_id, source, target, columns = ints
                 caches[cache_id].move_row(source, target, columns)
@@ -336,8 +403,7 @@ class ShardedKVCache(KVCache):
     whole: Optional["ShardedKVCache"]  # the cache a view is of (kept alive by the view)
 
     def rows(self, start: int, stop: int) -> "ShardedKVCache":
-        with torch.inference_mode(False):
-            view = super().rows(start, stop)
+        view = super().rows(start, stop)
         view.first_row = self.first_row + start
         view.whole = self.whole or self
         return view
@@ -418,10 +484,8 @@ class ParallelGPT:
     def _resized(self, cache: ShardedKVCache, batch_size: int, max_length: int) -> ShardedKVCache:
         resized_id = next(self._ids)
 
-        def local() -> ShardedKVCache:
-            with torch.inference_mode(False):
-                return self._adopt(KVCache.resized(cache, batch_size, max_length), resized_id)
-        return self._request(RESIZE_CACHE, [cache.id, resized_id, batch_size, max_length], local=local)
+        return self._request(RESIZE_CACHE, [cache.id, resized_id, batch_size, max_length],
+                             local=lambda: self._adopt(KVCache.resized(cache, batch_size, max_length), resized_id))
 
     def _move_row(self, cache: ShardedKVCache, source: int, target: int, columns: int) -> None:
         self._request(MOVE_ROW, [cache.id, cache.first_row + source, cache.first_row + target, columns],
