@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,12 @@ FAMILIES = {
 }
 LAYOUTS = {"tp": (2, 1), "pp": (1, 2), "tp_pp": (2, 2)}
 TWO_RANK_CASES = [f"{family}-{layout}" for family in FAMILIES for layout in ("tp", "pp")]
+# a model large enough that reading all of it would show in a rank's peak memory (about 50 MB of fp32 weights);
+# measured last, once the smaller cases have imported and warmed up everything else
+MEMORY_FAMILY = "large"
+LARGE = dict(vocab_size=256, max_position_embeddings=32, num_layers=4, hidden_size=512, num_heads=8,
+             ffn_hidden_size=2048)
+MEMORY_CASE = f"{MEMORY_FAMILY}-tp"
 FOUR_RANK_CASES = [f"{family}-tp_pp" for family in FAMILIES]
 
 
@@ -91,7 +98,7 @@ def worker(out_dir: Path, names: list[str]) -> None:
 
     # the single-process answers first, before the processes join (eval's scoring splits its batches among joined
     # processes of a whole model)
-    families = {name.split("-")[0] for name in names}
+    families = {name.split("-")[0] for name in names} - {MEMORY_FAMILY}
     one_process = {family: answers(load_model(resolve_checkpoint(out_dir / family)))
                    for family in families} if os.environ["RANK"] == "0" else {}
     join_processes()
@@ -101,7 +108,14 @@ def worker(out_dir: Path, names: list[str]) -> None:
         tp, pp = LAYOUTS[layout]
         config = load_config({"model": model_section(family)},
                              [f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}"])
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         model = load_split(checkpoint, config)  # the other ranks follow rank 0 until it closes the model
+        if family == MEMORY_FAMILY:  # each rank: how much its peak memory grew while it loaded its shard
+            grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
+            (out_dir / f"{name}.rank{os.environ['RANK']}.json").write_text(json.dumps({"peak_growth": grown}))
+            if model is not None:
+                model.close()
+            continue
         if model is not None:
             results = {"one_process": one_process[family], "split": answers(model),
                        "layout": [model.layout.tensor_parallel, model.layout.pipeline_parallel]}
@@ -113,7 +127,7 @@ def worker(out_dir: Path, names: list[str]) -> None:
 
 
 def model_section(family: str) -> dict:
-    shape = dict(FAMILIES[family])
+    shape = dict(FAMILIES.get(family, LARGE))
     section = {"num_layers": shape.pop("num_layers"), "hidden_size": shape.pop("hidden_size"),
                "num_heads": shape.pop("num_heads"), "vocab_size": shape.pop("vocab_size"),
                "max_position_embeddings": shape.pop("max_position_embeddings"), "seq_length": 32,
@@ -129,7 +143,7 @@ def write_checkpoint(folder: Path, family: str) -> None:
     from mtnlg_cli.model.gpt import GPT
 
     # weights larger than the initialisation's: decisive logits, so that rounding never decides a greedy token
-    architecture = Architecture(**FAMILIES[family], init_method_std=0.2)
+    architecture = Architecture(**FAMILIES.get(family, LARGE), init_method_std=0.2)
     torch.manual_seed(0)
     model = GPT(architecture)
     save_checkpoint(folder, 1, {"model": model.state_dict()}, {"model_config": architecture.to_dict()})
@@ -146,14 +160,14 @@ def launch(processes: int, names: list[str], out_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("split")
-    for family in FAMILIES:
+    for family in [*FAMILIES, MEMORY_FAMILY]:
         write_checkpoint(out / family, family)
     return out
 
 
 @pytest.fixture(scope="module")
 def two_rank_runs(checkpoints) -> Path:
-    launch(2, TWO_RANK_CASES, checkpoints)
+    launch(2, [*TWO_RANK_CASES, MEMORY_CASE], checkpoints)
     return checkpoints
 
 
@@ -181,6 +195,16 @@ def assert_same_answers(out: Path, name: str) -> None:
 @pytest.mark.parametrize("name", TWO_RANK_CASES)
 def test_two_rank_split_generates_like_one_process(name, two_rank_runs):
     assert_same_answers(two_rank_runs, name)
+
+
+def test_each_rank_reads_only_its_slices_of_the_checkpoint(two_rank_runs):
+    """Under TP=2 each rank's peak memory grows by about half the weights while it loads them, never by all of
+    them, as it would if it read whole tensors and then cut them."""
+    stored = (two_rank_runs / MEMORY_FAMILY / "latest" / "model.safetensors").stat().st_size
+    for rank in (0, 1):
+        grown = json.loads((two_rank_runs / f"{MEMORY_CASE}.rank{rank}.json").read_text())["peak_growth"]
+        assert grown < 0.75 * stored, (rank, grown, stored)
+        assert grown > 0.3 * stored, (rank, grown, stored)  # the measurement sees the shard itself
 
 
 @pytest.mark.parametrize("name", FOUR_RANK_CASES)
