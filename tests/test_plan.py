@@ -23,6 +23,7 @@ def mtnlg(recompute: bool = True) -> Config:
     ("tiny", []),
     ("gpt-125m", []),
     ("gpt-350m", []),
+    ("llama-tiny", []),  # an untied head
     ("tiny", ["model.ffn_hidden_size=200", "model.vocab_size=1000", "model.make_vocab_size_divisible_by=64"]),
 ])
 def test_parameter_count_equals_the_model(name, overrides):
@@ -147,3 +148,50 @@ def test_pipeline_microbatches_set_the_bubble():
     assert (layout.pipeline, layout.data, layout.micro_batch) == (2, 1, 4)
     plan = planner.make_plan(config, layout, planner.Cluster.build(2, "h100-80g"))
     assert plan.feasible and plan.microbatches == 4 and plan.bubble == pytest.approx(1 / 4)
+
+
+def test_inference_plan_counts_what_a_split_run_holds():
+    """The cache figure is what a rank of a split run allocates (its stage's layers, its query groups); the weights
+    are the model's over the layout, the first stage's embedding included."""
+    import torch
+
+    from mtnlg_cli.model.gpt import GPT, KVCache
+
+    config = template_config("llama-tiny")  # grouped queries: the cache shrinks with the groups a rank keeps
+    architecture = Architecture.from_model_config(config.model)
+    whole = sum(p.numel() for p in GPT(architecture).parameters()) * 4
+    assert planner.inference_memory(config.model, 1, 1, 3, 16, 4)[0] == whole
+    tensor, pipeline = 2, 2
+    weights, cache = planner.inference_memory(config.model, tensor, pipeline, 3, 16, 4)
+    layers = range(config.model.num_layers // pipeline)
+    shard = KVCache(architecture, 3, 16, layers=layers, query_groups=architecture.query_groups // tensor)
+    assert cache == shard.keys.nbytes + shard.values.nbytes
+    assert whole / (tensor * pipeline) < weights < whole / tensor
+
+
+def test_inference_plan_finds_the_smallest_layout_that_serves_mt_nlg():
+    """MT-NLG 530B in bf16 on H100-80G at batch 16 and 2,048 tokens: about 1,000 GiB of weights and 260 GiB of keys
+    and values need at least 18 GPUs' usable memory; 105 layers (3 x 5 x 7) and TP within a node (1, 2, 4, 8) make
+    20 the first count that splits, as TP=4 x PP=5."""
+    config = mtnlg()
+    cluster = planner.Cluster.build(64, "h100-80g")
+    fits = planner.inference_layouts(config, cluster, batch=16, context=2048)
+    usable = 80 * planner.GIB * planner.USABLE_MEMORY
+    whole_weights, whole_cache = planner.inference_memory(config.model, 1, 1, 16, 2048, 2)
+    assert whole_cache == 2 * 105 * 16 * 2048 * 20480 * 2
+    at_least = -(-(whole_weights + whole_cache) // usable)
+    smallest = next(fit for fit in fits if fit.fits)
+    assert (smallest.tensor, smallest.pipeline) == (4, 5) and smallest.gpus >= at_least == 18
+    assert not any(fit.fits for fit in fits if fit.gpus < smallest.gpus)
+    assert all(fit.tensor <= 8 and 105 % fit.pipeline == 0 and fit.gpus <= 64 for fit in fits)
+
+
+def test_plan_inference_cli(workspace):
+    result = run_cli("plan", "--template", "mt-nlg-530b", "--inference", "--gpus", "64", "--gpu", "h100-80g",
+                     "--batch", "16", "--context", "2048", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert (data["smallest_fitting"]["tensor_parallel"], data["smallest_fitting"]["pipeline_parallel"]) == (4, 5)
+    result = run_cli("plan", "--inference", "--search", cwd=workspace.root)
+    assert result.returncode == 2 and result.stderr == "error: --search plans training; it does not apply to " \
+        "--inference\n"

@@ -42,9 +42,16 @@ def plan_command(
                       "recompute) layouts for the cluster, fastest first.")] = False,
     top: Annotated[int, typer.Option("--top", help="With --search: how many layouts to list.")] = 10,
     as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    inference: Annotated[bool, typer.Option("--inference", help="Plan serving instead of training: the memory "
+                         "per GPU of the weights and the KV cache for each TP x PP layout on up to --gpus GPUs, and "
+                         "the smallest that fits.")] = False,
+    batch: Annotated[int, typer.Option("--batch", help="With --inference: sequences served together.")] = 1,
+    context: Annotated[Optional[int], typer.Option("--context", help="With --inference: tokens per sequence "
+                       "(default: model.seq_length).", show_default=False)] = None,
 ) -> None:
     """Will the model and parallel layout fit, and how long will training take? Parameters, FLOPs per token,
-    memory per GPU, pipeline bubble, step time, tokens/s and days to the token budget."""
+    memory per GPU, pipeline bubble, step time, tokens/s and days to the token budget. With --inference: which
+    TP x PP layout serves the model."""
     if template is not None:
         config = template_config(template, overrides or [])
         source = f"template {template}"
@@ -53,6 +60,24 @@ def plan_command(
         source = str(found.config_path)
     layout = planner.layout_from_config(config, gpus)
     cluster = planner.Cluster.build(gpus or layout.gpus, gpu, peak_tflops, gpu_memory)
+    training_only = {"--search": search, "--tflops": tflops is not None, "--tokens": tokens is not None,
+                     "--mfu": mfu != planner.DEFAULT_MFU}
+    if inference:
+        given = [option for option, present in training_only.items() if present]
+        if given:
+            raise MtnlgError(f"{given[0]} plans training; it does not apply to --inference")
+        context = config.model.seq_length if context is None else context
+        fits = planner.inference_layouts(config, cluster, batch, context)
+        if as_json:
+            smallest = next((fit.to_dict() for fit in fits if fit.fits), None)
+            typer.echo(json.dumps({"source": source, "gpus": cluster.gpus, "gpu": cluster.gpu, "batch": batch,
+                                   "context": context, "smallest_fitting": smallest,
+                                   "layouts": [fit.to_dict() for fit in fits]}, indent=2))
+            return
+        print_inference(Console(), source, config, cluster, batch, context, fits)
+        return
+    if batch != 1 or context is not None:
+        raise MtnlgError(f"{'--batch' if batch != 1 else '--context'} applies to --inference only")
     budget = parse_token_count(tokens) if tokens is not None else None
     if search:
         if top < 1:
@@ -157,6 +182,29 @@ def print_plan(console: Console, source: str, plan: planner.Plan, measured_rate:
         console.print("[red bold]not feasible[/]")
         for problem in plan.problems:
             console.print(f"  - {problem}")
+
+
+def print_inference(console: Console, source: str, config, cluster: planner.Cluster, batch: int, context: int,
+                    fits: list[planner.InferenceFit]) -> None:
+    console.print(f"[bold]serving[/] {source} on up to {cluster.gpus:,} x {cluster.gpu} ({cluster.memory_gib:g} GiB, "
+                  f"{planner.USABLE_MEMORY:.0%} usable), batch {batch}, context {context:,} tokens, "
+                  f"{'fp32' if config.train.mixed_precision == 'no' else config.train.mixed_precision} weights and "
+                  "cache")
+    table = Table()
+    for column in ("TP", "PP", "GPUs", "weights/GPU", "KV cache/GPU", "total/GPU", "fits"):
+        table.add_column(column, justify="right")
+    for fit in fits:
+        table.add_row(str(fit.tensor), str(fit.pipeline), str(fit.gpus), gib(fit.weights), gib(fit.kv_cache),
+                      gib(fit.total), "yes" if fit.fits else "no")
+    console.print(table)
+    smallest = next((fit for fit in fits if fit.fits), None)
+    if smallest is None:
+        console.print(f"[red bold]no layout fits on {cluster.gpus:,} GPUs[/]: add GPUs, pick a GPU with more "
+                      "memory, or serve a smaller batch or context")
+    else:
+        console.print(f"[green bold]smallest that fits:[/] TP={smallest.tensor} x PP={smallest.pipeline} "
+                      f"({smallest.gpus} GPUs): set parallel.tensor_parallel={smallest.tensor} and "
+                      f"parallel.pipeline_parallel={smallest.pipeline}, then --num-processes {smallest.gpus}")
 
 
 def print_search(console: Console, source: str, cluster: planner.Cluster, plans: list[planner.Plan],

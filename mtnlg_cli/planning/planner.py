@@ -131,14 +131,16 @@ def bytes_per_parameter(mixed_precision: str) -> tuple[int, int, int]:
 def parameters_per_gpu(model: ModelConfig, layout: Layout) -> int:
     """Parameters on the GPU of the largest pipeline stage (before any FSDP sharding).
 
-    The first stage holds the embeddings, the last the final LayerNorm and (for p > 1) its own copy of the tied
-    output head, as in Megatron.
+    The first stage holds the embeddings, the last the final LayerNorm and the output head: an untied one's own
+    weight, or (for p > 1) its own copy of the tied one, as in Megatron.
     """
     t, p = layout.tensor, layout.pipeline
     architecture = Architecture.from_model_config(model)
     layers = math.ceil(model.num_layers / p) * architecture.layer_parameter_count(t)
     embeddings = architecture.embedding_parameter_count(t)
-    head = architecture.final_norm_parameter_count() + (architecture.output_head_parameter_count(t) if p > 1 else 0)
+    # an untied head is always its own weight; a tied one is a copy only on a last stage apart from the first
+    own_head = p > 1 or not architecture.tied_output
+    head = architecture.final_norm_parameter_count() + (architecture.output_head_parameter_count(t) if own_head else 0)
     if p == 1:
         return layers + embeddings + head
     return layers + max(embeddings, head)
@@ -393,3 +395,71 @@ def search_layouts(config: Config, cluster: Cluster, mfu: float = DEFAULT_MFU,
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Serving: the model split TP x PP ways (`mtnlg generate|chat|eval|serve --num-processes`), as inference lays it
+# out: each GPU holds its pipeline stage's layers and its tensor-parallel share of them, and the keys and values of
+# those layers and of its own query groups.
+
+
+@dataclass(frozen=True)
+class InferenceFit:
+    """One TP x PP layout for serving: bytes per GPU on its busiest pipeline stage."""
+
+    tensor: int
+    pipeline: int
+    weights: float
+    kv_cache: float
+    usable: float  # what the weights and the cache may take of a GPU
+
+    @property
+    def gpus(self) -> int:
+        return self.tensor * self.pipeline
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.kv_cache
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.usable
+
+    def to_dict(self) -> dict:
+        return {"tensor_parallel": self.tensor, "pipeline_parallel": self.pipeline, "gpus": self.gpus,
+                "weights_gib": self.weights / GIB, "kv_cache_gib": self.kv_cache / GIB,
+                "total_gib": self.total / GIB, "usable_gib": self.usable / GIB, "fits": self.fits}
+
+
+def inference_memory(model: ModelConfig, tensor: int, pipeline: int, batch: int, context: int,
+                     bytes_per_value: int) -> tuple[float, float]:
+    """(weights, keys and values) in bytes per GPU on the busiest pipeline stage, serving `batch` sequences of
+    `context` tokens with `bytes_per_value`-byte weights and cache."""
+    architecture = Architecture.from_model_config(model)
+    weights = parameters_per_gpu(model, Layout(tensor, pipeline, 1, 1, False)) * bytes_per_value
+    layers = math.ceil(model.num_layers / pipeline)
+    cache = 2 * layers * batch * context * (architecture.query_groups // tensor) * architecture.head_dim
+    return weights, cache * bytes_per_value
+
+
+def inference_layouts(config: Config, cluster: Cluster, batch: int, context: int) -> list[InferenceFit]:
+    """Every TP x PP layout on at most the cluster's GPUs that splits the model as inference does (TP within a node,
+    dividing the heads and the query groups; PP dividing the layers), fewest GPUs first, then least TP (the least
+    communication per token). The weights and the cache take train.mixed_precision's bytes per value."""
+    if batch < 1 or context < 1:
+        raise MtnlgError(f"batch {batch} and context {context} must be positive")
+    model = config.model
+    if context > model.max_position_embeddings:
+        raise MtnlgError(f"a context of {context} tokens is more than model.max_position_embeddings="
+                         f"{model.max_position_embeddings}")
+    architecture = Architecture.from_model_config(model)
+    bytes_per_value = bytes_per_parameter(config.train.mixed_precision)[0]
+    fits = []
+    for tensor in _divisors(architecture.query_groups):
+        if tensor > min(cluster.gpus, cluster.gpus_per_node) or architecture.tensor_parallel_problem(tensor):
+            continue
+        for pipeline in _divisors(model.num_layers):
+            if tensor * pipeline <= cluster.gpus:
+                weights, cache = inference_memory(model, tensor, pipeline, batch, context, bytes_per_value)
+                fits.append(InferenceFit(tensor, pipeline, weights, cache, cluster.memory_gib * GIB * USABLE_MEMORY))
+    return sorted(fits, key=lambda fit: (fit.gpus, fit.tensor))
