@@ -243,17 +243,18 @@ def _read_slice(path, name: str, dim: Optional[int], rank: int, ranks: int) -> t
     """Stored tensor `name`: rank `rank`'s of `ranks` equal slices along `dim`, or all of it (`dim` None)."""
     from safetensors import safe_open
 
-    # the file is opened for each tensor: the pages of a slice read through the mapping stay in this process's
-    # memory only while it is open, so no more than one tensor's pages do
+    # The file is opened for each tensor, and what is read is copied out: safetensors gives a slice along any
+    # dimension but the first as a strided view of the whole tensor in the file's mapping, which would keep every
+    # page of it resident for as long as the weights live. Copied, at most one tensor's pages are mapped at a time.
     with safe_open(str(path), framework="pt") as stored:
         part = stored.get_slice(name)
         if dim is None:
-            return part[:]
+            return part[:].clone()
         shape = part.get_shape()
         size = shape[dim] // ranks
         index = [slice(None)] * len(shape)
         index[dim] = slice(rank * size, (rank + 1) * size)
-        return part[tuple(index)]
+        return part[tuple(index)].clone(memory_format=torch.contiguous_format)
 
 
 class Shard:
