@@ -14,7 +14,9 @@ Everything runs in one process, alternating, with the same thread count:
 - decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers;
 - weight-only quantization on a gpt-125m-shaped model (12 layers, hidden 768, ffn 3072, vocabulary 50,304, random
   weights): batch-1 decode tokens/s of fp32, int8 and int4 (groups of 32), each against its own limit (the time to
-  read that format's weight bytes once, timed right before), and batch-8 decode tokens/s of int8 against fp32.
+  read that format's weight bytes once, timed right before), and batch-8 decode tokens/s of int8 against fp32;
+- the model split over two CPU processes (TP=2) against one process: tokens/s, peak memory per process and the
+  communication per token (`split_generate.py`).
 """
 
 from __future__ import annotations
@@ -233,7 +235,9 @@ def run(quick: bool = False) -> list[Result]:
     at_limit, ours_decode = [1 / limit_s for limit_s, _ in pairs], [1 / decode_s for _, decode_s in pairs]
     torch_limit_ms, decode_ms = (statistics.median(figures[k]) for k in ("torch limit ms/token", "ours ms/token ctx64"))
     paired = statistics.quantiles([limit_s / decode_s for limit_s, decode_s in pairs], n=4)
-    return quantized_results(quick) + [
+    from benchmarks.split_generate import results as split_results
+
+    return quantized_results(quick) + split_results(quick) + [
         Result("greedy generate tokens/s, batch 1 (64-token prompt)", "tokens/s", figures["ours b1 tok/s"],
                figures["theirs b1 tok/s"], "transformers generate()", notes=threads),
         Result("greedy generate tokens/s, batch 8 (64-token prompts)", "tokens/s", figures["ours b8 tok/s"],
