@@ -43,10 +43,12 @@ def chat_command(
     from mtnlg_cli.inference.chat import ChatSession, run_repl
 
     ws, config = open_workspace(workspace, overrides)
-    split = split_model("chat", ws, config, checkpoint, Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port),
+    processes = Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    split = split_model("chat", ws, config, checkpoint, processes,
                         quantization_asked(config, quantize))
     settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
-    session = ChatSession(load_generator(ws, checkpoint, config, quantize, split), settings, system or config.generate.system_prompt)
+    session = ChatSession(load_generator(ws, checkpoint, config, quantize, split), settings,
+                          system or config.generate.system_prompt)
     with warnings_as_notes():
         run_repl(session)

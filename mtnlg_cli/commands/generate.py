@@ -132,7 +132,8 @@ def generate_command(
     ws, config = open_workspace(workspace, overrides)
     settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                  top_p=top_p, repetition_penalty=repetition_penalty, seed=seed, stop=stop or None)
-    split = split_model("generate", ws, config, checkpoint, Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port),
+    processes = Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    split = split_model("generate", ws, config, checkpoint, processes,
                         quantization_asked(config, quantize))
     records = _read_prompts(prompts or [], input_path)
     style = _prompt_style(config, prompt_style)

@@ -74,7 +74,8 @@ def serve_command(
     from mtnlg_cli.model.gpt import KVCache
 
     ws, config = open_workspace(workspace, overrides)
-    split = split_model("serve", ws, config, checkpoint, Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port),
+    processes = Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
+    split = split_model("serve", ws, config, checkpoint, processes,
                         {"--device": device is not None, **quantization_asked(config, quantize)})
     defaults = sampling_settings(config)
     quantization = Quantization.from_config(config.generate, quantize)
