@@ -99,8 +99,10 @@ def serve_command(
     row_bytes = 2 * math.prod(KVCache.shape(model.config, 1, model.config.max_position_embeddings)) * \
         model.dtype.itemsize
     weights = f", {quantization.describe()} weights" if quantization else ""
-    where = f"{device}" if split is None else f"split over {num_processes} processes"
-    typer.echo(f"serving {name} ({Path(loaded.path).name}, {where}{weights}) at {url}/v1: up to {max_batch} requests "
+    where = device if split is None else (f"split over parallel.tensor_parallel={model.layout.tensor_parallel} x "
+                                          f"parallel.pipeline_parallel={model.layout.pipeline_parallel} processes")
+    typer.echo(f"serving {name} ({Path(loaded.path).name}, {where}{weights}) at {url}/v1: up to {max_batch} "
+               f"requests "
                f"together ({max_batch * row_bytes / 2**20:,.0f} MiB of keys and values when all are full), "
                f"{max_queue} waiting; Ctrl-C stops")
     example = json.dumps({"model": name, "prompt": "Once upon a time", "max_tokens": 20})
