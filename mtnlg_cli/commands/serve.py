@@ -102,8 +102,7 @@ def serve_command(
     where = device if split is None else (f"split over parallel.tensor_parallel={model.layout.tensor_parallel} x "
                                           f"parallel.pipeline_parallel={model.layout.pipeline_parallel} processes")
     typer.echo(f"serving {name} ({Path(loaded.path).name}, {where}{weights}) at {url}/v1: up to {max_batch} "
-               f"requests "
-               f"together ({max_batch * row_bytes / 2**20:,.0f} MiB of keys and values when all are full), "
+               f"requests together ({max_batch * row_bytes / 2**20:,.0f} MiB of keys and values when all are full), "
                f"{max_queue} waiting; Ctrl-C stops")
     example = json.dumps({"model": name, "prompt": "Once upon a time", "max_tokens": 20})
     auth = ' -H "Authorization: Bearer $MTNLG_API_KEY"' if api_key else ""
