@@ -40,7 +40,7 @@ def train_command(
     `accelerate launch -m mtnlg_cli train` or `torchrun -m mtnlg_cli train` work the same way.
     """
     found, config = open_workspace(workspace, overrides)  # config errors come before the slow torch import
-    from mtnlg_cli.launch import launch, launched_rank, run_as_rank
+    from mtnlg_cli.launch import launch, launched_rank
 
     rank = launched_rank()
     if num_processes > 1 or num_machines > 1:
@@ -54,9 +54,8 @@ def train_command(
                 *(["--force-memory"] if force_memory else [])]
         raise typer.Exit(launch(args, num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
                                 config.train.mixed_precision))
-    if rank is not None:
-        run_as_rank(rank, lambda: _train(found, config, resume, from_scratch, force_memory, show=rank == 0))
-    code = _train(found, config, resume, from_scratch, force_memory, show=True)
+    # a launched rank runs inside cli.main's launch.run_as_rank, which ends the process with this exit code
+    code = _train(found, config, resume, from_scratch, force_memory, show=rank in (None, 0))
     if code:
         raise typer.Exit(code)
 
