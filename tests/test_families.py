@@ -140,8 +140,10 @@ def test_kv_cached_and_batched_decoding_equal_the_whole_sequence(option):
     torch.testing.assert_close(torch.cat([prefix, *stepped], dim=1), whole, atol=1e-5, rtol=0)
 
 
-def test_generation_of_left_padded_rows_equals_each_row_alone():
+def test_generation_of_left_padded_rows_equals_each_row_alone(monkeypatch):
+    """Batched rows through torch, each row alone through the C decoding step, and alone without it."""
     from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference import native
     from mtnlg_cli.inference.engine import Generator
 
     class Ids:  # a tokenizer whose text is the token ids, enough for the engine
@@ -160,8 +162,14 @@ def test_generation_of_left_padded_rows_equals_each_row_alone():
     prompts = ["5 6 7 8 9 10 11", "12 13", "40 41 42 43"]
     settings = SamplingSettings(max_new_tokens=8, temperature=0.0)
     batched = generator.generate(prompts, settings, stop_token_ids=())
+    calls = []
+    step = native.NativeStep.__call__
+    monkeypatch.setattr(native.NativeStep, "__call__", lambda self, token: calls.append(token) or step(self, token))
     alone = [generator.generate([p], settings, stop_token_ids=())[0] for p in prompts]
-    assert [c.tokens for c in batched] == [c.tokens for c in alone]
+    assert calls == [t for c in alone for t in c.tokens[:-1]]  # every token but the last through the C step
+    monkeypatch.setattr(native, "load", lambda: None)
+    plain = [generator.generate([p], settings, stop_token_ids=())[0] for p in prompts]
+    assert [c.tokens for c in batched] == [c.tokens for c in alone] == [c.tokens for c in plain]
 
 
 @pytest.mark.parametrize("model, parallel, message", [

@@ -115,13 +115,38 @@ def test_decoding_copy_computes_what_the_model_computes_and_leaves_it_alone(gene
         assert p.stride() == before[name][0] and torch.equal(p, before[name][1]), name
 
 
-# the fc matrix tall, then wide (GeLU on either path, the MLP's projection wide, then tall). With weights of std 1
-# the logits reach 20, and in the second shape torch's own fp32 forward is 6e-4 off a float64 one, the C step 1.3e-3
-@pytest.mark.parametrize("ffn_hidden_size, atol", [(70, 1e-4), (40, 2e-3)])
-def test_native_step_computes_what_the_model_computes(ffn_hidden_size, atol):
-    """The C step token by token against the whole sequence through the model, on shapes at its edges (rows not a
-    multiple of four or sixteen, tall and wide matrices, three heads) and with large weights, so that GeLU and
-    softmax see large inputs."""
+_LLAMA = {"position_embedding_type": "rope", "normalization": "RMSNorm", "swiglu": True, "num_query_groups": 2,
+          "untie_embeddings_and_output_weights": True, "add_bias_linear": False}
+_LLAMA3_SCALING = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 8}
+NATIVE_OPTIONS = {  # each option of the model alone (in the C step's edge cases), then whole families
+    "gpt": {},
+    "gpt_wide_fc": {"ffn_hidden_size": 20},  # the fc matrix wide, the MLP's projection tall
+    "rope_partial": {"position_embedding_type": "rope", "rotary_percent": 0.5, "rotary_base": 500.0},
+    "rope_llama3_scaling": {"position_embedding_type": "rope", "rope_scaling": _LLAMA3_SCALING},
+    "rmsnorm": {"normalization": "RMSNorm"},
+    "swiglu": {"swiglu": True},  # gate and up 70 rows each: the last block of 16 is short
+    "swiglu_wide": {"swiglu": True, "ffn_hidden_size": 20},  # gate and up 40 rows together: wide
+    "gqa": {"num_query_groups": 2},
+    "mqa": {"num_query_groups": 1},
+    "untied": {"untie_embeddings_and_output_weights": True},
+    "no_bias": {"add_bias_linear": False},
+    "qkv_bias": {"add_bias_linear": False, "add_qkv_bias": True},
+    "llama": _LLAMA,
+    "llama3": {**_LLAMA, "rope_scaling": _LLAMA3_SCALING, "untie_embeddings_and_output_weights": False},
+    "qwen2": {**_LLAMA, "add_qkv_bias": True},
+}
+
+
+@pytest.mark.parametrize("option", list(NATIVE_OPTIONS))
+def test_native_step_computes_what_the_model_computes(option):
+    """The C step token by token against the whole sequence through the model in float64, for each architecture
+    option alone and together, on shapes at its edges (rows not a multiple of four or sixteen, tall and wide
+    matrices, six heads of 8 dimensions) and with large weights, so that GeLU, SwiGLU and softmax see large inputs.
+    Norm weights and biases are not their initial ones, so that a weight read in the wrong place shows.
+
+    With weights of std 1 the logits reach 20-35, and torch's own fp32 forward is up to 6e-4 off the float64 one:
+    the C step must be as close (2.5e-5 of the largest logit)."""
     from mtnlg_cli.inference import native
     from mtnlg_cli.model.gpt import GPT, KVCache
     from mtnlg_cli.model.architecture import Architecture
@@ -129,20 +154,25 @@ def test_native_step_computes_what_the_model_computes(ffn_hidden_size, atol):
     library = native.load()
     assert library is not None, "the C decoding step did not build: is a C compiler installed?"
     torch.manual_seed(0)
-    model = GPT(Architecture(vocab_size=37, max_position_embeddings=24, num_layers=2, hidden_size=48, num_heads=3,
-                          ffn_hidden_size=ffn_hidden_size, init_method_std=1.0)).eval()
+    shape = dict(vocab_size=37, max_position_embeddings=24, num_layers=2, hidden_size=48, num_heads=6,
+                 ffn_hidden_size=70, init_method_std=1.0)
+    model = GPT(Architecture(**{**shape, **NATIVE_OPTIONS[option]})).eval()
     tokens = torch.randint(0, 37, (1, 24))
     largest = []
     model.layers["0"].mlp.fc.register_forward_hook(lambda module, args, out: largest.append(out.abs().max()))
     with torch.no_grad():
-        expected = model(tokens)[0]
-        assert largest[0] > 20  # GeLU's inputs
+        for name, tensor in model.named_parameters():
+            if tensor.dim() == 1:
+                tensor.normal_(1.0 if "ln" in name else 0.0, 0.1)
+        exact = model.double()(tokens)[0].float()
+        model.float()
+        assert largest[0] > 20  # GeLU's or SwiGLU's inputs
         cache = KVCache(model.config, 1, 24)
         model(tokens[:, :5], cache=cache)
         step = native.NativeStep(native.NativeWeights(library, model), cache)
         for position in range(5, 24):
             logits = step(int(tokens[0, position]))[0]
-            torch.testing.assert_close(logits, expected[position], rtol=1e-4, atol=atol)
+            torch.testing.assert_close(logits, exact[position], rtol=0, atol=2.5e-5 * exact.abs().max().item())
             assert step.argmax == int(logits.argmax())
         with pytest.raises(IndexError):
             step(0)  # the cache is full

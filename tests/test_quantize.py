@@ -45,19 +45,34 @@ def test_a_quantized_layer_computes_with_its_dequantized_weight_within_the_forma
         torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
 
 
-def test_the_c_step_on_quantized_weights_computes_what_the_quantized_model_computes():
+LLAMA = dict(position_embedding_type="rope", normalization="RMSNorm", swiglu=True, num_query_groups=2,
+             untie_embeddings_and_output_weights=True, add_bias_linear=False)
+
+
+@pytest.mark.parametrize("family", ["gpt", "llama"])
+def test_the_c_step_on_quantized_weights_computes_what_the_quantized_model_computes(family):
+    """Every quantized matrix through the C step: the GPT family's, and a Llama-style model's (grouped-query qkv,
+    SwiGLU's gate and up fused into one matrix, its own output head). With ffn 72, int4 keeps the MLP's
+    projection fp32 (72 inputs are not a multiple of 32): a layer of mixed formats."""
     from mtnlg_cli.inference import native
 
     library = native.load()
     if library is None:
         pytest.skip("no C compiler")
-    model = small_gpt()
+    if family == "gpt":
+        model = small_gpt()
+    else:
+        torch.manual_seed(0)
+        model = GPT(Architecture(vocab_size=256, max_position_embeddings=64, num_layers=2, hidden_size=64,
+                                 num_heads=4, ffn_hidden_size=72, **LLAMA)).eval()
     tokens = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(1))
     for quantization in (Quantization("int8"), Quantization("int4")):
         quantized = quantize_model(model, quantization)
         assert isinstance(quantized.layers["1"].mlp.fc, QuantizedLinear)
-        assert isinstance(quantized.lm_head, QuantizedLinear)  # the tied head's own quantized copy
+        assert isinstance(quantized.lm_head, QuantizedLinear)  # the tied head's own quantized copy, or lm_head's
         assert quantized.wte.weight is model.wte.weight  # the embedding stays fp32, shared
+        mixed = family == "llama" and quantization.method == "int4"
+        assert isinstance(quantized.layers["1"].mlp.proj, nn.Linear if mixed else QuantizedLinear)
         with torch.inference_mode():
             full = quantized(tokens)
             cache = KVCache(quantized.config, 1, 16)

@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from mtnlg_cli.inference import native
-from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.model.gpt import GPT, KVCache
 
 
@@ -46,9 +45,9 @@ class CpuDecoder:
         return self._copies[batched]
 
     def single_row_step(self, cache: KVCache) -> Optional[native.NativeStep]:
-        """The C decoding step over `cache` (one row), or None where it cannot be built or does not cover the
-        model's architecture (then the decoding copy runs each token)."""
-        library = native.load() if c_step_covers(self.model.config) else None
+        """The C decoding step over `cache` (one row), or None where it cannot be built (then the decoding copy
+        runs each token)."""
+        library = native.load()
         if library is None:
             return None
         self._forget_stale_copies()
@@ -61,14 +60,6 @@ class CpuDecoder:
         if version != self._weights_version:
             self._copies = {}
             self._weights_version = version
-
-
-def c_step_covers(config: Architecture) -> bool:
-    """Whether `decode_step.c` computes this architecture: the GPT family's learned positions, LayerNorm, GeLU,
-    multi-head attention, biases and tied head."""
-    return (config.position_embedding_type == "learned_absolute" and config.normalization == "LayerNorm"
-            and not config.swiglu and config.query_groups == config.num_heads and config.add_bias_linear
-            and config.tied_output)
 
 
 def cpu_decoding_copy(model: GPT, batch_size: int) -> GPT:

@@ -34,7 +34,7 @@ import torch
 from mtnlg_cli.atomic import PendingFile
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.inference.quantize import QuantizedLinear, matrix_struct
-from mtnlg_cli.model.gpt import GPT, KVCache
+from mtnlg_cli.model.gpt import GPT, KVCache, rotary_inverse_frequencies
 
 SOURCE = Path(__file__).with_name("decode_step.c")
 
@@ -126,20 +126,29 @@ def in_one_block(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
 class NativeWeights:
     """A model's weights as the C step reads them, built once per model version and shared by the steps of every
     generation: the matrices laid out as its product takes them (fp32, or a `QuantizedLinear`'s int8 or int4 data),
-    all in one huge-page block in the order a token reads them (see `in_one_block`)."""
+    all in one huge-page block in the order a token reads them (see `in_one_block`). SwiGLU's gate and up
+    projections become one matrix (`swiglu_rows`): one product per token instead of two."""
 
     LAYER = ("ln_1.weight", "ln_1.bias", "attn.qkv", "attn.qkv.bias", "attn.proj", "attn.proj.bias", "ln_2.weight",
              "ln_2.bias", "mlp.fc", "mlp.fc.bias", "mlp.proj", "mlp.proj.bias")  # in decode_step.c's order
 
     def __init__(self, library: ctypes.CDLL, model: GPT):
         self.library, self.config = library, model.config
-        embeddings = [model.wte.weight.detach().float().contiguous(), model.wpe.weight.detach().float().contiguous()]
+        self.embeddings = [model.wte.weight.detach().float().contiguous()]
+        if model.wpe is not None:
+            self.embeddings.append(model.wpe.weight.detach().float().contiguous())
+        self.inverse_frequencies = rotary_inverse_frequencies(model.config).contiguous()
         head = model.lm_head if model.lm_head is not None else model.wte.weight  # e.g. a quantized copy
-        entries = []  # per weight: a vector, or (a matrix's tensors, its format, shape and group size)
+        entries = []  # per weight: None, a vector, or (a matrix's tensors, its format, shape and group size)
         for layer in model.layers.values():
-            entries += [_entry(functools.reduce(getattr, name.split("."), layer)) for name in self.LAYER]
-        entries += [_entry(model.ln_f.weight), _entry(model.ln_f.bias), _entry(head)]
-        flat = [t for e in entries for t in (e[0] if isinstance(e, tuple) else (e,))]
+            for name in self.LAYER:
+                if name.startswith("mlp.fc") and layer.mlp.gate is not None:
+                    entries.append(_gate_and_up(layer.mlp, bias=name.endswith("bias")))
+                else:
+                    entries.append(_entry(functools.reduce(lambda item, part: getattr(item, part, None),
+                                                           name.split("."), layer)))
+        entries += [_entry(model.ln_f.weight), _entry(getattr(model.ln_f, "bias", None)), _entry(head)]
+        flat = [t for e in entries if e is not None for t in (e[0] if isinstance(e, tuple) else (e,))]
         blocked = iter(in_one_block(flat))
         self.matrices, pointers = [], []
         for e in entries:
@@ -150,15 +159,38 @@ class NativeWeights:
                 pointers.append(ctypes.addressof(self.matrices[-1]))
                 self.matrices.append(copies)  # alive as long as the struct that points into them
             else:
-                pointers.append(next(blocked).data_ptr())
+                pointers.append(None if e is None else next(blocked).data_ptr())  # None: NULL, what it lacks
         # the order decode_step.c takes them in
-        self.embeddings = embeddings
-        ordered = [t.data_ptr() for t in embeddings] + pointers[-3:] + pointers[:-3]
+        wpe = self.embeddings[1].data_ptr() if model.wpe is not None else None
+        ordered = [self.embeddings[0].data_ptr(), wpe] + pointers[-3:] + pointers[:-3]
         self.pointers = (ctypes.c_void_p * len(ordered))(*ordered)
 
 
+def swiglu_rows(width: int) -> torch.Tensor:
+    """The rows of torch.cat([gate, up]) (each `width` rows) in the order of decode_step.c's fused SwiGLU matrix:
+    blocks of 16 gate rows, each followed by the same rows of up, so that a thread's part of the product holds
+    both halves of its pairs."""
+    gate_blocks = torch.arange(width).split(16)
+    return torch.cat([torch.cat([block, block + width]) for block in gate_blocks])
+
+
+def _gate_and_up(mlp: torch.nn.Module, bias: bool):
+    """SwiGLU's `mlp.gate` and `mlp.fc` as one matrix (or one bias) with the rows in `swiglu_rows` order."""
+    gate, up = mlp.gate, mlp.fc
+    order = swiglu_rows(up.out_features)
+    if bias:
+        return None if gate.bias is None else torch.cat([gate.bias, up.bias]).detach()[order]
+    if isinstance(gate, QuantizedLinear):  # quantize_model gives both the same format: they have the same shape
+        tensors = tuple(torch.cat([g, u])[order] for g, u in zip(gate.tensors(), up.tensors()))
+        return tensors, gate.method, (2 * up.out_features, up.in_features), gate.group_size
+    return _entry(torch.cat([gate.weight, up.weight]).detach()[order])
+
+
 def _entry(item):
-    """A vector as it is, or a matrix as (its tensors as the C product takes them, format, shape, group size)."""
+    """None, a vector as it is, or a matrix as (its tensors as the C product takes them, format, shape, group
+    size)."""
+    if item is None:
+        return None
     if isinstance(item, QuantizedLinear):
         return item.tensors(), item.method, (item.out_features, item.in_features), item.group_size
     weight = item.weight if isinstance(item, torch.nn.Module) else item
@@ -171,9 +203,11 @@ class _StepArguments(ctypes.Structure):
     """decode_step.c's `struct mtnlg_step`: what stays the same from one token to the next."""
 
     _fields_ = [("weights", ctypes.c_void_p), ("layers", ctypes.c_long), ("hidden", ctypes.c_long),
-                ("heads", ctypes.c_long), ("ffn", ctypes.c_long), ("vocab", ctypes.c_long), ("eps", ctypes.c_float),
-                ("keys", ctypes.c_void_p), ("values", ctypes.c_void_p), ("capacity", ctypes.c_long),
-                ("work", ctypes.c_void_p), ("logits", ctypes.c_void_p)]
+                ("heads", ctypes.c_long), ("groups", ctypes.c_long), ("ffn", ctypes.c_long),
+                ("vocab", ctypes.c_long), ("swiglu", ctypes.c_long), ("rotary", ctypes.c_long),
+                ("eps", ctypes.c_float), ("inverse_frequencies", ctypes.c_void_p), ("keys", ctypes.c_void_p),
+                ("values", ctypes.c_void_p), ("capacity", ctypes.c_long), ("work", ctypes.c_void_p),
+                ("logits", ctypes.c_void_p)]
 
 
 class NativeStep:
@@ -191,12 +225,16 @@ class NativeStep:
         config = weights.config
         self.cache, self.argmax = cache, None
         self.vocab_size, self.capacity = config.vocab_size, cache.max_length
-        self.work = torch.empty(6 * config.hidden_size + config.ffn_hidden_size + config.num_heads * self.capacity)
+        qkv_rows = (config.num_heads + 2 * config.query_groups) * config.head_dim
+        mlp = (3 if config.swiglu else 1) * config.ffn_hidden_size  # SwiGLU: gate and up, then their product
+        self.work = torch.empty(3 * config.hidden_size + qkv_rows + mlp + config.num_heads * self.capacity
+                                + config.rotary_dim)
         self.logits = torch.empty(1, config.vocab_size)
         self._weights = weights  # keeps the memory that `_arguments` points into alive
         self._arguments = ctypes.pointer(_StepArguments(
             ctypes.addressof(weights.pointers), config.num_layers, config.hidden_size, config.num_heads,
-            config.ffn_hidden_size, config.vocab_size, config.norm_epsilon, cache.keys.data_ptr(),
+            config.query_groups, config.ffn_hidden_size, config.vocab_size, config.swiglu, config.rotary_dim,
+            config.norm_epsilon, weights.inverse_frequencies.data_ptr(), cache.keys.data_ptr(),
             cache.values.data_ptr(), self.capacity, self.work.data_ptr(), self.logits.data_ptr()))
         self._decode = weights.library.mtnlg_decode_step
 

@@ -3,8 +3,11 @@
  * At batch 1 a token costs one pass over every weight; everything else is a few thousand numbers. From Python
  * each of those small ops costs 10-15 us, because streaming the weights evicts the caches between them; here
  * the whole step is one call and the small ops are plain loops that the compiler vectorizes. The arithmetic is
- * GPT.forward's: pre-norm blocks, fused qkv whose rows are [head, q|k|v, head_dim], softmax attention scaled by
- * 1/sqrt(head_dim), GeLU (tanh approximation), output head tied to the embedding.
+ * GPT.forward's for every architecture it builds: pre-norm blocks (LayerNorm or RMSNorm); learned positions or
+ * rotary embeddings of q and k (pairs (i, i + rotary_dim / 2) of each head's first rotary_dim dimensions); fused
+ * qkv whose rows are [group, (its q heads | k | v), head_dim] (one group per head: multi-head attention), softmax
+ * attention scaled by 1/sqrt(head_dim) with one cached key/value head per group; a GeLU (tanh approximation) or
+ * SwiGLU MLP; biases where the model has them; an output head tied to the embedding or of its own.
  *
  * Each weight matrix is fp32 or quantized (see `struct mtnlg_matrix`): int8 per output channel, or int4 in groups
  * along the inputs. A quantized product reads a quarter or an eighth of the bytes; its activations stay fp32
@@ -39,9 +42,29 @@ static inline float gelu(float v) {
     return v / (1.0f + exp_approx(-2.0f * u));
 }
 
-/* What a product does with its result: store it, add it to what is there, or store its GeLU. The GeLU is applied
- * by the thread that computed the numbers, while they are in its cache: as a separate pass it cost 11 us a layer. */
-enum { STORE, ADD, STORE_GELU };
+/* silu(g) * u, SwiGLU's product of the gate and the up projection */
+static inline float swiglu(float gate, float up) {
+    return gate / (1.0f + exp_approx(-gate)) * up;
+}
+
+/* What a product does with its result: store it, add it to what is there, store its GeLU, or (SwiGLU's fused
+ * gate and up matrix, see `swiglu_blocks`) store it and then silu(gate) * up of each pair after it in y + rows.
+ * The activation is applied by the thread that computed the numbers, while they are in its cache: as a separate
+ * pass the GeLU cost 11 us a layer. */
+enum { STORE, ADD, STORE_GELU, STORE_SWIGLU };
+
+/* SwiGLU's gate and up projections as one matrix of 2 f rows: blocks of 16 gate rows, each followed by the same
+ * 16 up rows (the last block may be shorter). For the rows [start, end) of its product y (start a multiple of 32)
+ * this stores silu(gate) * up of their pairs into out, f values. */
+static void swiglu_blocks(const float *y, long rows, long start, long end, float *out) {
+    long pairs = rows / 2;
+    for (long r = start; r < end; r += 32) {
+        long first = r / 2, size = pairs - first < 16 ? pairs - first : 16;
+        const float *gate = y + r, *up = gate + size;
+        #pragma omp simd
+        for (long j = 0; j < size; j++) out[first + j] = swiglu(gate[j], up[j]);
+    }
+}
 
 /* y = W x + b, stored in y or added to it. A wide or square W (rows <= cols) comes as stored, [rows, cols]: each
  * output is a dot product along a row. A tall one comes transposed, [cols, rows]: its rows are short, and the
@@ -51,7 +74,8 @@ static void product(const float *restrict W, const float *restrict x, const floa
     if (rows > cols) {
         #pragma omp parallel
         {
-            long threads = omp_get_num_threads(), chunk = ((rows + threads - 1) / threads + 15) / 16 * 16;
+            long align = then == STORE_SWIGLU ? 32 : 16; /* SwiGLU: each thread's part holds whole pairs of blocks */
+            long threads = omp_get_num_threads(), chunk = ((rows + threads - 1) / threads + align - 1) / align * align;
             long start = omp_get_thread_num() * chunk, end = start + chunk < rows ? start + chunk : rows;
             for (long o = start; o < end; o++) y[o] = (then == ADD ? y[o] : 0.0f) + (b ? b[o] : 0.0f);
             long i = 0;
@@ -69,6 +93,8 @@ static void product(const float *restrict W, const float *restrict x, const floa
             if (then == STORE_GELU) {
                 #pragma omp simd
                 for (long o = start; o < end; o++) y[o] = gelu(y[o]);
+            } else if (then == STORE_SWIGLU) {
+                swiglu_blocks(y, rows, start, end, y + rows);
             }
         }
         return;
@@ -99,6 +125,7 @@ static void product(const float *restrict W, const float *restrict x, const floa
             y[r0 + k] = then == ADD ? y[r0 + k] + v : then == STORE_GELU ? gelu(v) : v;
         }
     }
+    if (then == STORE_SWIGLU) swiglu_blocks(y, rows, 0, rows, y + rows);
 }
 
 /* ---- quantized weights ------------------------------------------------------------------------------------- */
@@ -121,7 +148,7 @@ static inline float bf16(uint16_t bits) {
     return v.value;
 }
 
-/* y = v, y + v or gelu(v), as `product` does */
+/* y = v, y + v or gelu(v), as `product` does (SwiGLU's pairs come after the product: `matrix_product`) */
 static inline void finish(float *y, float v, int then) {
     *y = then == ADD ? *y + v : then == STORE_GELU ? gelu(v) : v;
 }
@@ -292,11 +319,16 @@ static void int4_product(const struct mtnlg_matrix *m, const float *x, const flo
     free(xsum);
 }
 
-/* y = M x + b (stored, added or GeLU'd) for a matrix of any format */
+/* y = M x + b (stored, added, GeLU'd or SwiGLU'd, as `product` does) for a matrix of any format */
 static void matrix_product(const struct mtnlg_matrix *m, const float *x, const float *b, float *y, int then) {
-    if (m->format == INT8) int8_product(m, x, b, y, then);
-    else if (m->format == INT4) int4_product(m, x, b, y, then);
-    else product(m->data, x, b, y, m->rows, m->cols, then);
+    if (m->format == FP32) {
+        product(m->data, x, b, y, m->rows, m->cols, then);
+        return;
+    }
+    int quantized_then = then == STORE_SWIGLU ? STORE : then;
+    if (m->format == INT8) int8_product(m, x, b, y, quantized_then);
+    else int4_product(m, x, b, y, quantized_then);
+    if (then == STORE_SWIGLU) swiglu_blocks(y, m->rows, 0, m->rows, y + m->rows);
 }
 
 #ifdef VNNI
@@ -376,7 +408,15 @@ void mtnlg_dequantize(const struct mtnlg_matrix *m, float *out) {
     }
 }
 
-static void layer_norm(const float *x, const float *weight, const float *bias, float eps, float *out, long n) {
+/* LayerNorm, or RMSNorm where there is no bias (x / sqrt(mean(x^2) + eps) * weight) */
+static void norm(const float *x, const float *weight, const float *bias, float eps, float *out, long n) {
+    if (!bias) {
+        float squares = 0;
+        for (long i = 0; i < n; i++) squares += x[i] * x[i];
+        float scale = 1.0f / sqrtf(squares / n + eps);
+        for (long i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+        return;
+    }
     float mean = 0, var = 0;
     for (long i = 0; i < n; i++) mean += x[i];
     mean /= n;
@@ -385,18 +425,42 @@ static void layer_norm(const float *x, const float *weight, const float *bias, f
     for (long i = 0; i < n; i++) out[i] = (x[i] - mean) * scale * weight[i] + bias[i];
 }
 
-/* Stores this position's key and value of every head, then each head's query attends to positions 0..position.
- * keys, values: one layer's [heads, capacity, head_dim]; scores: [heads, capacity] of scratch. */
+/* Rotates the first `rotary` dimensions of each query and key head in qkv ([group, (its q heads | k | v),
+ * head_dim]) in pairs (i, i + rotary / 2) by this position's angles (cos and sin: rotary / 2 each). */
+static void rotate(float *qkv, long heads, long groups, long head_dim, long rotary, const float *cos,
+                   const float *sin) {
+    long per_group = heads / groups, half = rotary / 2;
+    for (long g = 0; g < groups; g++)
+        for (long j = 0; j <= per_group; j++) { /* the group's query heads, then its key */
+            float *first = qkv + (g * (per_group + 2) + j) * head_dim, *second = first + half;
+            #pragma omp simd
+            for (long i = 0; i < half; i++) {
+                float a = first[i], b = second[i];
+                first[i] = a * cos[i] - b * sin[i];
+                second[i] = b * cos[i] + a * sin[i];
+            }
+        }
+}
+
+/* Stores this position's key and value of every query group, then each head's query attends to positions
+ * 0..position of its group's. qkv: [group, (its q heads | k | v), head_dim]; keys, values: one layer's [groups,
+ * capacity, head_dim]; scores: [heads, capacity] of scratch. */
 static void attention(const float *qkv, float *keys, float *values, float *scores, float *y,
-                      long heads, long head_dim, long capacity, long position) {
+                      long heads, long groups, long head_dim, long capacity, long position) {
     float scale = 1.0f / sqrtf((float)head_dim);
+    long per_group = heads / groups, group_rows = (per_group + 2) * head_dim;
+    for (long g = 0; g < groups; g++) {
+        const float *group = qkv + g * group_rows;
+        memcpy(keys + (g * capacity + position) * head_dim, group + per_group * head_dim, head_dim * sizeof(float));
+        memcpy(values + (g * capacity + position) * head_dim, group + (per_group + 1) * head_dim,
+               head_dim * sizeof(float));
+    }
     #pragma omp parallel for schedule(static)
     for (long h = 0; h < heads; h++) {
-        const float *q = qkv + h * 3 * head_dim;
-        float *k = keys + h * capacity * head_dim, *v = values + h * capacity * head_dim;
+        long g = h / per_group;
+        const float *q = qkv + g * group_rows + (h - g * per_group) * head_dim;
+        const float *k = keys + g * capacity * head_dim, *v = values + g * capacity * head_dim;
         float *s = scores + h * capacity, *out = y + h * head_dim;
-        memcpy(k + position * head_dim, q + head_dim, head_dim * sizeof(float));
-        memcpy(v + position * head_dim, q + 2 * head_dim, head_dim * sizeof(float));
         /* Four positions at a time: four independent sums per pass over q, one pass over out per four values.
          * The weights have evicted the cache since the last token, so the keys are fetched eight positions ahead
          * and these positions' values at once. Measured with the cache evicted, a layer's attention at 80
@@ -450,15 +514,19 @@ static void attention(const float *qkv, float *keys, float *values, float *score
 }
 
 /* What stays the same from one token to the next of a generation.
- * weights: wte, wpe, ln_f.weight, ln_f.bias, the output head (wte again), then per layer ln_1.weight, ln_1.bias,
- * qkv.weight, qkv.bias, proj.weight, proj.bias, ln_2.weight, ln_2.bias, fc.weight, fc.bias, mlp proj.weight,
- * mlp proj.bias; each matrix (the head included) a `struct mtnlg_matrix`, the rest float arrays.
- * keys, values: [layers, heads, capacity, head_dim]. work: 6 * hidden + ffn + heads * capacity floats.
- * logits: vocab floats (the rows of wte). */
+ * weights: wte, wpe, ln_f.weight, ln_f.bias, the output head (wte's copy or lm_head), then per layer ln_1.weight,
+ * ln_1.bias, qkv.weight, qkv.bias, proj.weight, proj.bias, ln_2.weight, ln_2.bias, fc.weight, fc.bias, mlp
+ * proj.weight, mlp proj.bias; each matrix (the head included) a `struct mtnlg_matrix`, the rest float arrays.
+ * What the model lacks is NULL: wpe with rotary positions, the norms' biases with RMSNorm, any linear bias. With
+ * SwiGLU, fc is the gate and up projections in one matrix (see `swiglu_blocks`), fc.bias their biases likewise.
+ * inverse_frequencies: rotary / 2 floats (rotary: the rotating dimensions of a head, 0 with learned positions).
+ * keys, values: [layers, groups, capacity, head_dim]. work: 3 * hidden + (heads + 2 * groups) * head_dim + ffn
+ * (3 * ffn with SwiGLU) + heads * capacity + rotary floats. logits: vocab floats. */
 struct mtnlg_step {
     const void *const *weights;
-    long layers, hidden, heads, ffn, vocab;
+    long layers, hidden, heads, groups, ffn, vocab, swiglu, rotary;
     float eps;
+    const float *inverse_frequencies;
     float *keys, *values;
     long capacity;
     float *work, *logits;
@@ -469,27 +537,35 @@ struct mtnlg_step {
  * token. */
 long mtnlg_decode_step(const struct mtnlg_step *s, long token, long position) {
     const void *const *weights = s->weights;
-    long layers = s->layers, hidden = s->hidden, heads = s->heads, ffn = s->ffn, vocab = s->vocab;
-    long capacity = s->capacity;
+    long layers = s->layers, hidden = s->hidden, heads = s->heads, groups = s->groups, ffn = s->ffn;
+    long vocab = s->vocab, rotary = s->rotary, capacity = s->capacity;
     float eps = s->eps, *keys = s->keys, *values = s->values, *work = s->work, *logits = s->logits;
     const float *wte = weights[0], *wpe = weights[1], *ln_f_weight = weights[2], *ln_f_bias = weights[3];
     const struct mtnlg_matrix *head = weights[4];
-    long head_dim = hidden / heads, layer_cache = heads * capacity * head_dim;
-    float *x = work, *normed = x + hidden, *qkv = normed + hidden, *y = qkv + 3 * hidden, *mlp = y + hidden;
-    float *scores = mlp + ffn;
-    for (long i = 0; i < hidden; i++) x[i] = wte[token * hidden + i] + wpe[position * hidden + i];
+    long head_dim = hidden / heads, layer_cache = groups * capacity * head_dim;
+    float *x = work, *normed = x + hidden, *qkv = normed + hidden, *y = qkv + (heads + 2 * groups) * head_dim;
+    float *mlp = y + hidden, *scores = mlp + (s->swiglu ? 3 * ffn : ffn), *cos = scores + heads * capacity;
+    float *sin = cos + rotary / 2;
+    const float *mlp_out = s->swiglu ? mlp + 2 * ffn : mlp; /* SwiGLU: after the gate and up products */
+    for (long i = 0; i < hidden; i++) x[i] = wte[token * hidden + i] + (wpe ? wpe[position * hidden + i] : 0.0f);
+    for (long i = 0; i < rotary / 2; i++) { /* in fp32, as the model computes its angles */
+        float angle = (float)position * s->inverse_frequencies[i];
+        cos[i] = cosf(angle);
+        sin[i] = sinf(angle);
+    }
     for (long l = 0; l < layers; l++) {
         const void *const *w = weights + 5 + 12 * l;
-        layer_norm(x, w[0], w[1], eps, normed, hidden);
+        norm(x, w[0], w[1], eps, normed, hidden);
         matrix_product(w[2], normed, w[3], qkv, STORE);
-        attention(qkv, keys + l * layer_cache, values + l * layer_cache, scores, y, heads, head_dim, capacity,
-                  position);
+        if (rotary) rotate(qkv, heads, groups, head_dim, rotary, cos, sin);
+        attention(qkv, keys + l * layer_cache, values + l * layer_cache, scores, y, heads, groups, head_dim,
+                  capacity, position);
         matrix_product(w[4], y, w[5], x, ADD);
-        layer_norm(x, w[6], w[7], eps, normed, hidden);
-        matrix_product(w[8], normed, w[9], mlp, STORE_GELU);
-        matrix_product(w[10], mlp, w[11], x, ADD);
+        norm(x, w[6], w[7], eps, normed, hidden);
+        matrix_product(w[8], normed, w[9], mlp, s->swiglu ? STORE_SWIGLU : STORE_GELU);
+        matrix_product(w[10], mlp_out, w[11], x, ADD);
     }
-    layer_norm(x, ln_f_weight, ln_f_bias, eps, normed, hidden);
+    norm(x, ln_f_weight, ln_f_bias, eps, normed, hidden);
     matrix_product(head, normed, 0, logits, STORE);
     long best = -1;
     float top = -INFINITY;
