@@ -1,14 +1,18 @@
 """Greedy decoding speed: mtnlg's engine against transformers' `generate()` and against the matrix-vector limit.
 
-A 23.6M-parameter fp32 GPT (6 layers, hidden 512, 8 heads, vocabulary 8192, 1024 positions) with random weights;
-transformers gets the very same weights in a GPT2LMHeadModel (checked: equal logits and equal greedy tokens).
-Everything runs in one process, alternating, with the same thread count:
+Two fp32 models with random weights, 6 layers, hidden 512, 8 heads, vocabulary 8192, 1024 positions:
+- GPT (23.6M parameters): transformers gets the very same weights in a GPT2LMHeadModel;
+- Llama-style (25.3M parameters: rotary positions, RMSNorm, SwiGLU with ffn 1408, 2 query groups, untied head,
+  no biases): transformers gets the very same weights in a LlamaForCausalLM.
+Each is checked first (equal logits and equal greedy tokens). Everything runs in one process, alternating, with
+the same thread count; for each family:
 
 - tokens/s of `generate` from a 64-token prompt at batch 1 and batch 8 (prompt processing included), mtnlg
   against transformers;
 - decode time per token (the median time between successive new tokens, so the prompt's cost is left out) at
   batch 1, against the limit: one matrix-vector product through every weight matrix per token, each timed the
-  fastest of four ways (MKL on either layout, oneDNN on its blocked one, mtnlg's own C product on huge pages).
+  fastest of four ways (MKL on either layout, oneDNN on its blocked one, mtnlg's own C product on huge pages;
+  SwiGLU's gate and up are two products here, one in mtnlg's step).
   Each decode is timed right after a limit, twelve pairs a round: the machine's speed drifts by more than the gap
   between the two, so besides the ratio of medians the note gives the median of each decode over its own limit;
 - decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers;
@@ -35,6 +39,8 @@ from mtnlg_cli.inference import native
 
 SHAPE = dict(vocab_size=8192, max_position_embeddings=1024, num_layers=6, hidden_size=512, num_heads=8,
              ffn_hidden_size=2048)
+LLAMA_SHAPE = dict(SHAPE, position_embedding_type="rope", normalization="RMSNorm", swiglu=True, ffn_hidden_size=1408,
+                   num_query_groups=2, untie_embeddings_and_output_weights=True, add_bias_linear=False)
 GPT_125M_SHAPE = dict(vocab_size=50304, max_position_embeddings=1024, num_layers=12, hidden_size=768, num_heads=12,
                       ffn_hidden_size=3072)
 
@@ -115,6 +121,41 @@ def gpt2_with_same_weights(model):
     return peer
 
 
+def llama_with_same_weights(model):
+    """A transformers LlamaForCausalLM computing what `model` (rotary, RMSNorm, SwiGLU, untied, no biases)
+    computes: q, k and v come out of our fused qkv, whose rows are [group, (its q heads | k | v), head_dim]."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model.config
+    config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.ffn_hidden_size,
+                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                         num_key_value_heads=c.query_groups, max_position_embeddings=c.max_position_embeddings,
+                         rms_norm_eps=c.norm_epsilon, rope_theta=c.rotary_base, tie_word_embeddings=False,
+                         attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
+                         pad_token_id=0)
+    peer = LlamaForCausalLM(config).eval()
+    ours = model.state_dict()
+    per_group = c.num_heads // c.query_groups
+    theirs = {"model.embed_tokens.weight": ours["wte.weight"], "model.norm.weight": ours["ln_f.weight"],
+              "lm_head.weight": ours["lm_head.weight"]}
+    for i in range(c.num_layers):
+        a, b = f"layers.{i}.", f"model.layers.{i}."
+        qkv = ours[a + "attn.qkv.weight"].view(c.query_groups, per_group + 2, c.head_dim, c.hidden_size)
+        theirs.update({
+            b + "self_attn.q_proj.weight": qkv[:, :per_group].reshape(-1, c.hidden_size),
+            b + "self_attn.k_proj.weight": qkv[:, per_group].reshape(-1, c.hidden_size),
+            b + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(-1, c.hidden_size),
+            b + "self_attn.o_proj.weight": ours[a + "attn.proj.weight"],
+            b + "mlp.gate_proj.weight": ours[a + "mlp.gate.weight"], b + "mlp.up_proj.weight": ours[a + "mlp.fc.weight"],
+            b + "mlp.down_proj.weight": ours[a + "mlp.proj.weight"],
+            b + "input_layernorm.weight": ours[a + "ln_1.weight"],
+            b + "post_attention_layernorm.weight": ours[a + "ln_2.weight"],
+        })
+    missing, unexpected = peer.load_state_dict({k: v.contiguous() for k, v in theirs.items()}, strict=False)
+    assert not missing and not unexpected, (missing, unexpected)
+    return peer
+
+
 def matvec_limit(model):
     """Two functions timing one matrix-vector product through every weight matrix (the tied head once): the time a
     decoded token cannot beat when the weights stream from memory. In the first, each weight is read in whichever
@@ -123,7 +164,8 @@ def matvec_limit(model):
     step reads them (in one block of huge pages). The second leaves mtnlg's product out: torch's own products, the
     ones transformers runs. The choice comes from timing every product inside whole passes over all the weights
     (alone, a few weights would sit in the cache), alternating the ways."""
-    weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name != "wpe.weight"]
+    looked_up = {"wpe.weight"} | ({"wte.weight"} if model.lm_head is not None else set())  # not multiplied
+    weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name not in looked_up]
     vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
     def mkl(w: torch.Tensor):
@@ -167,19 +209,28 @@ def matvec_limit(model):
 
 
 def run(quick: bool = False) -> list[Result]:
+    from benchmarks.split_generate import results as split_results
+
+    return quantized_results(quick) + split_results(quick) + \
+        family_results("GPT", SHAPE, gpt2_with_same_weights, quick) + \
+        family_results("Llama-style", LLAMA_SHAPE, llama_with_same_weights, quick)
+
+
+def family_results(family: str, shape: dict, peer_with_same_weights: Callable, quick: bool) -> list[Result]:
     from mtnlg_cli.config import SamplingSettings
     from mtnlg_cli.inference.engine import Generator
     from mtnlg_cli.model.gpt import GPT
     from mtnlg_cli.model.architecture import Architecture
 
     torch.manual_seed(0)
-    model = GPT(Architecture.from_dict(SHAPE)).eval()
-    peer = gpt2_with_same_weights(model)
+    model = GPT(Architecture.from_dict(shape)).eval()
+    peer = peer_with_same_weights(model)
+    peer_name = f"transformers {type(peer).__name__}.generate()"
     generator = Generator(model, _IdTokenizer())
     repeats, new_tokens = (3, 32) if quick else (5, 64)
 
     def prompt(batch: int, length: int) -> torch.Tensor:
-        return torch.randint(8, SHAPE["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1))
+        return torch.randint(8, shape["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1))
 
     def ours(ids: torch.Tensor, count: int, clock: Optional[_TokenClock] = None) -> list[list[int]]:
         settings = SamplingSettings(max_new_tokens=count, temperature=0.0)
@@ -221,12 +272,12 @@ def run(quick: bool = False) -> list[Result]:
     for round_ in range(repeats + 1):  # round 0 warms up
         for name, measure in measurements.items():
             value = measure()
-            print(f"round {round_} {name}: {value:.2f}", file=sys.stderr, flush=True)
+            print(f"{family} round {round_} {name}: {value:.2f}", file=sys.stderr, flush=True)
             if round_:
                 figures.setdefault(name, []).append(value)
         for _ in range(12):  # the speed drifts by ±15% within seconds: each decode against the limit before it
             pair = limit(), per_token(ours, short)
-            print(f"round {round_} limit / decode ms/token: {1e3 * pair[0]:.2f} / {1e3 * pair[1]:.2f}",
+            print(f"{family} round {round_} limit / decode ms/token: {1e3 * pair[0]:.2f} / {1e3 * pair[1]:.2f}",
                   file=sys.stderr, flush=True)
             if round_:
                 pairs.append(pair)
@@ -235,24 +286,23 @@ def run(quick: bool = False) -> list[Result]:
     at_limit, ours_decode = [1 / limit_s for limit_s, _ in pairs], [1 / decode_s for _, decode_s in pairs]
     torch_limit_ms, decode_ms = (statistics.median(figures[k]) for k in ("torch limit ms/token", "ours ms/token ctx64"))
     paired = statistics.quantiles([limit_s / decode_s for limit_s, decode_s in pairs], n=4)
-    from benchmarks.split_generate import results as split_results
-
-    return quantized_results(quick) + split_results(quick) + [
-        Result("greedy generate tokens/s, batch 1 (64-token prompt)", "tokens/s", figures["ours b1 tok/s"],
-               figures["theirs b1 tok/s"], "transformers generate()", notes=threads),
-        Result("greedy generate tokens/s, batch 8 (64-token prompts)", "tokens/s", figures["ours b8 tok/s"],
-               figures["theirs b8 tok/s"], "transformers generate()", goal=">= 1.5x transformers", notes=threads),
-        Result("decode tokens/s at batch 1 vs one matvec per weight", "tokens/s", ours_decode, at_limit,
-               "matrix-vector limit", goal=">= 0.95x the limit",
+    return [
+        Result(f"{family}: greedy generate tokens/s, batch 1 (64-token prompt)", "tokens/s",
+               figures["ours b1 tok/s"], figures["theirs b1 tok/s"], peer_name, notes=threads),
+        Result(f"{family}: greedy generate tokens/s, batch 8 (64-token prompts)", "tokens/s",
+               figures["ours b8 tok/s"], figures["theirs b8 tok/s"], peer_name, goal=">= 1.5x transformers",
+               notes=threads),
+        Result(f"{family}: decode tokens/s at batch 1 vs one matvec per weight", "tokens/s", ours_decode, at_limit,
+               "matrix-vector limit", goal=">= 0.95x the limit" if family == "GPT" else ">= 0.9x the limit",
                notes=f"each decode over its own limit (middle half): {paired[1]:.2f}x "
                f"({paired[0]:.2f}-{paired[2]:.2f}x); {len(pairs)} pairs timed back to back; median time between "
                f"tokens; limit: each weight its fastest way (MKL either layout, oneDNN blocked, mtnlg C on huge "
                f"pages); against torch's products alone (MKL, oneDNN), {1e3 / torch_limit_ms:.0f} tokens/s: "
                f"{torch_limit_ms / decode_ms:.2f}x; {threads}"),
-        Result("decode time per token, 64 tokens of context", "ms/token", figures["ours ms/token ctx64"],
-               figures["theirs ms/token ctx64"], "transformers generate()", higher_is_better=False),
-        Result("decode time per token, 1000 tokens of context", "ms/token", figures["ours ms/token ctx1000"],
-               figures["theirs ms/token ctx1000"], "transformers generate()", higher_is_better=False,
+        Result(f"{family}: decode time per token, 64 tokens of context", "ms/token", figures["ours ms/token ctx64"],
+               figures["theirs ms/token ctx64"], peer_name, higher_is_better=False),
+        Result(f"{family}: decode time per token, 1000 tokens of context", "ms/token",
+               figures["ours ms/token ctx1000"], figures["theirs ms/token ctx1000"], peer_name, higher_is_better=False,
                goal="flat as the context grows",
                notes=f"mtnlg 1000/64: {statistics.median(figures['ours ms/token ctx1000']) / decode_ms:.2f}x"),
     ]

@@ -1,7 +1,9 @@
-"""Training tokens/s at the bench config against transformers' GPT2LMHeadModel, and MFU against torch's matmul rate.
+"""Training tokens/s at the bench config against transformers, and MFU against torch's matmul rate.
 
-Bench config: 6 layers, hidden 512, 8 heads, sequence 256, vocabulary 8192, batch 8, fp32, no dropout. mtnlg trains
-through the trainer's own step (`Runtime`: forward and backward, gradient clipping, fused AdamW);
+Bench config: 6 layers, hidden 512, 8 heads, sequence 256, vocabulary 8192, batch 8, fp32, no dropout, in two
+families: GPT (against transformers' GPT2LMHeadModel) and Llama-style (rotary positions, RMSNorm, SwiGLU with
+ffn 1408, 2 query groups, untied head, no biases; against transformers' LlamaForCausalLM of the same shape). mtnlg
+trains through the trainer's own step (`Runtime`: forward and backward, gradient clipping, fused AdamW);
 transformers' model gets the same optimizer and clipping. The two alternate in this process, and every round also
 measures torch's matmul rate on the model's own matrix shapes, so MFU is relative to what this machine does now.
 
@@ -18,16 +20,20 @@ import torch
 from benchmarks.common import Result, alternate
 
 LAYERS, HIDDEN, HEADS, SEQ, VOCAB, BATCH = 6, 512, 8, 256, 8192, 8
+LLAMA_FFN, LLAMA_GROUPS = 1408, 2
+LLAMA = {"position_embedding_type": "rope", "normalization": "RMSNorm", "swiglu": True,
+         "ffn_hidden_size": LLAMA_FFN, "num_query_groups": LLAMA_GROUPS,
+         "untie_embeddings_and_output_weights": True, "add_bias_linear": False}
 
 
-def mtnlg_trainer_step():
+def mtnlg_trainer_step(family: dict):
     from mtnlg_cli.config import load_config
     from mtnlg_cli.model.architecture import Architecture
     from mtnlg_cli.training.runtime import make_runtime
 
     config = load_config({
         "model": {"num_layers": LAYERS, "hidden_size": HIDDEN, "num_heads": HEADS, "seq_length": SEQ,
-                  "max_position_embeddings": SEQ, "vocab_size": VOCAB},
+                  "max_position_embeddings": SEQ, "vocab_size": VOCAB, **family},
         "train": {"micro_batch_size": BATCH, "global_batch_size": BATCH},
     })
     architecture = Architecture.from_model_config(config.model)
@@ -44,13 +50,26 @@ def mtnlg_trainer_step():
     return step, architecture
 
 
-def transformers_step():
-    from transformers import GPT2Config, GPT2LMHeadModel
+def transformers_model(family: dict):
+    """transformers' model of the same shape as mtnlg's of `family` (the GPT one, or LLAMA)."""
+    if not family:
+        from transformers import GPT2Config, GPT2LMHeadModel
 
-    config = GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=3,
-                        attn_implementation="sdpa")
-    model = GPT2LMHeadModel(config).train()
+        return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=HIDDEN, n_layer=LAYERS,
+                                          n_head=HEADS, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                          bos_token_id=2, eos_token_id=3, attn_implementation="sdpa"))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=LLAMA_FFN,
+                                        num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                                        num_key_value_heads=LLAMA_GROUPS, max_position_embeddings=SEQ,
+                                        rms_norm_eps=1e-5, tie_word_embeddings=False, attention_bias=False,
+                                        mlp_bias=False, bos_token_id=2, eos_token_id=3,
+                                        attn_implementation="sdpa"))
+
+
+def transformers_step(family: dict):
+    model = transformers_model(family).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ))
 
@@ -64,10 +83,15 @@ def transformers_step():
 
 
 def run(quick: bool = False) -> list[Result]:
+    return family_results({}, "GPT", "transformers GPT2LMHeadModel", quick) + \
+        family_results(LLAMA, "Llama-style", "transformers LlamaForCausalLM", quick)
+
+
+def family_results(family: dict, label: str, peer_name: str, quick: bool) -> list[Result]:
     from mtnlg_cli.training.metrics import measure_matmul_rate
 
-    ours, architecture = mtnlg_trainer_step()
-    theirs = transformers_step()
+    ours, architecture = mtnlg_trainer_step(family)
+    theirs = transformers_step(family)
     steps = 1 if quick else 2
     tokens = steps * BATCH * SEQ
     shapes = architecture.matmul_shapes(BATCH * SEQ)
@@ -102,11 +126,12 @@ def run(quick: bool = False) -> list[Result]:
     mfu_theirs = [f / r for f, r in zip(mfu_theirs[-rounds:], rates)]
     notes = (f"torch matmul rate on the model's shapes: {statistics.median(rates) / 1e9:.0f} GFLOP/s (median); "
              f"{torch.get_num_threads()} threads")
+    shape = "6L h512 seq256 V8192 b8 fp32" + (f", ffn {LLAMA_FFN} SwiGLU, {LLAMA_GROUPS} query groups" if family else "")
     return [
-        Result("train tokens/s (6L h512 seq256 V8192 b8 fp32)", "tokens/s", ours_figures, their_figures,
-               peer_name="transformers GPT2LMHeadModel", goal=">= 1.2x transformers", notes=notes),
-        Result("train MFU vs torch matmul on the same shapes", "fraction", mfu_ours, mfu_theirs,
-               peer_name="transformers GPT2LMHeadModel", goal=">= 0.90", notes=notes),
+        Result(f"train tokens/s, {label} ({shape})", "tokens/s", ours_figures, their_figures,
+               peer_name=peer_name, goal=">= 1.2x transformers", notes=notes),
+        Result(f"train MFU vs torch matmul on the same shapes, {label}", "fraction", mfu_ours, mfu_theirs,
+               peer_name=peer_name, goal=">= 0.85" if family else ">= 0.90", notes=notes),
     ]
 
 
