@@ -82,6 +82,45 @@ def test_the_c_step_on_quantized_weights_computes_what_the_quantized_model_compu
         torch.testing.assert_close(steps, full[0, 6:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_greedy_generation_of_a_quantized_llama_style_model_through_the_c_step_equals_the_torch_path(
+        method, monkeypatch):
+    """The engine decodes a single row of a quantized Llama-style model (grouped-query attention, untied head, no
+    biases) through the C step, and gives the tokens that the quantized model's own torch forward gives."""
+    from mtnlg_cli.config import SamplingSettings
+    from mtnlg_cli.inference import native
+    from mtnlg_cli.inference.engine import Generator
+
+    if native.load() is None:
+        pytest.skip("no C compiler")
+
+    class Ids:  # a tokenizer whose text is the token ids, enough for the engine
+        vocab_size, eos_id, pad_id = 256, 0, 1
+        eos_ids, never_sampled = (0,), (1,)
+
+        def prompt_ids(self, text):
+            return [int(t) for t in text.split()]
+
+        def decode(self, ids):
+            return "".join(f" {i}" for i in ids)
+
+    torch.manual_seed(3)
+    model = GPT(Architecture(vocab_size=256, max_position_embeddings=64, num_layers=2, hidden_size=64, num_heads=4,
+                             ffn_hidden_size=96, init_method_std=0.2, **LLAMA)).eval()
+    quantized = quantize_model(model, Quantization(method))
+    settings = SamplingSettings(max_new_tokens=10, temperature=0.0)
+    prompt = "5 6 7 8 9 10 11"
+    calls = []
+    step = native.NativeStep.__call__
+    monkeypatch.setattr(native.NativeStep, "__call__", lambda self, token: calls.append(token) or step(self, token))
+    through_c = Generator(quantized, Ids()).generate([prompt], settings, stop_token_ids=())[0].tokens
+    assert calls == through_c[:-1]  # every new token but the last through the C step
+    monkeypatch.setattr(native, "load", lambda: None)
+    through_torch = Generator(quantized, Ids()).generate([prompt], settings, stop_token_ids=())[0].tokens
+    assert through_c == through_torch
+    assert len(set(through_c)) > 2  # not one token repeated: the logits decide
+
+
 def test_int4_keeps_layers_of_unfit_shapes_fp32_with_a_notice():
     model = small_gpt(hidden=48, ffn=192)  # 48 inputs are not a multiple of 32; 192 are
     notices = []
