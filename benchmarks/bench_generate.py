@@ -13,8 +13,9 @@ the same thread count; for each family:
   batch 1, against the limit: one matrix-vector product through every weight matrix per token, each timed the
   fastest of four ways (MKL on either layout, oneDNN on its blocked one, mtnlg's own C product on huge pages;
   SwiGLU's gate and up are two products here, one in mtnlg's step).
-  Each decode is timed right after a limit, twelve pairs a round: the machine's speed drifts by more than the gap
-  between the two, so besides the ratio of medians the note gives the median of each decode over its own limit;
+  Each decode is timed right after a limit, twelve pairs a round (four with --quick): the machine's speed drifts
+  by more than the gap between the two, so besides the ratio of medians the note gives the median of each decode
+  over its own limit;
 - decode time per token at 64 and at 1,000 tokens of context, mtnlg against transformers;
 - weight-only quantization on a gpt-125m-shaped model (12 layers, hidden 768, ffn 3072, vocabulary 50,304, random
   weights): batch-1 decode tokens/s of fp32, int8 and int4 (groups of 32), each against its own limit (the time to
@@ -146,7 +147,8 @@ def llama_with_same_weights(model):
             b + "self_attn.k_proj.weight": qkv[:, per_group].reshape(-1, c.hidden_size),
             b + "self_attn.v_proj.weight": qkv[:, per_group + 1].reshape(-1, c.hidden_size),
             b + "self_attn.o_proj.weight": ours[a + "attn.proj.weight"],
-            b + "mlp.gate_proj.weight": ours[a + "mlp.gate.weight"], b + "mlp.up_proj.weight": ours[a + "mlp.fc.weight"],
+            b + "mlp.gate_proj.weight": ours[a + "mlp.gate.weight"],
+            b + "mlp.up_proj.weight": ours[a + "mlp.fc.weight"],
             b + "mlp.down_proj.weight": ours[a + "mlp.proj.weight"],
             b + "input_layernorm.weight": ours[a + "ln_1.weight"],
             b + "post_attention_layernorm.weight": ours[a + "ln_2.weight"],
@@ -154,6 +156,13 @@ def llama_with_same_weights(model):
     missing, unexpected = peer.load_state_dict({k: v.contiguous() for k, v in theirs.items()}, strict=False)
     assert not missing and not unexpected, (missing, unexpected)
     return peer
+
+
+def multiplied_weights(model) -> list[torch.Tensor]:
+    """The weight matrices one token multiplies by: all but the position table, and the embedding table only as a
+    tied head (an untied model looks its rows up)."""
+    looked_up = {"wpe.weight"} | ({"wte.weight"} if model.lm_head is not None else set())
+    return [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name not in looked_up]
 
 
 def matvec_limit(model):
@@ -164,8 +173,7 @@ def matvec_limit(model):
     step reads them (in one block of huge pages). The second leaves mtnlg's product out: torch's own products, the
     ones transformers runs. The choice comes from timing every product inside whole passes over all the weights
     (alone, a few weights would sit in the cache), alternating the ways."""
-    looked_up = {"wpe.weight"} | ({"wte.weight"} if model.lm_head is not None else set())  # not multiplied
-    weights = [p.detach() for name, p in model.named_parameters() if p.dim() == 2 and name not in looked_up]
+    weights = multiplied_weights(model)
     vectors = {w.shape[1]: torch.randn(1, w.shape[1]) for w in weights}
 
     def mkl(w: torch.Tensor):
@@ -211,9 +219,9 @@ def matvec_limit(model):
 def run(quick: bool = False) -> list[Result]:
     from benchmarks.split_generate import results as split_results
 
-    return quantized_results(quick) + split_results(quick) + \
-        family_results("GPT", SHAPE, gpt2_with_same_weights, quick) + \
-        family_results("Llama-style", LLAMA_SHAPE, llama_with_same_weights, quick)
+    return (family_results("GPT", SHAPE, gpt2_with_same_weights, quick)
+            + family_results("Llama-style", LLAMA_SHAPE, llama_with_same_weights, quick) + quantized_results(quick)
+            + split_results(quick))
 
 
 def family_results(family: str, shape: dict, peer_with_same_weights: Callable, quick: bool) -> list[Result]:
@@ -227,7 +235,7 @@ def family_results(family: str, shape: dict, peer_with_same_weights: Callable, q
     peer = peer_with_same_weights(model)
     peer_name = f"transformers {type(peer).__name__}.generate()"
     generator = Generator(model, _IdTokenizer())
-    repeats, new_tokens = (3, 32) if quick else (5, 64)
+    repeats, new_tokens, pairs_a_round = (2, 16, 4) if quick else (5, 64, 12)
 
     def prompt(batch: int, length: int) -> torch.Tensor:
         return torch.randint(8, shape["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(1))
@@ -275,7 +283,8 @@ def family_results(family: str, shape: dict, peer_with_same_weights: Callable, q
             print(f"{family} round {round_} {name}: {value:.2f}", file=sys.stderr, flush=True)
             if round_:
                 figures.setdefault(name, []).append(value)
-        for _ in range(12):  # the speed drifts by ±15% within seconds: each decode against the limit before it
+        # the speed drifts by ±15% within seconds: each decode against the limit timed right before it
+        for _ in range(pairs_a_round):
             pair = limit(), per_token(ours, short)
             print(f"{family} round {round_} limit / decode ms/token: {1e3 * pair[0]:.2f} / {1e3 * pair[1]:.2f}",
                   file=sys.stderr, flush=True)
@@ -312,7 +321,7 @@ def format_bytes(model) -> dict[str, int]:
     """Bytes of the weight matrices (the tied head once) in each format: what one token reads."""
     from mtnlg_cli.inference.quantize import BLOCK
 
-    shapes = [tuple(p.shape) for name, p in model.named_parameters() if p.dim() == 2 and name != "wpe.weight"]
+    shapes = [tuple(w.shape) for w in multiplied_weights(model)]
     return {"fp32": sum(4 * r * c for r, c in shapes),
             "int8": sum(r * c + 4 * r for r, c in shapes),
             "int4": sum(r * c // 2 + 2 * 2 * r * c // BLOCK for r, c in shapes)}
@@ -348,7 +357,7 @@ def quantized_results(quick: bool) -> list[Result]:
     generators = {name: Generator(m, tokenizer) for name, m in models.items()}
     limits = {name: read_limit(library, size) for name, size in format_bytes(model).items()}
     ids = torch.randint(8, GPT_125M_SHAPE["vocab_size"], (8, 64), generator=torch.Generator().manual_seed(1))
-    new_tokens = 32 if quick else 64
+    new_tokens = 16 if quick else 64
 
     def decode_seconds(name: str) -> float:
         clock = _TokenClock(skip=0)
@@ -366,7 +375,7 @@ def quantized_results(quick: bool) -> list[Result]:
     decode = {name: [] for name in models}
     paired = {name: [] for name in models}  # each decode over the read limit timed right before it
     batch8 = {"fp32": [], "int8": []}
-    for round_ in range((3 if quick else 6) + 1):  # round 0 warms up (and builds the decoding copies)
+    for round_ in range((2 if quick else 6) + 1):  # round 0 warms up (and builds the decoding copies)
         for name in models:
             limit_s, decode_s = limits[name](), decode_seconds(name)
             print(f"round {round_} {name}: limit {1e3 * limit_s:.2f} ms, decode {1e3 * decode_s:.2f} ms/token",

@@ -126,7 +126,9 @@ def family_results(family: dict, label: str, peer_name: str, quick: bool) -> lis
     mfu_theirs = [f / r for f, r in zip(mfu_theirs[-rounds:], rates)]
     notes = (f"torch matmul rate on the model's shapes: {statistics.median(rates) / 1e9:.0f} GFLOP/s (median); "
              f"{torch.get_num_threads()} threads")
-    shape = "6L h512 seq256 V8192 b8 fp32" + (f", ffn {LLAMA_FFN} SwiGLU, {LLAMA_GROUPS} query groups" if family else "")
+    shape = "6L h512 seq256 V8192 b8 fp32"
+    if family:
+        shape += f", ffn {LLAMA_FFN} SwiGLU, {LLAMA_GROUPS} query groups"
     return [
         Result(f"train tokens/s, {label} ({shape})", "tokens/s", ours_figures, their_figures,
                peer_name=peer_name, goal=">= 1.2x transformers", notes=notes),
