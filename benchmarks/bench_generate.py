@@ -294,7 +294,7 @@ def family_results(family: str, shape: dict, peer_with_same_weights: Callable, q
     threads = f"{torch.get_num_threads()} thread(s); shared machine, noisy"
     at_limit, ours_decode = [1 / limit_s for limit_s, _ in pairs], [1 / decode_s for _, decode_s in pairs]
     torch_limit_ms, decode_ms = (statistics.median(figures[k]) for k in ("torch limit ms/token", "ours ms/token ctx64"))
-    paired = statistics.quantiles([limit_s / decode_s for limit_s, decode_s in pairs], n=4)
+    paired = statistics.quantiles([limit_s / decode_s for limit_s, decode_s in pairs], n=4, method="inclusive")
     return [
         Result(f"{family}: greedy generate tokens/s, batch 1 (64-token prompt)", "tokens/s",
                figures["ours b1 tok/s"], figures["theirs b1 tok/s"], peer_name, notes=threads),
@@ -396,7 +396,7 @@ def quantized_results(quick: bool) -> list[Result]:
         results.append(Result(f"decode tokens/s at batch 1, {name} vs fp32 (gpt-125m shape)", "tokens/s",
                               decode[name], decode["fp32"], "fp32 (C step)", goal=goal, notes=threads))
     for name in models:
-        middle = statistics.quantiles(paired[name], n=4)
+        middle = statistics.quantiles(paired[name], n=4, method="inclusive")
         results.append(Result(f"decode at batch 1 vs reading the {name} weights once (gpt-125m shape)", "x limit",
                               paired[name], goal=">= 0.85x the limit" if name != "fp32" else "",
                               notes=f"{sizes[name] / 1e6:.0f} MB a token; each decode over the read timed right "
