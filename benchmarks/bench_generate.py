@@ -58,8 +58,8 @@ class _IdTokenizer:
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError("the benchmark passes token ids")
 
-    def decode(self, ids) -> str:
-        return " ".join(map(str, ids))
+    def decode_bytes(self, ids) -> bytes:
+        return " ".join(map(str, ids)).encode()
 
 
 class _TokenClock:

@@ -129,7 +129,8 @@ class MegatronLM:
     def num_parameters(self) -> int:
         from mtnlg_cli.model.architecture import Architecture
 
-        return Architecture.from_model_config(self.config.model).parameter_count()
+        config = self.config.with_tokenizer_vocab(self.workspace.tokenizer_vocab_size())
+        return Architecture.from_model_config(config.model).parameter_count()
 
     def __repr__(self) -> str:
         from mtnlg_cli.model.architecture import human_count

@@ -64,6 +64,15 @@ class Workspace:
     def load_config(self, overrides: list[str] = ()) -> Config:
         return load_config(read_yaml(self.config_path), overrides, str(self.config_path))
 
+    def tokenizer_vocab_size(self) -> Optional[int]:
+        """The vocabulary size of the workspace tokenizer, or None before preprocess has made one. With
+        `Config.with_tokenizer_vocab` it turns `model.vocab_size: auto` into the size the model is built with."""
+        from mtnlg_cli.data.tokenizer import HF_FILE, MODEL_FILE, Tokenizer
+
+        if not any((self.tokenizer_dir / name).is_file() for name in (MODEL_FILE, HF_FILE)):
+            return None
+        return Tokenizer.load(self.tokenizer_dir).vocab_size
+
 
 def find_workspace(explicit: Optional[Path] = None, start: Optional[Path] = None) -> Workspace:
     """The workspace named by `explicit`, else by $MTNLG_WORKSPACE, else the nearest one above `start`."""

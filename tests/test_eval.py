@@ -125,7 +125,7 @@ def test_cloze_scores_last_word_greedy_accuracy_and_perplexity(trained):
     _, model, tokenizer, text = trained
     passages = [" ".join(p.split()[:8]) for p in text.split("\n\n") if len(p.split()) >= 8][:6]  # < CONTEXT tokens
     greedy_word = "It is a truth universally" + greedy_continuation(model, tokenizer, "It is a truth universally", 1)
-    items = [ev.cloze_item(p, "passage") for p in passages + [greedy_word]]
+    items = [ev.cloze_item(p, "passage", tokenizer) for p in passages + [greedy_word]]
     result = ev.evaluate_cloze(model, tokenizer, items, CONTEXT)
 
     lls, greedy = [], []
@@ -140,10 +140,11 @@ def test_cloze_scores_last_word_greedy_accuracy_and_perplexity(trained):
     assert result["perplexity"] == pytest.approx(math.exp(-sum(lls) / 7), rel=1e-5)
 
 
-def test_build_cloze_items_from_text():
+def test_build_cloze_items_from_text(trained):
+    tokenizer = trained[2]
     text = ("one two three four five six, seven eight nine ten eleven twelve \"thirteen!\"\n\n"
             "too short.\n\n" + " ".join(f"w{i}" for i in range(30)) + " ...\n")
-    items = ev.build_cloze_items(text, min_words=10)
+    items = ev.build_cloze_items(text, tokenizer, min_words=10)
     assert [it.target for it in items] == [" twelve", " w29"]
     assert items[0].context == "one two three four five six, seven eight nine ten eleven"
     assert items[1].context == " ".join(f"w{i}" for i in range(29))
@@ -168,11 +169,11 @@ def test_bad_choice_lines_name_file_and_line(tmp_path, line, message):
         ev.read_choice_items(path)
 
 
-def test_bad_cloze_and_data_files(tmp_path):
+def test_bad_cloze_and_data_files(trained, tmp_path):
     path = tmp_path / "cloze.jsonl"
     path.write_text('{"text": "two words"}\n{"text": "oneword"}\n')
     with pytest.raises(MtnlgError, match="cloze.jsonl:2: a cloze text needs at least two words"):
-        ev.read_cloze_items(path)
+        ev.read_cloze_items(path, trained[2])
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(MtnlgError, match="empty.jsonl is empty"):
@@ -296,7 +297,7 @@ def test_eval_command_scores_the_workspace_splits_and_builds_cloze_sets(trained,
                     "-o", str(tmp_path / "cloze.json"))
     assert result.exit_code == 0, result.output
     [cloze] = json.loads((tmp_path / "cloze.json").read_text())["results"].values()
-    assert cloze["items"] == len(ev.build_cloze_items(text[:20_000], min_words=15)) > 5
+    assert cloze["items"] == len(ev.build_cloze_items(text[:20_000], trained[2], min_words=15)) > 5
     assert 0 <= cloze["acc"] <= 1 and cloze["perplexity"] > 1
 
 

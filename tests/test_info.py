@@ -52,7 +52,9 @@ def test_info_reports_everything_the_workspace_holds(workspace):
     assert "no torch" in result.stderr
     info = json.loads(result.stdout)
     config = workspace.load_config()
-    assert info["model"]["parameters"] == Architecture.from_model_config(config.model).parameter_count()
+    assert config.model.vocab_size == "auto" and info["config"]["model"]["vocab_size"] == 400  # the tokenizer's
+    assert info["model"]["parameters"] == Architecture.from_model_config(
+        config.with_tokenizer_vocab(400).model).parameter_count()
     assert info["model"]["training_flops_per_token_recompute"] > info["model"]["training_flops_per_token"] > 0
     assert info["tokenizer"]["vocab_size"] == 400
     assert info["tokenizer"]["special_tokens"]["eos"] == 3
@@ -71,5 +73,6 @@ def test_info_text_on_an_empty_workspace_and_config_only(workspace):
     result = run_cli("info", cwd=workspace.root)
     assert result.returncode == 0, result.stderr
     assert "parameters" in result.stdout and "none yet" in result.stdout
+    assert "vocab auto: chosen from the corpus" in " ".join(result.stdout.split())
     result = run_cli("info", "--config", "--set", "train.lr=0.5", cwd=workspace.root)
     assert result.returncode == 0 and "lr: 0.5" in result.stdout

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
-from mtnlg_cli.commands.generate import (CheckpointOption, MaxNewTokensOption, QuantizeOption,
+from mtnlg_cli.commands.generate import (CheckpointOption, ErrorsOption, MaxNewTokensOption, QuantizeOption,
                                          RepetitionPenaltyOption, SeedOption, TemperatureOption, TopKOption,
                                          TopPOption, load_generator, quantization_asked, sampling_settings,
                                          warnings_as_notes)
@@ -25,6 +25,7 @@ def chat_command(
     repetition_penalty: RepetitionPenaltyOption = None,
     seed: SeedOption = None,
     quantize: QuantizeOption = None,
+    errors: ErrorsOption = None,
     num_processes: NumProcessesOption = 1,
     num_machines: NumMachinesOption = 1,
     machine_rank: MachineRankOption = 0,
@@ -47,7 +48,8 @@ def chat_command(
     split = split_model("chat", ws, config, checkpoint, processes,
                         quantization_asked(config, quantize))
     settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                 top_p=top_p, repetition_penalty=repetition_penalty, seed=seed)
+                                 top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
+                                 errors=errors)
     session = ChatSession(load_generator(ws, checkpoint, config, quantize, split), settings,
                           system or config.generate.system_prompt)
     with warnings_as_notes():

@@ -36,7 +36,12 @@ def eval_command(
     build_from: Annotated[Optional[Path], typer.Option(
         "--from", help="cloze: build the items from this text file (one per paragraph of at least --min-words "
         "words; the last word is the one to predict).", show_default=False)] = None,
-    min_words: Annotated[int, typer.Option("--min-words", help="cloze --from: shortest paragraph used.")] = 20,
+    min_words: Annotated[int, typer.Option("--min-words", help="cloze --from: shortest paragraph used (in text "
+                                           "without spaces, each character counts as a word).")] = 20,
+    target_chars: Annotated[Optional[int], typer.Option(
+        "--target-chars", help="cloze, text without spaces (Chinese, Japanese, Thai...): predict the last N or more "
+        "characters, from a token boundary (default 2); text with spaces predicts its last word.",
+        show_default=False)] = None,
     text_key: Annotated[str, typer.Option("--text-key", help="JSONL key holding the text.")] = "text",
     delimiter: Annotated[str, typer.Option("--delimiter", help="choice: text between the context and each "
                                            "choice (default: a space).", show_default=False)] = " ",
@@ -92,9 +97,10 @@ def eval_command(
 
 
 def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]], build_from: Optional[Path],
-              min_words: int, text_key: str, delimiter: str, context: Optional[int], stride: Optional[int],
-              batch_size: int, quantize: Optional[str], checkpoint: Optional[Path], output: Optional[Path],
-              run: Optional[str], device: Optional[str], workspace: Optional[Path], overrides: Optional[list[str]],
+              min_words: int, target_chars: Optional[int], text_key: str, delimiter: str, context: Optional[int],
+              stride: Optional[int], batch_size: int, quantize: Optional[str], checkpoint: Optional[Path],
+              output: Optional[Path], run: Optional[str], device: Optional[str], workspace: Optional[Path],
+              overrides: Optional[list[str]],
               split_run: Optional[tuple] = None) -> None:
     import torch
     from rich.console import Console
@@ -114,6 +120,9 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
                          + (" (or --from FILE.txt to build one from text)" if task is Task.cloze else ""))
     if batch_size < 1:
         raise MtnlgError(f"--batch-size {batch_size} must be positive")
+    if target_chars is not None and (task is not Task.cloze or target_chars < 1):
+        raise MtnlgError(f"--target-chars {target_chars} must be positive" if task is Task.cloze
+                         else "--target-chars applies to --task cloze only")
     run_log = _run_metrics_path(ws, run) if run is not None else None
     if output is not None and not Path(output).parent.is_dir():
         raise MtnlgError(f"cannot write {output}: no folder {Path(output).parent}")
@@ -147,7 +156,7 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
                 scored(name, lambda m, report: ev.evaluate_perplexity(
                     m, documents, tokenizer.document_start_id, context, stride, batch_size, report).metrics())
         elif task is Task.cloze:
-            for name, items in _cloze_sources(data, build_from, min_words):
+            for name, items in _cloze_sources(data, build_from, min_words, target_chars, tokenizer):
                 scored(name, lambda m, report: ev.evaluate_cloze(m, tokenizer, items, context, batch_size, report))
         else:
             for name, items in [(str(path), ev.read_choice_items(path)) for path in data]:
@@ -229,17 +238,19 @@ def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank,
                 tokens.pop()  # documents are scored after their start token, as text given with --data is
             if tokenizer.prefix_ids and tuple(tokens[:len(tokenizer.prefix_ids)]) == tokenizer.prefix_ids:
                 tokens = tokens[len(tokenizer.prefix_ids):]
-            documents.append(ev.Document(tokens, len(tokenizer.decode(tokens).encode("utf-8"))))
+            documents.append(ev.Document(tokens, len(tokenizer.decode_bytes(tokens))))
         sources.append((split, documents))
     return sources
 
 
-def _cloze_sources(data, build_from, min_words) -> list[tuple[str, list]]:
+def _cloze_sources(data, build_from, min_words, target_chars, tokenizer) -> list[tuple[str, list]]:
     from mtnlg_cli.evaluation import scoring as ev
 
-    sources = [(str(path), ev.read_cloze_items(path)) for path in data or []]
+    target_chars = ev.TARGET_CHARS if target_chars is None else target_chars
+    sources = [(str(path), ev.read_cloze_items(path, tokenizer, target_chars)) for path in data or []]
     if build_from is not None:
-        items = ev.build_cloze_items("\n\n".join(ev.read_texts(build_from)), min_words)
+        items = ev.build_cloze_items("\n\n".join(ev.read_texts(build_from)), tokenizer, min_words,
+                                     target_chars=target_chars)
         if not items:
             raise MtnlgError(f"{build_from} has no paragraph of at least {min_words} words to build a cloze item "
                              "from; lower --min-words")

@@ -17,7 +17,7 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
-from mtnlg_cli.config import Config
+from mtnlg_cli.config import AUTO_VOCAB_SIZE, Config
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.reading import read_json
 from mtnlg_cli.workspace import Workspace
@@ -32,6 +32,10 @@ def info_command(
     """Show the workspace: its resolved config (with --set overrides applied), the model's size and FLOPs, the
     tokenizer, the tokenized datasets, the checkpoints and the training runs."""
     found, config = open_workspace(workspace, overrides)
+    try:
+        config = config.with_tokenizer_vocab(found.tokenizer_vocab_size())
+    except MtnlgError:
+        pass  # an unreadable tokenizer: the tokenizer part of the summary says so
     if config_only:
         typer.echo(config.to_yaml(), nl=False)
         return
@@ -199,7 +203,7 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
     model = summary["model"]
     console.print(f"[bold]model[/] {model['parameters']:,} parameters ({human_count(model['parameters'])}); "
                   f"{model['layers']} layers, hidden {model['hidden_size']}, {model['heads']} heads, "
-                  f"seq {model['seq_length']}, vocab {model['vocab_size']} (padded {model['padded_vocab_size']})")
+                  f"seq {model['seq_length']}, vocab {_vocabulary(model)}")
     console.print(f"      training FLOPs per token: {flops(model['training_flops_per_token'])}, "
                   f"{flops(model['training_flops_per_token_recompute'])} with activation recomputation")
 
@@ -245,6 +249,13 @@ def print_summary(console: Console, summary: dict[str, Any], config: Config) -> 
         console.print(table)
     else:
         console.print("[bold]runs[/] none yet")
+
+
+def _vocabulary(model: dict[str, Any]) -> str:
+    if model["vocab_size"] == "auto":
+        return (f"auto: chosen from the corpus by mtnlg preprocess (sizes and FLOPs assume {AUTO_VOCAB_SIZE}, padded "
+                f"{model['padded_vocab_size']})")
+    return f"{model['vocab_size']} (padded {model['padded_vocab_size']})"
 
 
 def _loss(value: Any) -> str:

@@ -57,6 +57,7 @@ def plan_command(
         source = f"template {template}"
     else:
         found, config = open_workspace(workspace, overrides)
+        config = config.with_tokenizer_vocab(found.tokenizer_vocab_size())
         source = str(found.config_path)
     layout = planner.layout_from_config(config, gpus)
     cluster = planner.Cluster.build(gpus or layout.gpus, gpu, peak_tflops, gpu_memory)

@@ -146,7 +146,7 @@ def _import_weights(workspace, weights: Weights, step: Optional[int], source: st
         raise MtnlgError(f"the tokenizer has {known.vocab_size} pieces but the weights embed only "
                          f"{weights.config.vocab_size}")
 
-    config = workspace.load_config()
+    config = workspace.load_config().with_tokenizer_vocab(known.vocab_size if known else None)
     model = _model_section(config.model, weights.config, vocab_size, weights.seq_length)
     changed = [f"{f.name} {getattr(config.model, f.name)} -> {getattr(model, f.name)}"
                for f in dataclasses.fields(model) if getattr(config.model, f.name) != getattr(model, f.name)]

@@ -26,12 +26,13 @@ from typing import Optional
 
 import numpy as np
 
-from mtnlg_cli.config import Config, DataSource
+from mtnlg_cli.config import AUTO_VOCAB_SIZE, Config, DataSource
 from mtnlg_cli import atomic
 from mtnlg_cli.data.corpus import (Chunk, DocumentSpec, chunk_documents, expand_paths, file_format, read_chunks,
                                    training_sentences)
 from mtnlg_cli.data.indexed_dataset import IndexedDatasetWriter, token_dtype
-from mtnlg_cli.data.tokenizer import HF_FILE, MODEL_FILE, Tokenizer, file_hash, train_tokenizer
+from mtnlg_cli.data.tokenizer import (HF_FILE, MODEL_FILE, Tokenizer, VocabularySizeError, file_hash,
+                                      train_tokenizer)
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice, Progress, Reporter, ignore
 from mtnlg_cli.lock import WorkspaceLock
@@ -107,8 +108,10 @@ def plan_sources(workspace: Workspace, config: Config, sources: Optional[list[Da
 
 
 def check_vocab_size(tokenizer: Tokenizer, config: Config) -> None:
-    """mtnlg's own tokenizer is trained to model.vocab_size pieces; a pretrained model's embedding may have rows
-    beyond its tokenizer's vocabulary (model.vocab_size is then the embedding's size)."""
+    """mtnlg's own tokenizer is trained to model.vocab_size pieces (auto: whatever it has); a pretrained model's
+    embedding may have rows beyond its tokenizer's vocabulary (model.vocab_size is then the embedding's size)."""
+    if config.model.vocab_size == "auto":
+        return
     if tokenizer.backend != "sentencepiece":
         if tokenizer.vocab_size > config.model.vocab_size:
             raise MtnlgError(f"the workspace tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size="
@@ -166,11 +169,45 @@ def prepare_tokenizer(workspace: Workspace, config: Config, plans: list[SourcePl
                                        max_bytes=config.tokenizer.sample_bytes)
         if not sentences:
             raise MtnlgError("the corpus holds no text to train a tokenizer on")
-        tokenizer = train_tokenizer(sentences, workspace.tokenizer_dir, config.model.vocab_size,
-                                    config.tokenizer.model_type, config.tokenizer.character_coverage)
+        tokenizer = _train_for_config(sentences, workspace, config, report)
         report(Notice(f"Tokenizer: trained a {config.tokenizer.model_type} model of {tokenizer.vocab_size} pieces on "
                       f"{len(sentences):,} sentences in {time.perf_counter() - started:.1f}s -> {target}"))
     check_vocab_size(tokenizer, config)
+    return tokenizer
+
+
+# Pieces that auto adds to what a corpus's characters need, when those leave no room for AUTO_VOCAB_SIZE's merges.
+AUTO_MERGES = 1000
+
+
+def _train_for_config(sentences: list[str], workspace: Workspace, config: Config, report: Reporter) -> Tokenizer:
+    """A tokenizer of model.vocab_size pieces; for auto, of AUTO_VOCAB_SIZE pieces where the corpus allows, else of
+    a size chosen from what SentencePiece says the corpus needs or supports (with a notice saying so)."""
+    settings = (config.tokenizer.model_type, config.tokenizer.character_coverage)
+    if config.model.vocab_size != "auto":
+        return train_tokenizer(sentences, workspace.tokenizer_dir, config.model.vocab_size, *settings)
+    size, reasons = AUTO_VOCAB_SIZE, []
+    for _ in range(3):  # too few for the characters, then at most too many for the corpus: then it trains
+        try:
+            tokenizer = train_tokenizer(sentences, workspace.tokenizer_dir, size, *settings)
+            break
+        except VocabularySizeError as exc:
+            if exc.smallest is not None and exc.smallest > size:
+                multiple = config.model.make_vocab_size_divisible_by  # rows the padded embedding has anyway
+                size = -(-(exc.smallest + AUTO_MERGES) // multiple) * multiple
+                reasons.append(f"its characters need {exc.smallest:,}, so {AUTO_MERGES:,} more for merged pieces, "
+                               f"rounded up to a multiple of {multiple}")
+            elif exc.largest is not None and exc.largest < size:
+                reasons.append(f"it supports at most {exc.largest:,}")
+                size = exc.largest
+            else:
+                raise
+    else:
+        raise MtnlgError(f"could not choose a vocabulary size for this corpus (last tried {size:,}); set "
+                         "model.vocab_size")
+    if reasons:
+        report(Notice(f"Tokenizer: model.vocab_size is auto and this corpus gets {tokenizer.vocab_size:,} pieces, "
+                      f"not {AUTO_VOCAB_SIZE:,}: {'; then '.join(reasons)}"))
     return tokenizer
 
 

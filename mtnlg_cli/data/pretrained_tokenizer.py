@@ -17,8 +17,10 @@ Text is encoded without special tokens; `prefix_ids` and `eos_id` frame a docume
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from mtnlg_cli.data.tokenizer import HF_FILE, Tokenizer, file_hash
 from mtnlg_cli.errors import MtnlgError
@@ -153,6 +155,21 @@ class PretrainedTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=False)
 
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """`decode` before its bytes become text (see `Tokenizer.decode_bytes`): the decoder of `tokenizer.json`
+        replayed on each token's bytes, with byte tokens kept as bytes. The decoders that language models use are
+        replayed (byte-level, SentencePiece-style pieces with byte fallback, Metaspace); with any other, this is
+        `decode`'s text, as bytes."""
+        if not hasattr(self, "_decoder_steps"):
+            self._decoder_steps = _decoder_steps(json.loads(self.tokenizer.to_str()).get("decoder"))
+        ids = list(ids)
+        if self._decoder_steps is None:
+            return self.decode(ids).encode()
+        tokens = [self.tokenizer.id_to_token(i).encode() for i in ids]
+        for step in self._decoder_steps:
+            tokens = step(tokens)
+        return b"".join(tokens)
+
     def info(self) -> dict:
         special = {name.removesuffix("_token"): self.tokenizer.token_to_id(text)
                    for name, text in self.token_texts.items()}
@@ -180,3 +197,60 @@ def _chat_template(folder: Path, config: dict[str, Any]) -> Optional[str]:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     return template if isinstance(template, str) and template else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoders replayed on bytes, as the `tokenizers` library runs them on strings.
+
+Step = Callable[[list[bytes]], list[bytes]]
+
+
+def _byte_level_characters() -> dict[str, int]:
+    """GPT-2's map from the printable character that stands for each byte in a byte-level token to that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = (b for b in range(256) if b not in printable)
+    return {**{chr(b): b for b in printable}, **{chr(256 + n): b for n, b in enumerate(others)}}
+
+
+def _decoder_steps(decoder: Optional[dict]) -> Optional[list[Step]]:
+    """The steps of a tokenizer.json decoder, on tokens as bytes; None where one of them is not replayed here."""
+    if decoder is None:  # the library joins the tokens with spaces
+        return [lambda tokens: [b" ".join(tokens)]]
+    kind = decoder.get("type")
+    if kind == "Sequence":
+        steps = [_decoder_steps(inner) for inner in decoder.get("decoders", [])]
+        return None if None in steps else [step for inner in steps for step in inner]
+    if kind == "ByteLevel":
+        characters = _byte_level_characters()
+
+        def byte_level(token: bytes) -> bytes:  # a token with a character outside the map stays as it is
+            text = token.decode()
+            return bytes(characters[c] for c in text) if all(c in characters for c in text) else token
+        return [lambda tokens: [byte_level(t) for t in tokens]]
+    if kind == "ByteFallback":
+        def byte(token: bytes) -> bytes:
+            match = re.fullmatch(rb"<0x([0-9A-Fa-f]{2})>", token)
+            return bytes([int(match[1], 16)]) if match else token
+        return [lambda tokens: [byte(t) for t in tokens]]
+    if kind == "Fuse":
+        return [lambda tokens: [b"".join(tokens)]]
+    if kind == "Replace" and "String" in decoder.get("pattern", {}):
+        old, new = decoder["pattern"]["String"].encode(), decoder["content"].encode()
+        return [lambda tokens: [t.replace(old, new) for t in tokens]]
+    if kind == "Strip" and not decoder.get("stop"):  # cutting the end would change bytes already handed out
+        content, start = decoder["content"].encode(), decoder["start"]
+
+        def strip(token: bytes) -> bytes:
+            for _ in range(start):
+                if not token.startswith(content):
+                    break
+                token = token[len(content):]
+            return token
+        return [lambda tokens: [strip(t) for t in tokens]]
+    if kind == "Metaspace":  # the first token loses its replacement characters (the prefix space) unless never
+        replacement = decoder.get("replacement", "\u2581").encode()
+        first = b"" if decoder.get("prepend_scheme", "always" if decoder.get("add_prefix_space", True) else "never"
+                                   ) != "never" else b" "
+        return [lambda tokens: [t.replace(replacement, first if i == 0 else b" ") for i, t in enumerate(tokens)]]
+    return None

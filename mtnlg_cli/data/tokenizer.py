@@ -98,6 +98,12 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str:
         """The text of `ids`; `decode(encode(text)) == text` for any text."""
 
+    @abstractmethod
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """The UTF-8 bytes that `decode` makes its text of, before it does: byte tokens give their bytes as they
+        are, so a character cut across tokens, or bytes that form none, reach the caller (where `decode` shows
+        U+FFFD). Appending ids only appends bytes: `decode_bytes(a + b)` starts with `decode_bytes(a)`."""
+
     @property
     def document_start_id(self) -> int:
         """The token that scoring puts before a document's first: the last of `prefix_ids` where the model's
@@ -174,6 +180,48 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode(list(ids))
 
+    def decode_bytes(self, ids: Iterable[int]) -> bytes:
+        """As SentencePiece's decoder does, drops the space that begins the first piece; bytes on both sides of a
+        control token (which has none) join, where SentencePiece ends a run of byte pieces."""
+        surfaces, spaced, drop_first_space, drop_all_first_spaces = self._decoding_table()
+        out = bytearray()
+        at_start, dropped = True, False  # SentencePiece's is_bos_ws and bos_ws_seen
+        for i in ids:
+            surface = surfaces[i]
+            if type(surface) is int:  # a byte piece
+                out.append(surface)
+                continue
+            at_start = at_start and not dropped and not out
+            if at_start and spaced[i] and drop_first_space:
+                out += surface[1:]
+                dropped = not drop_all_first_spaces
+            else:
+                out += surface
+                dropped = False
+        return bytes(out)
+
+    def _decoding_table(self) -> tuple[list, list, bool, bool]:
+        """For `decode_bytes`: each id's bytes (an int for a byte piece), whether it is a text piece that begins
+        with a space, and the model's rules for leading spaces; built once (milliseconds for 50,000 pieces)."""
+        if not hasattr(self, "_decoding"):
+            from sentencepiece import sentencepiece_model_pb2
+
+            sp = self.sp
+            unknown = sp.decode([sp.unk_id()]).encode()  # the model's surface for <unk>, " \u2047 " by default
+            surfaces, spaced = [], []
+            for i in range(sp.get_piece_size()):
+                piece = sp.id_to_piece(i)
+                text = not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))
+                surfaces.append(int(piece[3:5], 16) if sp.is_byte(i) else b"" if sp.is_control(i)  # "<0xE4>"
+                                else unknown if sp.is_unknown(i) else piece.replace("\u2581", " ").encode())
+                spaced.append(text and piece.startswith("\u2581"))
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(sp.serialized_model_proto())
+            normalizer = proto.normalizer_spec
+            self._decoding = (surfaces, spaced, normalizer.add_dummy_prefix or normalizer.remove_extra_whitespaces,
+                              normalizer.remove_extra_whitespaces)
+        return self._decoding
+
     def info(self) -> dict:
         return {
             "backend": self.backend,
@@ -216,21 +264,33 @@ def train_tokenizer(sentences: Iterable[str], out_dir: Path, vocab_size: int, mo
             minloglevel=2,
         )
     except RuntimeError as exc:
-        raise MtnlgError(_training_error(str(exc), vocab_size)) from None
+        raise _training_error(str(exc), vocab_size) from None
     atomic.write_bytes(out_dir / MODEL_FILE, buffer.getvalue())
     tokenizer = SentencePieceTokenizer(out_dir / MODEL_FILE, file_hash(out_dir / MODEL_FILE))
     tokenizer.save_info(out_dir)
     return tokenizer
 
 
-def _training_error(message: str, vocab_size: int) -> str:
+class VocabularySizeError(MtnlgError):
+    """The corpus cannot make a vocabulary of the size asked for: it needs at least `smallest` pieces (its
+    characters, the byte pieces and the special tokens), or supports at most `largest`."""
+
+    def __init__(self, message: str, smallest: Optional[int] = None, largest: Optional[int] = None):
+        super().__init__(message)
+        self.smallest, self.largest = smallest, largest
+
+
+def _training_error(message: str, vocab_size: int) -> MtnlgError:
     """SentencePiece's training failures, in terms of the config key the user can change."""
     too_high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
     if too_high:
-        return (f"model.vocab_size={vocab_size} is larger than this corpus supports (at most {too_high[2]}); "
-                "lower model.vocab_size or add text")
+        return VocabularySizeError(f"model.vocab_size={vocab_size} is larger than this corpus supports (at most "
+                                   f"{too_high[2]}); lower model.vocab_size (or set it to auto) or add text",
+                                   largest=int(too_high[2]))
     too_low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
     if too_low:
-        return (f"model.vocab_size={vocab_size} is smaller than the {too_low[2]} characters and special tokens "
-                "this corpus needs; raise model.vocab_size or lower tokenizer.character_coverage")
-    return f"SentencePiece could not train a tokenizer: {message.splitlines()[0] if message else 'unknown error'}"
+        return VocabularySizeError(f"model.vocab_size={vocab_size} is smaller than the {too_low[2]} characters and "
+                                   "special tokens this corpus needs; raise model.vocab_size (or set it to auto) "
+                                   "or lower tokenizer.character_coverage", smallest=int(too_low[2]))
+    return MtnlgError(f"SentencePiece could not train a tokenizer: "
+                      f"{message.splitlines()[0] if message else 'unknown error'}")

@@ -11,7 +11,10 @@ with `mtnlg_cli.evaluation.lm_eval_adapter`):
   reach, so every token is scored once, with at least `context - stride` tokens of context. Bits per byte is the
   total negative log-likelihood in bits over the UTF-8 bytes of the text, which does not depend on the tokenizer.
 - Cloze (LAMBADA): the context is the text up to the last space, the target the space and the last word.
-  Accuracy counts items whose target tokens are all greedy; perplexity is exp(-mean log p(target)).
+  Text that ends in a script written without spaces (Chinese, Japanese, Thai, ...) has no such word: there the
+  target is the shortest end of the text that holds at least `target_chars` letters or digits (fewer when the
+  last word has fewer) and starts at a token boundary (where the tokenizer splits the whole text anyway), so
+  context and target tokens are the text's own. Accuracy counts items whose target tokens are all greedy; perplexity is exp(-mean log p(target)).
 - Multiple choice: each choice is scored as `delimiter + choice` after the context; `acc` takes the most likely
   choice, `acc_norm` the most likely per character of the choice.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -239,7 +243,7 @@ def pair_span(context_ids: Sequence[int], continuation_ids: Sequence[int], conte
 @dataclass
 class ClozeItem:
     context: str
-    target: str  # the space and the last word
+    target: str  # the space and the last word, or the last characters of text without spaces
 
 
 @dataclass
@@ -249,12 +253,45 @@ class ChoiceItem:
     label: int
 
 
-def cloze_item(text: str, where: str) -> ClozeItem:
+# Scripts written without spaces between words: Thai, Lao, Tibetan, Myanmar, Khmer, kana, Han (with its extensions
+# and compatibility ideographs) and half-width katakana. In them a "word" is a character.
+UNSPACED_SCRIPTS = ("\u0e00-\u0fff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff"
+                    "\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003134f")
+UNSPACED_CHARACTER = re.compile(f"[{UNSPACED_SCRIPTS}]")
+# A word: one character of those scripts, or a run of other characters between spaces.
+WORD = re.compile(f"[{UNSPACED_SCRIPTS}]|[^\\s{UNSPACED_SCRIPTS}]+")
+TARGET_CHARS = 2  # cloze, unspaced text: letters to predict at least (most Chinese words have one to three)
+
+
+def cloze_item(text: str, where: str, tokenizer, target_chars: int = TARGET_CHARS) -> ClozeItem:
+    """The text split into context and target (see the module docstring): at the last space, or, when the last
+    word is in a script written without spaces, at the last token boundary that leaves `target_chars` letters or
+    digits (or all of the last word's, when it has fewer)."""
     text = text.rstrip()
+    words = text.rsplit(None, 1)
+    if words and UNSPACED_CHARACTER.search(words[-1]):
+        return _character_cloze_item(text, where, tokenizer, min(target_chars, sum(map(str.isalnum, words[-1]))))
     cut = text.rfind(" ")
     if cut <= 0 or not text[:cut].strip():
         raise MtnlgError(f"{where}: a cloze text needs at least two words separated by a space")
     return ClozeItem(text[:cut], text[cut:])
+
+
+def _character_cloze_item(text: str, where: str, tokenizer, target_chars: int) -> ClozeItem:
+    target_chars = max(1, target_chars)
+    ids = tokenizer.encode(text)
+    letters = 0  # letters and digits from `cut` on
+    for cut in range(len(text) - 1, 0, -1):
+        letters += text[cut].isalnum()
+        context = text[:cut].rstrip()  # encode_pair moves the spaces between context and target to the target
+        if not context:
+            break
+        if letters < target_chars or unicodedata.category(text[cut]).startswith("M"):
+            continue  # a combining mark belongs to the character before it
+        context_ids = tokenizer.encode(context)
+        if ids[:len(context_ids)] == context_ids:
+            return ClozeItem(text[:cut], text[cut:])
+    raise MtnlgError(f"{where}: a cloze text needs some context before the characters to predict")
 
 
 def evaluate_cloze(model: torch.nn.Module, tokenizer, items: Sequence[ClozeItem], context: int,
@@ -354,8 +391,9 @@ def read_texts(path: Path, text_key: str = "text") -> list[str]:
     return texts
 
 
-def read_cloze_items(path: Path) -> list[ClozeItem]:
-    return [cloze_item(_field(record, "text", str, where), where) for where, record in read_jsonl(path)]
+def read_cloze_items(path: Path, tokenizer, target_chars: int = TARGET_CHARS) -> list[ClozeItem]:
+    return [cloze_item(_field(record, "text", str, where), where, tokenizer, target_chars)
+            for where, record in read_jsonl(path)]
 
 
 def read_choice_items(path: Path) -> list[ChoiceItem]:
@@ -373,21 +411,23 @@ def read_choice_items(path: Path) -> list[ChoiceItem]:
     return items
 
 
-def build_cloze_items(text: str, min_words: int = 20, max_words: int = 200) -> list[ClozeItem]:
+def build_cloze_items(text: str, tokenizer, min_words: int = 20, max_words: int = 200,
+                      target_chars: int = TARGET_CHARS) -> list[ClozeItem]:
     """A LAMBADA-like cloze set from running text: one item per paragraph of at least `min_words` words.
 
     Each item is the paragraph's text (whitespace collapsed, at most `max_words` words) up to its last word that
-    starts with a letter or digit, which is the word to predict; punctuation after that word is dropped.
+    starts with a letter or digit, which holds the target (see `cloze_item`); punctuation after that word is
+    dropped. Each character of a script written without spaces counts as a word.
     """
     items = []
     for paragraph in re.split(r"\n\s*\n", text):
-        words = paragraph.split()[:max_words]
-        while words and not re.match(r"\w", words[-1]):
+        words = [match.span() for match in WORD.finditer(paragraph)][:max_words]
+        while words and not re.match(r"\w", paragraph[words[-1][0]:]):
             words.pop()
         if len(words) < min_words:
             continue
-        last = re.match(r"^(.*?\w)\W*$", words[-1])
-        words[-1] = last.group(1)
-        passage = " ".join(words)
-        items.append(cloze_item(passage, "paragraph"))
+        start, end = words[-1]
+        end = start + len(re.match(r"^(.*?\w)\W*$", paragraph[start:end]).group(1))
+        passage = re.sub(r"\s+", " ", paragraph[words[0][0]:end])
+        items.append(cloze_item(passage, "paragraph", tokenizer, target_chars))
     return items

@@ -320,6 +320,8 @@ def _apply_setting(settings: SamplingSettings, assignment: str) -> SamplingSetti
         raise MtnlgError(f"/set takes KEY=VALUE with KEY one of: {', '.join(kinds)}")
     if key == "stop":
         value = [raw] if raw else []
+    elif key == "errors":
+        value = raw.strip()
     elif key == "seed" and raw.strip().lower() in ("", "none", "null"):
         value = None
     else:

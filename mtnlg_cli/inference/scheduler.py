@@ -156,7 +156,7 @@ class _Running:
         self.tokens = list(prompt)  # the prompt and what was generated; the last one is fed at the next step
         self.prompt_tokens = len(prompt)
         self.sampler = Sampler(request.settings, tokenizer, [prompt], device)
-        self.stream = TextStream(tokenizer, prompt, request.settings.stop)
+        self.stream = TextStream(tokenizer, prompt, request.settings.stop, request.settings.errors)
         self.stop_ids = (request.stop_token_ids if request.stop_token_ids is not None
                          else frozenset([tokenizer.eos_id]))
         self.logprobs: list[TokenLogprob] = []

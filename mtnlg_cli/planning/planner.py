@@ -339,6 +339,9 @@ def make_plan(config: Config, layout: Layout, cluster: Cluster, mfu: float = DEF
     if layout.tensor > cluster.gpus_per_node:
         notes.append(f"TP={layout.tensor} spans more than one {cluster.gpus_per_node}-GPU node: its all-reduces "
                      "cross the slower inter-node network")
+    if m.vocab_size == "auto":
+        notes.append(f"model.vocab_size is auto: the figures assume {m.known_vocab_size} pieces until preprocess "
+                     "chooses the size from the corpus")
     if bubble > 0.25:
         notes.append(f"the pipeline bubble is {bubble:.0%} of compute: more micro-batches per pipeline "
                      "(a larger global batch or a smaller micro-batch) shrink it")

@@ -131,6 +131,8 @@ class Trainer:
             ensure_datasets(self.workspace, self.config, self.report)
         self.runtime.barrier()
         tokenizer = Tokenizer.load(self.workspace.tokenizer_dir)
+        self.config = self.config.with_tokenizer_vocab(tokenizer.vocab_size)  # auto is the tokenizer's size
+        self.architecture = Architecture.from_model_config(self.config.model)
         if tokenizer.vocab_size > self.architecture.vocab_size:
             raise MtnlgError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model's embedding has "
                              f"{self.architecture.vocab_size}; set model.vocab_size={tokenizer.vocab_size}")
