@@ -153,8 +153,8 @@ def test_generation_of_left_padded_rows_equals_each_row_alone(monkeypatch):
         def prompt_ids(self, text):
             return [int(t) for t in text.split()]
 
-        def decode(self, ids):
-            return "".join(f" {i}" for i in ids)
+        def decode_bytes(self, ids):
+            return "".join(f" {i}" for i in ids).encode()
 
     torch.manual_seed(2)
     model = GPT(architecture(**OPTIONS["llama"])).eval()
