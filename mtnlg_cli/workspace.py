@@ -67,11 +67,10 @@ class Workspace:
     def tokenizer_vocab_size(self) -> Optional[int]:
         """The vocabulary size of the workspace tokenizer, or None before preprocess has made one. With
         `Config.with_tokenizer_vocab` it turns `model.vocab_size: auto` into the size the model is built with."""
-        from mtnlg_cli.data.tokenizer import HF_FILE, MODEL_FILE, Tokenizer
+        from mtnlg_cli.data.preprocess import workspace_tokenizer
 
-        if not any((self.tokenizer_dir / name).is_file() for name in (MODEL_FILE, HF_FILE)):
-            return None
-        return Tokenizer.load(self.tokenizer_dir).vocab_size
+        tokenizer = workspace_tokenizer(self)
+        return tokenizer.vocab_size if tokenizer is not None else None
 
 
 def find_workspace(explicit: Optional[Path] = None, start: Optional[Path] = None) -> Workspace:
