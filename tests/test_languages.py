@@ -107,6 +107,29 @@ def test_readme_commands_train_and_generate_chinese_with_a_vocabulary_chosen_fro
     assert len(HAN.findall(text)) >= 10 and "\ufffd" not in text
 
 
+def test_memory_check_before_training_sizes_an_auto_vocabulary_as_the_tokenizer_made_it(chinese, monkeypatch):
+    from mtnlg_cli.data.tokenizer import Tokenizer
+    from mtnlg_cli.training import memory
+    from mtnlg_cli.training.trainer import train
+    from mtnlg_cli.workspace import Workspace
+
+    class Checked(Exception):
+        pass
+
+    checked = []
+
+    def check_memory(config, *args):
+        checked.append(config.model.vocab_size)
+        raise Checked
+
+    monkeypatch.setattr(memory, "check_memory", check_memory)
+    workspace = Workspace(chinese[0])
+    with pytest.raises(Checked):
+        train(workspace, workspace.load_config())
+    assert workspace.load_config().model.vocab_size == "auto"
+    assert checked == [Tokenizer.load(workspace.tokenizer_dir).vocab_size] and checked[0] > AUTO_VOCAB_SIZE
+
+
 def test_explicit_vocab_size_too_small_or_too_large_stays_an_error(tmp_path, shared_data):
     for corpus, size, message in ((han_corpus(shared_data), 4000, r"model.vocab_size=4000 is smaller than the "
                                    r"[\d,]+ characters and special tokens this corpus needs"),

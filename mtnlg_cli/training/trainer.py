@@ -72,7 +72,9 @@ def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None
     try:
         if check_memory:
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
-            memory.check_memory(config, runtime.world_size, local_processes, runtime.device)
+            # auto: the existing tokenizer's size (the trainer resolves it again after preprocess has run)
+            memory.check_memory(config.with_tokenizer_vocab(workspace.tokenizer_vocab_size()), runtime.world_size,
+                                local_processes, runtime.device)
         if runtime.is_main:
             with WorkspaceLock(workspace.root, "training"):
                 return Trainer(workspace, config, runtime, report).run(resume, from_scratch)
