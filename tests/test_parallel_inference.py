@@ -50,8 +50,8 @@ class Ids:
     def prompt_ids(self, text):
         return [int(t) for t in text.split()]
 
-    def decode(self, ids):
-        return "".join(f" {i}" for i in ids)
+    def decode_bytes(self, ids):
+        return "".join(f" {i}" for i in ids).encode()
 
 
 PROMPTS = [" ".join(str(2 + (7 * row + 3 * i) % 250) for i in range(length))
