@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mtnlg_cli.config import ModelConfig
+from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.model.gpt import GPT, linear_cross_entropy
-from mtnlg_cli.model.architecture import Architecture
-from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.workspace import template_config, template_names
 
 
