@@ -9,14 +9,15 @@
 A `MegatronLM` works on a workspace, as every command does: `workspace=DIR` creates one there, else it lives in a
 temporary folder removed with the object (`save(DIR)` keeps it). Keyword options are config keys, found in the
 section that has them (`lr=3e-4` is `train.lr`, `seq_length=...` is `model.seq_length`); a key that more than one
-section has takes the first (model, tokenizer, data, train, parallel, generate) and `SECTION_KEY` names another
+section has takes the first (model, tokenizer, data, train, parallel, generate, finetune) and `SECTION_KEY` names another
 (`generate_seed=1`). The constructor writes its options into the new workspace's mtnlg.yaml, so
 `mtnlg train -w DIR` sees the same model; `from_workspace(DIR, **options)` applies them to this object only, as
 `--set` does for one command.
 
 train() runs preprocess (incremental: only what changed is tokenized) and then the trainer, which resumes from the
-workspace's latest checkpoint; generate(), evaluate() and chat() use the latest checkpoint with the workspace's
-tokenizer through the generation, evaluation and chat cores that `mtnlg generate`, `eval` and `chat` use.
+workspace's latest checkpoint; finetune(examples, method="lora") fine-tunes it as `mtnlg finetune` does;
+generate(), evaluate() and chat() use the latest checkpoint with the workspace's tokenizer through the generation,
+evaluation and chat cores that `mtnlg generate`, `eval` and `chat` use.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mtnlg_cli.workspace import CONFIG_NAME, DEFAULT_TEMPLATE, Workspace, find_w
 ALIASES = {"gpt2": DEFAULT_TEMPLATE, "gpt": DEFAULT_TEMPLATE, "megatron": DEFAULT_TEMPLATE,
            "megatron-gpt": DEFAULT_TEMPLATE}
 API_DATA_FILE = "data/api/documents.jsonl"
+API_FINETUNE_FILE = "data/api/finetune.jsonl"
 API_BATCH_ROWS = 32  # prompts of one generate() call decoding together at most
 
 Data = Union[str, os.PathLike, Sequence[str]]
@@ -171,6 +173,46 @@ class MegatronLM:
         self._chat_session = None
         return result
 
+    def finetune(self, data: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]], Sequence[dict]],
+                 method: Optional[str] = None, *, base: Optional[os.PathLike | str] = None, **options: Any):
+        """Fine-tunes the latest checkpoint on examples (as `mtnlg finetune`), after which generate() and chat()
+        use the fine-tuned model.
+
+        `data`: a JSONL file or a list of them, or the examples themselves as a list of dicts in any of the formats
+        ({"messages": [...]}, {"prompt", "completion"}, {"instruction", "input", "output"}, {"document",
+        "summary"}). `method`: "full" or "lora" (default: finetune.method). `options`: config keys for this call,
+        the finetune section's first (lora_rank=16, epochs=3, packing=False), then the others (lr=1e-4,
+        train_iters=100). Returns the trainer's TrainResult.
+        """
+        from mtnlg_cli.finetune.trainer import finetune
+
+        overrides = [f"finetune.method={json.dumps(method)}"] if method is not None else []
+        finetune_keys = _section_keys()["finetune"]
+        for name, value in options.items():
+            key = f"finetune.{name}" if name in finetune_keys else config_key(name)
+            overrides.append(f"{key}={json.dumps(value, default=str)}")
+        config = self.workspace.load_config(self._overrides + self._data_override + overrides)
+        with self._reporter() as report:
+            result = finetune(self.workspace, config, self._finetune_files(data),
+                              base=Path(base).expanduser().absolute() if base is not None else None, report=report)
+        self._loaded = None
+        self._chat_session = None
+        return result
+
+    def _finetune_files(self, data) -> list[Path]:
+        if isinstance(data, (str, os.PathLike)):
+            data = [data]
+        items = list(data) if isinstance(data, Iterable) else []
+        if items and all(isinstance(item, dict) for item in items):
+            target = self.workspace.resolve(API_FINETUNE_FILE)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
+            write_bytes_atomically(target, lines.encode("utf-8"))
+            return [target]
+        if not items or not all(isinstance(item, (str, os.PathLike)) for item in items):
+            raise MtnlgError("data must be a JSONL file, a list of them, or a non-empty list of example dicts")
+        return [Path(item).expanduser().absolute() for item in items]
+
     def _data_source(self, data: Data) -> dict[str, str]:
         if isinstance(data, (str, os.PathLike)):
             path = Path(data).expanduser().absolute()
@@ -291,7 +333,7 @@ class MegatronLM:
     def save(self, directory: os.PathLike | str, overwrite: bool = False) -> Path:
         """Writes a workspace that `from_pretrained(directory)` (or any mtnlg command) opens: the config with this
         object's options, the tokenizer and the latest checkpoint. Returns its path."""
-        from mtnlg_cli.checkpoint import LATEST, held_checkpoint
+        from mtnlg_cli.checkpoint import LATEST, adapter_bases, held_checkpoint
 
         target = Path(directory).expanduser().absolute()
         if target.exists() and any(target.iterdir()) and not overwrite:
@@ -304,6 +346,9 @@ class MegatronLM:
             shutil.copytree(self.workspace.tokenizer_dir, staging / "tokenizer")
             checkpoints = staging / "checkpoints"
             shutil.copytree(checkpoint.path, checkpoints / checkpoint.path.name)
+            for base in adapter_bases(checkpoint.path):  # a LoRA fine-tune's adapters need the weights they adapt
+                if base.parent.resolve() == checkpoint.path.parent.resolve():
+                    shutil.copytree(base, checkpoints / base.name, dirs_exist_ok=True)
             atomic.point_symlink(checkpoints / LATEST, checkpoint.path.name)
             for sub in ("data/raw", "data/tokenized", "runs"):
                 atomic.make_folders(staging / sub)

@@ -141,25 +141,60 @@ def step_of(path: Path) -> int:
 
 def prune(root: Path, keep_last: int, prunable: Callable[[int], bool] = lambda step: True) -> None:
     """Deletes all but the newest `keep_last` checkpoints, keeping `latest`, those whose step `prunable` refuses,
-    and those a reader holds (until a later prune)."""
+    those a reader holds (until a later prune), and the base checkpoints that the kept ones need (a LoRA
+    fine-tune's checkpoint holds only its adapters)."""
+    found = list_checkpoints(root)
     latest = latest_checkpoint(root)
-    for path in list_checkpoints(root)[:-keep_last]:
-        if (latest is None or path.name != latest.name) and prunable(step_of(path)):
-            _remove_unless_held(path)
+    kept = found[-keep_last:] + [path for path in found[:-keep_last]
+                                 if (latest is not None and path.name == latest.name) or not prunable(step_of(path))]
+    needed = {path.name for path in kept}
+    for path in kept:
+        needed.update(base.name for base in adapter_bases(path) if base.parent.resolve() == root.resolve())
+    for path in reversed(found[:-keep_last]):  # newest first: a held adapter checkpoint keeps its bases
+        if path.name in needed:
+            continue
+        if not _remove_unless_held(path):
+            needed.update(base.name for base in adapter_bases(path))
 
 
-def _remove_unless_held(path: Path) -> None:
+def _remove_unless_held(path: Path) -> bool:
+    """Deletes checkpoint folder `path` unless a reader holds it; True if it is gone."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
-        return
+        return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         remove_folder(path)
+        return True
     except BlockingIOError:  # a reader holds it
-        pass
+        return False
     finally:
         os.close(fd)
+
+
+def adapter_bases(path: Path) -> list[Path]:
+    """The checkpoints whose weights the adapters in checkpoint `path` apply to: its base, that one's base, ...
+    (none for a checkpoint that holds its whole model)."""
+    bases = []
+    while True:
+        try:
+            state = read_json(path / STATE_FILE, "the checkpoint state")
+        except MtnlgError:
+            return bases
+        base = adapter_base(path, state) if isinstance(state, dict) else None
+        if base is None or base in bases or len(bases) > 100:
+            return bases
+        bases.append(base)
+        path = base
+
+
+def adapter_base(path: Path, state: dict[str, Any]) -> Optional[Path]:
+    """The base checkpoint of an adapter checkpoint (state.json's `finetune`), else None."""
+    finetune = state.get("finetune")
+    if not isinstance(finetune, dict) or finetune.get("method") != "lora" or not isinstance(finetune.get("base"), str):
+        return None
+    return path.parent / finetune["base"]
 
 
 def latest_checkpoint(root: Path) -> Optional[Path]:
@@ -212,7 +247,7 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
     from mtnlg_cli.model.gpt import GPT
 
     config = checkpoint.architecture()
-    weights = checkpoint.tensors("model", device)
+    weights = model_tensors(checkpoint, device)
     check_weights(config.state_dict_shapes(), weights, str(checkpoint.path))  # before allocating the model
     damaged = next((name for name, tensor in weights.items() if not torch.isfinite(tensor).all()), None)
     if damaged is not None:  # training never saves such weights; they would only make NaN logits
@@ -228,6 +263,16 @@ def load_model(checkpoint: Checkpoint, device: str | torch.device = "cpu"):
 def damaged_weights(checkpoint: Checkpoint, name: str) -> MtnlgError:
     return MtnlgError(f"{checkpoint.path / 'model.safetensors'} is damaged: tensor {name} holds NaN or infinite "
                       "values")
+
+
+def model_tensors(checkpoint: Checkpoint, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: its `model.safetensors`, or for a LoRA fine-tune its base checkpoint's
+    weights with its adapters merged in."""
+    if adapter_base(checkpoint.path, checkpoint.state) is not None:
+        from mtnlg_cli.finetune.lora import merged_weights
+
+        return merged_weights(checkpoint, device)
+    return checkpoint.tensors("model", device)
 
 
 def check_weights(expected: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], source: str) -> None:

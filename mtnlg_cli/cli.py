@@ -12,13 +12,13 @@ from typing import Annotated, Optional
 import typer
 
 from mtnlg_cli import __version__
-from mtnlg_cli.commands import chat, convert, eval, generate, info, init, plan, preprocess, serve, train
+from mtnlg_cli.commands import chat, convert, eval, finetune, generate, info, init, plan, preprocess, serve, train
 from mtnlg_cli.errors import MtnlgError
 
 app = typer.Typer(
     name="mtnlg",
     help="Take a GPT-style (Megatron-Turing NLG) language model through its life: init, preprocess, train, "
-         "eval, generate, chat, serve, convert.",
+         "finetune, eval, generate, chat, serve, convert.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=True,
@@ -31,6 +31,7 @@ _PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 app.command("init")(init.init_command)
 app.command("preprocess", context_settings=_PASS_THROUGH)(preprocess.preprocess_command)
 app.command("train", context_settings=_PASS_THROUGH)(train.train_command)
+app.command("finetune")(finetune.finetune_command)
 app.command("eval", context_settings=_PASS_THROUGH)(eval.eval_command)
 app.command("generate", context_settings=_PASS_THROUGH)(generate.generate_command)
 app.command("chat", context_settings=_PASS_THROUGH)(chat.chat_command)

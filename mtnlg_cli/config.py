@@ -217,6 +217,27 @@ class GenerateConfig(SamplingSettings):
     )
 
 
+# The linear layers of a block that LoRA can adapt, by their role (their name inside the block)
+LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.gate", "mlp.fc", "mlp.proj")
+
+
+@dataclass
+class FinetuneConfig:
+    """`mtnlg finetune`: supervised fine-tuning on conversations and instructions (the schedule is `train`'s)."""
+
+    data: list[str] = field(default_factory=list)  # JSONL files, relative to the workspace
+    method: Literal["full", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_targets: Optional[list[str]] = None  # roles from LORA_TARGETS; None: every linear layer of the blocks
+    train_on_prompt: bool = False  # false: the loss counts only the assistant's tokens and its turns' end tokens
+    packing: bool = True  # several examples share a row (attention never crosses between them)
+    epochs: Optional[float] = None  # passes over the examples; None: train.train_iters steps
+    truncate: bool = False  # cut examples longer than model.seq_length instead of refusing them
+    skip_bad_lines: bool = False  # skip (and count) malformed or unusable examples instead of stopping
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -225,6 +246,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> "Config":
         """Checks that involve more than one key, or a range. Raises ConfigError naming the key."""
@@ -302,6 +324,7 @@ class Config:
         for name, style in g.prompt_styles.items():
             if "{text}" not in style:
                 raise ConfigError(f"generate.prompt_styles.{name} must contain {{text}}")
+        _check_finetune(self.finetune, m)
         return self
 
     def with_tokenizer_vocab(self, tokenizer_vocab_size: Optional[int]) -> "Config":
@@ -346,6 +369,28 @@ def _check_architecture_options(m: ModelConfig) -> None:
         if scaling.high_freq_factor <= scaling.low_freq_factor:
             raise ConfigError(f"model.rope_scaling.high_freq_factor={scaling.high_freq_factor} must be larger than "
                               f"model.rope_scaling.low_freq_factor={scaling.low_freq_factor}")
+
+
+def _check_finetune(f: FinetuneConfig, m: ModelConfig) -> None:
+    _positive("finetune.lora_rank", f.lora_rank)
+    _positive("finetune.lora_alpha", f.lora_alpha)
+    if not 0.0 <= f.lora_dropout < 1.0:
+        raise ConfigError(f"finetune.lora_dropout={f.lora_dropout} must be in [0, 1)")
+    if f.epochs is not None:
+        _positive("finetune.epochs", f.epochs)
+    if f.lora_targets is not None:
+        if not f.lora_targets:
+            raise ConfigError("finetune.lora_targets is empty: name at least one of " + ", ".join(LORA_TARGETS))
+        for target in f.lora_targets:
+            if target not in LORA_TARGETS:
+                raise ConfigError(f"finetune.lora_targets: {target!r} is not a linear layer of a block; choose from: "
+                                  + ", ".join(LORA_TARGETS))
+        if "mlp.gate" in f.lora_targets and not m.swiglu:
+            raise ConfigError("finetune.lora_targets names mlp.gate, which only a SwiGLU model (model.swiglu=true) "
+                              "has")
+    for i, path in enumerate(f.data):
+        if not path.strip():
+            raise ConfigError(f"finetune.data.{i} is empty: name a JSONL file")
 
 
 def _positive(key: str, value: int | float) -> None:

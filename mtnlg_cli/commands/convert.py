@@ -45,6 +45,10 @@ def convert_command(
     step: Annotated[Optional[int], typer.Option(
         "--step", help="import: the step to file the checkpoint under (default: the source's iteration, else 0).",
         show_default=False)] = None,
+    adapter: Annotated[bool, typer.Option(
+        "--adapter", help="export a LoRA fine-tune's adapters alone, in PEFT's format (adapter_config.json, "
+        "adapter_model.safetensors) with transformers' module names; without it a fine-tune's adapters are "
+        "merged into the exported weights.")] = False,
     force: Annotated[bool, typer.Option("--force", help="export: replace PATH if it exists.")] = False,
     workspace: WorkspaceOption = None,
     overrides: SetOption = None,
@@ -55,11 +59,13 @@ def convert_command(
 
     mtnlg convert export model.gguf --to gguf [--dtype fp16|q8_0|q4_0]
 
+    mtnlg convert export OUT --adapter   (a LoRA fine-tune's adapters, for PEFT on the --to hf export of its base)
+
     mtnlg convert import DIR [--from hf|megatron|safetensors] [--step N]
     """
     export_only = {"--to": to, "--checkpoint": checkpoint, "--dtype": dtype, "--max-shard-size": max_shard_size,
                    "--tensor-parallel": tensor_parallel, "--pipeline-parallel": pipeline_parallel,
-                   "--force": force or None}
+                   "--force": force or None, "--adapter": adapter or None}
     import_only = {"--from": source_format, "--step": step}
     misplaced = [name for name, value in (import_only if action == "export" else export_only).items()
                  if value is not None]
@@ -67,7 +73,10 @@ def convert_command(
         raise MtnlgError(f"{misplaced[0]} does not apply to mtnlg convert {action}")
     console = Console()
     ws, config = open_workspace(workspace, overrides)
-    if action == "export":
+    if action == "export" and adapter:
+        _export_adapter(console, ws, path, to, checkpoint, dtype, max_shard_size, tensor_parallel, pipeline_parallel,
+                        force)
+    elif action == "export":
         _export(console, ws, config, path, to or "safetensors", checkpoint, dtype or "fp32", max_shard_size,
                 tensor_parallel or 1, pipeline_parallel or 1, force)
     else:
@@ -97,6 +106,27 @@ def _export(console: Console, ws, config, out_dir: Path, to: str, checkpoint_pat
                   f"{len(files)} files, {total / 1e6:.1f} MB")
     for name in files:
         console.print(f"  {name}")
+
+
+def _export_adapter(console: Console, ws, out_dir: Path, to: Optional[str], checkpoint_path: Optional[Path],
+                    dtype: Optional[str], max_shard_size: Optional[str], tensor_parallel: Optional[int],
+                    pipeline_parallel: Optional[int], force: bool) -> None:
+    from mtnlg_cli.checkpoint import resolve_checkpoint
+    from mtnlg_cli.convert import DTYPES
+    from mtnlg_cli.finetune.peft_export import export_peft_adapter
+
+    if to not in (None, "hf"):
+        raise MtnlgError(f"--adapter writes PEFT's format for Hugging Face models; it does not combine with --to {to}")
+    for name, value in (("--max-shard-size", max_shard_size), ("--tensor-parallel", tensor_parallel),
+                        ("--pipeline-parallel", pipeline_parallel)):
+        if value is not None:
+            raise MtnlgError(f"{name} does not apply to --adapter")
+    if dtype not in (None, *DTYPES):
+        raise MtnlgError(f"--dtype {dtype} does not apply to --adapter; choose one of: {', '.join(DTYPES)}")
+    checkpoint = resolve_checkpoint(ws.checkpoints_dir, checkpoint_path)
+    files = export_peft_adapter(checkpoint, out_dir, DTYPES[dtype or "fp32"], force)
+    console.print(f"Exported the LoRA adapters of {checkpoint.path.name} for PEFT to [bold]{out_dir}[/]: "
+                  f"{', '.join(files)}")
 
 
 def _import(console: Console, ws, source: Path, source_format: str, step: Optional[int]) -> None:

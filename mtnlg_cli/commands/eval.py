@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
@@ -20,15 +21,19 @@ class Task(str, enum.Enum):
     perplexity = "perplexity"
     cloze = "cloze"
     choice = "choice"
+    generate = "generate"
 
 
 def eval_command(
     task: Annotated[Task, typer.Option("--task", "-t", help="perplexity: loss, perplexity and bits per byte of "
                                        "text; cloze: predict each text's last word (LAMBADA); choice: pick the "
-                                       "most likely of several answers.")] = Task.perplexity,
+                                       "most likely of several answers; generate: answer each example in the chat "
+                                       "template and score it against the reference (exact match, token F1, "
+                                       "ROUGE-L).")] = Task.perplexity,
     data: Annotated[Optional[list[Path]], typer.Option(
         "--data", "-d", help="Data to score (repeatable). perplexity: a text file (paragraphs) or JSONL "
-        "(--text-key); cloze: JSONL {\"text\": ...}; choice: JSONL {\"context\", \"choices\", \"label\"}. "
+        "(--text-key); cloze: JSONL {\"text\": ...}; choice: JSONL {\"context\", \"choices\", \"label\"}; "
+        "generate: the fine-tuning formats (messages, prompt/completion, instruction/output, document/summary). "
         "Default for perplexity: the workspace's valid and test splits.", show_default=False)] = None,
     split: Annotated[Optional[list[str]], typer.Option(
         "--split", help="Workspace split to score when no --data is given (repeatable): valid, test, train.",
@@ -52,6 +57,11 @@ def eval_command(
                                                   "at least context - stride tokens of context (default: half "
                                                   "the context).", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 8,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        "--max-new-tokens", help="generate: tokens per answer at most (default: generate.max_new_tokens).",
+        show_default=False)] = None,
+    temperature: Annotated[float, typer.Option(
+        "--temperature", help="generate: sampling temperature of the answers (0: greedy).")] = 0.0,
     quantize: Annotated[Optional[Literal["int8", "int4"]], typer.Option(
         "--quantize", "-q", help="Also score the model with its weights quantized (int8 or int4, as generate "
         "--quantize) and show the change next to fp32 (config: generate.quantize).", show_default=False)] = None,
@@ -98,9 +108,9 @@ def eval_command(
 
 def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]], build_from: Optional[Path],
               min_words: int, target_chars: Optional[int], text_key: str, delimiter: str, context: Optional[int],
-              stride: Optional[int], batch_size: int, quantize: Optional[str], checkpoint: Optional[Path],
-              output: Optional[Path], run: Optional[str], device: Optional[str], workspace: Optional[Path],
-              overrides: Optional[list[str]],
+              stride: Optional[int], batch_size: int, max_new_tokens: Optional[int], temperature: float,
+              quantize: Optional[str], checkpoint: Optional[Path], output: Optional[Path], run: Optional[str],
+              device: Optional[str], workspace: Optional[Path], overrides: Optional[list[str]],
               split_run: Optional[tuple] = None) -> None:
     import torch
     from rich.console import Console
@@ -123,6 +133,15 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     if target_chars is not None and (task is not Task.cloze or target_chars < 1):
         raise MtnlgError(f"--target-chars {target_chars} must be positive" if task is Task.cloze
                          else "--target-chars applies to --task cloze only")
+    if task is not Task.generate and (max_new_tokens is not None or temperature):
+        raise MtnlgError(f"--{'max-new-tokens' if max_new_tokens is not None else 'temperature'} applies to "
+                         "--task generate only")
+    if task is Task.generate and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise MtnlgError("--task generate runs in one process; leave out --num-processes")
+    if task is Task.generate:
+        from mtnlg_cli.commands.generate import sampling_settings
+
+        generation = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature)
     run_log = _run_metrics_path(ws, run) if run is not None else None
     if output is not None and not Path(output).parent.is_dir():
         raise MtnlgError(f"cannot write {output}: no folder {Path(output).parent}")
@@ -142,6 +161,7 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     if quantization is not None:
         models.append((f" [{quantization.method}]", quantized(model, config, ws, ckpt, quantize)))
     rows: list[tuple[str, dict]] = []  # (data name, metrics), each source under every model
+    answers: dict[str, list[dict]] = {}  # generate: each example's answer and scores, by data name
     with _progress(console) as progress:
         def scored(name: str, fn):
             for suffix, scored_model in models:
@@ -158,14 +178,19 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
         elif task is Task.cloze:
             for name, items in _cloze_sources(data, build_from, min_words, target_chars, tokenizer):
                 scored(name, lambda m, report: ev.evaluate_cloze(m, tokenizer, items, context, batch_size, report))
-        else:
+        elif task is Task.choice:
             for name, items in [(str(path), ev.read_choice_items(path)) for path in data]:
                 scored(name, lambda m, report: ev.evaluate_choice(m, tokenizer, items, context, delimiter,
                                                                   batch_size, report))
+        else:
+            for name, examples in _generation_sources(config, data):
+                scored(name, lambda m, report: _generation_metrics(m, tokenizer, examples, generation, batch_size,
+                                                                   report, answers, name))
 
     results = {"checkpoint": str(ckpt.path), "step": ckpt.step, "task": task.value, "context": context,
                **({"stride": stride} if task is Task.perplexity else {}),
-               "results": {name: metrics for name, metrics in rows}}
+               "results": {name: metrics for name, metrics in rows},
+               **({"answers": answers} if answers else {})}
     changes = _quantization_changes(rows) if quantization is not None else {}
     if quantization is not None:
         results["quantize"] = {"method": quantization.method, "group_size": quantization.group_size,
@@ -256,6 +281,33 @@ def _cloze_sources(data, build_from, min_words, target_chars, tokenizer) -> list
                              "from; lower --min-words")
         sources.append((f"{build_from} (built)", items))
     return sources
+
+
+def _generation_sources(config, data) -> list[tuple[str, list]]:
+    from mtnlg_cli.finetune.examples import BadLines, prompt_and_reference, read_examples
+    from mtnlg_cli.finetune.trainer import DEFAULT_SUMMARIZE_STYLE
+
+    style = config.generate.prompt_styles.get("summarize", DEFAULT_SUMMARIZE_STYLE)
+    sources = []
+    for path in data:
+        examples = read_examples(path, style, BadLines())
+        for example in examples:
+            prompt_and_reference(example)  # every example ends with a reference answer, before any generation
+        sources.append((str(path), examples))
+    return sources
+
+
+def _generation_metrics(model, tokenizer, examples, settings, batch_size, report, answers, name) -> dict:
+    from dataclasses import asdict
+
+    from mtnlg_cli.evaluation.generation import evaluate_generation
+    from mtnlg_cli.inference.engine import Generator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a prompt cut to the context window is scored as it was answered
+        metrics, scored = evaluate_generation(Generator(model, tokenizer), examples, settings, batch_size, report)
+    answers.setdefault(name, [asdict(answer) for answer in scored])
+    return metrics
 
 
 def _quantization_changes(rows: list[tuple[str, dict]]) -> dict[str, float]:

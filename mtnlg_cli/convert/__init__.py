@@ -17,7 +17,7 @@ import torch
 
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.lock import WorkspaceLock
-from mtnlg_cli.checkpoint import Checkpoint, save_checkpoint, step_dir_name
+from mtnlg_cli.checkpoint import Checkpoint, model_tensors, save_checkpoint, step_dir_name
 from mtnlg_cli.config import ModelConfig, RopeScaling
 from mtnlg_cli.convert.common import (DTYPES, Weights, check_shapes, folder_summary,
                                             parse_size, staged_output)
@@ -44,7 +44,7 @@ def weights_from_checkpoint(checkpoint: Checkpoint, tokenizer_path: Optional[Pat
         config = Architecture.from_dict(checkpoint.state["model_config"])
     except (KeyError, TypeError, ValueError) as exc:
         raise MtnlgError(f"{checkpoint.path / 'state.json'} has no valid model_config ({exc})") from None
-    tensors = checkpoint.tensors("model")
+    tensors = model_tensors(checkpoint)  # a LoRA fine-tune's adapters merged into its base's weights
     check_shapes(tensors, config.state_dict_shapes(), f"checkpoint {checkpoint.path}", "its model_config")
     if vocab_size > config.vocab_size:
         raise MtnlgError(f"the tokenizer has {vocab_size} pieces but checkpoint {checkpoint.path.name} embeds only "

@@ -105,6 +105,7 @@ class PretrainedTokenizer(Tokenizer):
         start = next((i for i in range(len(framed) - len(plain) + 1) if framed[i:i + len(plain)] == plain), 0)
         self.prefix_ids = tuple(framed[:start])
         self.never_sampled = ()  # as transformers' generate(): every token of the vocabulary may come next
+        self._offsets_tokenizer = None  # a copy without the post-processor, made on first use
 
     @classmethod
     def load(cls, folder: Path) -> "PretrainedTokenizer":
@@ -142,6 +143,17 @@ class PretrainedTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`encode(text)` and each token's [start, end) character span in `text`, untrimmed (a post-processor such
+        as GPT-2's would trim the spaces a token carries off its span)."""
+        if self._offsets_tokenizer is None:
+            from tokenizers import Tokenizer as BackendTokenizer
+
+            self._offsets_tokenizer = BackendTokenizer.from_str(self.tokenizer.to_str())
+            self._offsets_tokenizer.post_processor = None
+        encoding = self._offsets_tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def encode_batch(self, texts: Sequence[str], num_threads: int = 1, add_eos: bool = False) -> list[list[int]]:
         if num_threads == 1:  # the library's batch call would use every core

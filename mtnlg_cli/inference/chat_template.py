@@ -11,11 +11,21 @@ underscore names, the `{% generation %}` block (rendered as its body), and the t
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Optional
 
 from mtnlg_cli.errors import MtnlgError
+
+
+# Private-use characters around each `{% generation %}` block's output when the assistant's spans are wanted
+GENERATION_MARKS = ("\ue000", "\ue001")
+_MARK_VARIABLE = "mtnlg_mark_generation"
+
+
+def has_generation_blocks(template: str) -> bool:
+    return re.search(r"{%-?\s*generation\s*-?%}", template) is not None
 
 
 @lru_cache(maxsize=8)
@@ -26,17 +36,21 @@ def _compile(template: str):
 
     class GenerationBlock(jinja2.ext.Extension):
         """`{% generation %}...{% endgeneration %}` marks the assistant's tokens for training masks; rendering
-        keeps its body as it is."""
+        keeps its body as it is, between `GENERATION_MARKS` when the render asks for them."""
 
         tags = {"generation"}
 
         def parse(self, parser):
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+            call = self.call_method("_body", [jinja2.nodes.ContextReference()])
+            return jinja2.nodes.CallBlock(call, [], [], body).set_lineno(lineno)
 
-        def _body(self, caller):
-            return caller()
+        def _body(self, context, caller):
+            body = caller()
+            if context.get(_MARK_VARIABLE):
+                return GENERATION_MARKS[0] + body + GENERATION_MARKS[1]
+            return body
 
     class Namespace(jinja2.utils.Namespace):
         def __init__(*args, **kwargs):
@@ -91,3 +105,23 @@ def render_template(template: str, messages: list[dict], add_generation_prompt: 
                                **{**(special_tokens or {}), **variables})
     except jinja2.exceptions.TemplateError as exc:
         raise MtnlgError(f"the model's chat template refused the conversation: {exc}") from None
+
+
+def render_generation_spans(template: str, messages: list[dict], special_tokens: Optional[dict[str, str]] = None
+                            ) -> tuple[str, list[tuple[int, int]]]:
+    """The text of `messages` in `template` (no generation prompt) and the [start, end) character spans of its
+    `{% generation %}` blocks: what the template marks as the assistant's own text."""
+    for message in messages:
+        if any(mark in message["content"] for mark in GENERATION_MARKS):
+            raise MtnlgError(f"a message contains the private-use character U+{ord(GENERATION_MARKS[0]):04X} or "
+                             f"U+{ord(GENERATION_MARKS[1]):04X}, which marks the assistant's text while rendering")
+    marked = render_template(template, messages, False, special_tokens, **{_MARK_VARIABLE: True})
+    text, spans, start = [], [], None
+    for piece in re.split(f"([{''.join(GENERATION_MARKS)}])", marked):
+        if piece == GENERATION_MARKS[0]:
+            start = sum(map(len, text))
+        elif piece == GENERATION_MARKS[1]:
+            spans.append((start, sum(map(len, text))))
+        else:
+            text.append(piece)
+    return "".join(text), spans

@@ -271,11 +271,13 @@ class GPT(nn.Module):
     def forward(self, tokens: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 positions: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
                 attn_mask: Optional[torch.Tensor] = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (batch, length, vocab), or with `targets` the mean next-token cross-entropy.
+        """Logits (batch, length, vocab), or with `targets` the mean next-token cross-entropy over the targets
+        that are not `IGNORE_INDEX` (fine-tuning ignores prompts and padding).
 
         `positions` ((length,), or (batch, length) for rows that start at different places) default to the
         positions after what `cache` already holds. `attn_mask`, where given, is a boolean mask broadcastable to
-        (batch, heads, length, cached + length): True where a query may attend. `last_only` returns the logits of
+        (batch, heads, length, cached + length): True where a query may attend (`packed_attention_mask` gives the
+        one for rows that pack several sequences). `last_only` returns the logits of
         the last position alone (batch, 1, vocab): all that generation needs from a prompt, without the output
         head's cost at every other position.
 
@@ -336,20 +338,39 @@ class GPT(nn.Module):
         return KVCache(self.config, batch_size, max_length, device=self.device, dtype=self.dtype)
 
 
+def packed_attention_mask(positions: torch.Tensor) -> torch.Tensor:
+    """The attention mask of rows that pack several sequences, each starting at position 0: causal within each
+    sequence and never across two (block-diagonal). `positions` (batch, length) -> bool (batch, 1, length, length)."""
+    sequence = (positions == 0).cumsum(dim=-1)
+    same = sequence[:, :, None] == sequence[:, None, :]
+    length = positions.shape[-1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=positions.device).tril()
+    return (same & causal)[:, None]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The output head and the loss together, without the full logits.
 
 
 LOSS_CHUNK_ROWS = 1024  # rows of logits alive at once: (1024 x vocab) stays in cache-friendly sizes
+IGNORE_INDEX = -100  # a target that no loss counts (torch's cross_entropy default)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of the logits `hidden @ weight.T` (tokens x vocab) against `targets`.
+    """Mean cross-entropy of the logits `hidden @ weight.T` (tokens x vocab) against the `targets` that are not
+    `IGNORE_INDEX` (0 when every target is ignored).
 
     Equal to `F.cross_entropy(F.linear(hidden, weight), targets)`, but the logits are made chunk by chunk and
     never stored: the profile of a training step showed the (tokens x vocab) logits, their log-softmax, and
-    the zero-filled gradient of both as the largest cost outside the matrix products.
+    the zero-filled gradient of both as the largest cost outside the matrix products. Ignored rows are dropped
+    before the head, so a fine-tuning batch pays for the output head only where the loss counts.
     """
+    ignored = targets == IGNORE_INDEX
+    if ignored.any():
+        kept = ~ignored
+        hidden, targets = hidden[kept], targets[kept]
+        if not len(targets):
+            return hidden.sum() * 0.0 + weight.sum() * 0.0  # zero, with gradients (of zero) for both
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets)
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -368,7 +389,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.empty_like(weight)
+        # a frozen head (LoRA fine-tuning) needs no gradient: one matrix product fewer per chunk
+        grad_weight = torch.empty_like(weight) if weight.requires_grad else None
         # one logits buffer for every chunk: a fresh (rows x vocab) tensor each time is page-faulted in anew
         buffer = hidden.new_empty(min(LOSS_CHUNK_ROWS, hidden.shape[0]), weight.shape[0])
         for start in range(0, hidden.shape[0], LOSS_CHUNK_ROWS):
@@ -384,6 +406,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits.scatter_add_(1, chunk_targets, grad_logits.new_full(chunk_targets.shape, -1.0))
             grad_logits = grad_logits.to(hidden.dtype)
             torch.mm(grad_logits, weight, out=grad_hidden[rows])
+            if grad_weight is None:
+                continue
             if start == 0:
                 torch.mm(grad_logits.t(), chunk, out=grad_weight)
             else:
@@ -399,4 +423,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = grad_output / ctx.count
         # in place: no fresh (vocab x hidden) tensor; a second backward through this graph fails autograd's
         # version check on the saved tensors instead of scaling them twice
-        return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight.mul_(scale.to(grad_weight.dtype)), None
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(scale.to(grad_weight.dtype))
+        return grad_hidden.mul_(scale.to(grad_hidden.dtype)), grad_weight, None

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mtnlg_cli.model.gpt import GPT
+from mtnlg_cli.model.gpt import GPT, IGNORE_INDEX, packed_attention_mask
 from mtnlg_cli.training.layout import Layout
 
 def build_mesh(layout: Layout, device_type: str):
@@ -51,8 +51,8 @@ def build_mesh(layout: Layout, device_type: str):
 def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
     """Megatron tensor parallelism (optionally with sequence parallelism) over `tp_mesh`, in place."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
-                                                   RowwiseParallel, SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
 
     # Between blocks the activations are whole (Replicate) or, with sequence parallelism, split along the sequence.
     between = Shard(1) if sequence_parallel else Replicate()
@@ -60,11 +60,16 @@ def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
     if model.lm_head is not None:  # an untied head: column-parallel, its logits stay sharded on the vocabulary
         plan["lm_head"] = ColwiseParallel(input_layouts=Replicate(), output_layouts=Shard(-1), use_local_output=False)
     if sequence_parallel:
-        if model.wpe is not None:
-            # the (small) position table stays whole on every rank; only its output is cut to the local positions
-            plan["wpe"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(0))
         plan["ln_f"] = SequenceParallel()
     parallelize_module(model, tp_mesh, plan)
+    if sequence_parallel and model.wpe is not None:
+        # the (small) position table stays whole on every rank; only its output is cut to the local positions:
+        # (length, hidden) for shared positions, (batch, length, hidden) for per-row ones (packed rows)
+        def local_positions(module, inputs, output):
+            whole = DTensor.from_local(output, tp_mesh, [Replicate()], run_check=False)
+            return whole.redistribute(placements=[Shard(output.dim() - 2)])
+
+        model.wpe.register_forward_hook(local_positions)
 
     block_plan = {
         "attn.qkv": ColwiseParallel(),
@@ -133,6 +138,12 @@ def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def summed_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy summed over the targets that are not `IGNORE_INDEX`."""
+    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def parallelize(model: GPT, layout: Layout, device: torch.device, param_dtype: Optional[torch.dtype] = None,
                 compile: bool = False) -> "ParallelModel":
     """Applies the layout's plans to `model` (tensor parallel, pipeline stage, then FSDP or replicas) on `device`.
@@ -162,6 +173,7 @@ class ParallelModel:
         self.mesh = build_mesh(layout, device.type) if layout.world_size > 1 else None
         self.schedule = None
         self._tie_group = None  # first and last pipeline stage of one data-parallel replica
+        self._loss_scale: Optional[float] = None  # pipeline, fine-tuning: each micro-batch's summed loss times this
         model.to(device)
         self.is_first_stage = self.is_last_stage = True
 
@@ -203,7 +215,7 @@ class ParallelModel:
         pipeline_stage = PipelineStage(self.module, stage, layout.pipeline_parallel, self.device,
                                        group=pp_mesh.get_group())
         schedule = ScheduleGPipe if layout.pipeline_schedule == "gpipe" else Schedule1F1B
-        self.schedule = schedule(pipeline_stage, layout.pipeline_microbatches, loss_fn=next_token_loss)
+        self.schedule = schedule(pipeline_stage, layout.pipeline_microbatches, loss_fn=self._stage_loss)
         ranks = self.mesh.mesh  # (pp, dp, tp) global ranks; tp is 1 under pipeline parallelism
         if self.model.config.untie_embeddings_and_output_weights:
             return  # no weight shared between the first and the last stage
@@ -212,14 +224,22 @@ class ParallelModel:
             if self.mesh["dp"].get_local_rank() == replica:
                 self._tie_group = group
 
-    def _pipeline_loss(self, tokens: torch.Tensor, targets: torch.Tensor, train: bool) -> torch.Tensor:
+    def _stage_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self._loss_scale is None:
+            return next_token_loss(logits, targets)
+        return summed_token_loss(logits, targets) * self._loss_scale
+
+    def _pipeline_loss(self, tokens: torch.Tensor, targets: torch.Tensor, train: bool,
+                       positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         losses: list[torch.Tensor] = []
         run = self.schedule.step if train else self.schedule.eval
         inputs = (tokens,) if self.is_first_stage else ()
+        # every stage gets the positions and the mask of packed rows (the schedule cuts them into micro-batches)
+        extra = {} if positions is None else {"positions": positions, "attn_mask": packed_attention_mask(positions)}
         if self.is_last_stage:
-            run(*inputs, target=targets, losses=losses)
+            run(*inputs, target=targets, losses=losses, **extra)
         else:
-            run(*inputs)
+            run(*inputs, **extra)
         loss = torch.stack(losses).mean().detach() if losses else torch.zeros((), device=self.device)
         last = self.layout.pipeline_parallel - 1
         dist.broadcast(loss, group=self.mesh["pp"].get_group(), group_src=last)
@@ -255,31 +275,51 @@ class ParallelModel:
         return contextlib.nullcontext()
 
     def forward_backward(self, tokens: torch.Tensor, targets: torch.Tensor, micro_batch_size: int,
-                         autocast=contextlib.nullcontext, backward: Backward = torch.Tensor.backward) -> float:
+                         autocast=contextlib.nullcontext, backward: Backward = torch.Tensor.backward,
+                         positions: Optional[torch.Tensor] = None, counted: Optional[int] = None) -> float:
         """Gradients of the mean loss over this rank's share of a global batch; returns the global mean loss.
 
         `tokens` and `targets` are this data-parallel rank's rows of the global batch. Without pipelining they run
         as micro-batches of `micro_batch_size` with gradient accumulation; the pipeline schedule cuts its own.
         `backward(loss)` runs each micro-batch's backward (a loss scaler scales the loss first).
+
+        Fine-tuning gives `counted`, the number of targets that are not `IGNORE_INDEX` in the whole global batch:
+        the loss is then the mean over exactly those, wherever they fall, so each micro-batch's mean is weighted by
+        its share of them (its count x data-parallel ranks x micro-batches / `counted`, which the averages over
+        micro-batches and ranks undo). `positions` are those of packed rows (see `packed_attention_mask`).
         """
         self.module.train()
         if self.schedule is not None:
-            with autocast():
-                loss = self._pipeline_loss(tokens, targets, train=True)
+            if counted is not None:
+                self._loss_scale = self.layout.data_parallel * self.layout.pipeline_microbatches / counted
+            try:
+                with autocast():
+                    loss = self._pipeline_loss(tokens, targets, train=True, positions=positions)
+            finally:
+                self._loss_scale = None
             self._sync_tied_embedding()
             self._average_pipeline_replica_gradients()
             return self._mean_over_data_parallel(loss).item()
-        chunks = list(zip(tokens.split(micro_batch_size), targets.split(micro_batch_size)))
+        chunks = list(zip(tokens.split(micro_batch_size), targets.split(micro_batch_size),
+                          positions.split(micro_batch_size) if positions is not None else [None] * len(tokens)))
+        weights = [1.0] * len(chunks)
+        if counted is not None:
+            share = self.layout.data_parallel * len(chunks) / counted
+            per_chunk = (targets != IGNORE_INDEX).sum(dim=1).split(micro_batch_size)
+            weights = [int(count.sum()) * share for count in per_chunk]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        for i, (x, y) in enumerate(chunks):
+        for i, (x, y, p) in enumerate(chunks):
             last = i == len(chunks) - 1
             if self.layout.fsdp:  # reduce-scatter gradients once, after the last micro-batch
                 self.module.set_requires_gradient_sync(last)
             # replicas all-reduce gradients once, after the last micro-batch
             sync = self.module.no_sync() if self.replicated_by_ddp and not last else contextlib.nullcontext()
+            packed = {} if p is None else {"positions": p, "attn_mask": packed_attention_mask(p)}
             with sync, self.loss_context():
                 with autocast():
-                    loss = self.module(x, y)
+                    loss = self.module(x, y, **packed)
+                    if counted is not None:
+                        loss = loss * weights[i]
                 backward(loss / len(chunks))
             total += _local(loss.detach())
         return self._mean_over_data_parallel(total / len(chunks)).item()

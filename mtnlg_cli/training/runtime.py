@@ -16,7 +16,8 @@ by `mtnlg train --num-processes`, `torchrun` or `accelerate launch`: gloo on CPU
 - the data each rank reads: `local_sample_indices(first_sample)`. Global batch `step` is samples
   [step * global_batch_size, (step + 1) * global_batch_size), so sample order never depends on the layout;
 - one global batch's work: `forward_backward(batch)` runs this rank's micro-batches (a pipeline schedule owns
-  this) and returns the mean loss of the whole global batch, the same on every rank; `eval_loss(batches)` likewise;
+  this) and returns the mean loss of the whole global batch, the same on every rank; `eval_loss(batches)` likewise.
+  A batch is [n, seq+1] tokens (pretraining), or an `ExampleBatch` (fine-tuning: ignored targets, packed rows);
 - checkpoint state in the layout-free form: `model_state()` / `load_model_state()` are full tensors keyed like
   `GPT.state_dict()`; `optimizer_state()` / `load_optimizer_state()` are tensors keyed `<param name>.<state key>`
   plus JSON scalars. Every rank calls these (a sharded layout gathers or scatters); only the main rank writes.
@@ -25,7 +26,8 @@ by `mtnlg train --num-processes`, `torchrun` or `accelerate launch`: gloo on CPU
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,6 +45,18 @@ from mtnlg_cli.training.plans import ParallelModel, parallelize
 PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+@dataclass
+class ExampleBatch:
+    """This rank's rows of a fine-tuning global batch: inputs and targets [n, length], the targets `IGNORE_INDEX`
+    where no loss counts, per-row `positions` [n, length] restarting at 0 for each example packed into a row (None:
+    one example per row), and `counted`, the targets that count in the whole global batch (all ranks)."""
+
+    tokens: torch.Tensor
+    targets: torch.Tensor
+    positions: Optional[torch.Tensor]
+    counted: int
+
+
 def make_runtime(config: Config) -> "Runtime":
     """The runtime for the config's `parallel` section and the processes this one was launched with."""
     device = join_processes()
@@ -55,6 +69,7 @@ class Runtime:
         self.config, self.layout = config, layout
         self.device = device
         self.model: Optional[GPT] = None
+        self.state_shapes: dict[str, tuple[int, ...]] = {}  # the full model's state, by name (adapters included)
         self.parallel: Optional[ParallelModel] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
         precision = config.train.mixed_precision
@@ -100,10 +115,14 @@ class Runtime:
 
     # --- model and optimizer -----------------------------------------------------------------------------------
 
-    def build_model(self, architecture: Architecture) -> GPT:
-        """The model on this rank's device with the config's layout applied; call after seeding."""
+    def build_model(self, architecture: Architecture, adapt: Optional[Callable[[GPT], None]] = None) -> GPT:
+        """The model on this rank's device with the config's layout applied; call after seeding. `adapt(model)`
+        changes the whole model before the layout splits it (LoRA adds its adapters and freezes the rest)."""
         train = self.config.train
         model = GPT(architecture)
+        if adapt is not None:
+            adapt(model)
+        self.state_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         model.activation_checkpointing = train.activation_checkpointing
         param_dtype = torch.bfloat16 if train.mixed_precision == "bf16" else None
         self.parallel = parallelize(model, self.layout, self.device, param_dtype, compile=train.compile)
@@ -165,11 +184,18 @@ class Runtime:
     def _backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def forward_backward(self, batch: torch.Tensor) -> float:
-        """Forward and backward of this rank's share of a global batch ([n, seq+1] tokens); the global mean loss."""
+    def forward_backward(self, batch: torch.Tensor | ExampleBatch) -> float:
+        """Forward and backward of this rank's share of a global batch ([n, seq+1] tokens, or fine-tuning rows);
+        the global mean loss (fine-tuning: over the targets that count)."""
+        micro_batch_size = self.config.train.micro_batch_size
+        if isinstance(batch, ExampleBatch):
+            positions = batch.positions.to(self.device) if batch.positions is not None else None
+            return self.parallel.forward_backward(batch.tokens.to(self.device), batch.targets.to(self.device),
+                                                  micro_batch_size, self.autocast, self._backward, positions,
+                                                  batch.counted)
         batch = batch.to(self.device)
-        return self.parallel.forward_backward(batch[:, :-1], batch[:, 1:], self.config.train.micro_batch_size,
-                                              self.autocast, self._backward)
+        return self.parallel.forward_backward(batch[:, :-1], batch[:, 1:], micro_batch_size, self.autocast,
+                                              self._backward)
 
     def eval_loss(self, batches: Iterable[torch.Tensor]) -> float:
         """Mean loss over this rank's share of some global batches, averaged across data-parallel ranks."""
@@ -184,7 +210,7 @@ class Runtime:
         return self.parallel.full_model_state()
 
     def load_model_state(self, tensors: dict[str, torch.Tensor], source: str) -> None:
-        check_weights(self.model.config.state_dict_shapes(), tensors, source)
+        check_weights(self.state_shapes, tensors, source)
         self.parallel.load_model_state(tensors)
 
     def optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -198,15 +224,15 @@ class Runtime:
 
     def load_optimizer_state(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any], source: str) -> None:
         """Restores the optimizer's per-parameter state (hyperparameters come from the current config)."""
-        self.parallel.load_optimizer_state(self.optimizer, optimizer_state_by_name(self.model, tensors, source))
+        self.parallel.load_optimizer_state(self.optimizer, optimizer_state_by_name(self.state_shapes, tensors, source))
         if self.scaler is not None and "grad_scaler" in scalars:
             self.scaler.load_state_dict({**self.scaler.state_dict(), **scalars["grad_scaler"]})
 
 
-def optimizer_state_by_name(model: GPT, tensors: dict[str, torch.Tensor], source: str) -> dict[str, dict]:
+def optimizer_state_by_name(shapes: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], source: str
+                            ) -> dict[str, dict]:
     """Checkpoint optimizer tensors (`<param name>.<state key>`) as {param name: {state key: full tensor}},
     checked against the whole model's parameter names and shapes."""
-    shapes = model.config.state_dict_shapes()
     by_param: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, state_key = key.rpartition(".")

@@ -67,6 +67,14 @@ def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None
     """
     if resume is not None and from_scratch:
         raise MtnlgError("a run either resumes from a checkpoint or starts from scratch, not both")
+    return run_trainer(workspace, config, report, lambda runtime, report: Trainer(workspace, config, runtime, report),
+                       resume, from_scratch, check_memory)
+
+
+def run_trainer(workspace: Workspace, config: Config, report: Reporter, make, resume: Optional[Path] = None,
+                from_scratch: bool = False, check_memory: bool = True) -> TrainResult:
+    """Runs `make(runtime, report)`'s trainer on this process's runtime, holding the workspace's training lock on
+    the main rank. Only the main rank reports."""
     runtime = make_runtime(config)
     report = report if runtime.is_main else ignore
     try:
@@ -77,32 +85,37 @@ def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None
                                 local_processes, runtime.device)
         if runtime.is_main:
             with WorkspaceLock(workspace.root, "training"):
-                return Trainer(workspace, config, runtime, report).run(resume, from_scratch)
-        return Trainer(workspace, config, runtime, report).run(resume, from_scratch)
+                return make(runtime, report).run(resume, from_scratch)
+        return make(runtime, report).run(resume, from_scratch)
     finally:
         runtime.shutdown()
 
 
 class Trainer:
+    """Pretraining; `mtnlg_cli.finetune.trainer.FineTuner` is this loop with its own data, start and checkpoints."""
+
+    run_prefix = ""  # of the runs/ folder names
+
     def __init__(self, workspace: Workspace, config: Config, runtime: Runtime, report: Reporter):
         self.workspace, self.config, self.runtime, self.report = workspace, config, runtime, report
         self.architecture = Architecture.from_model_config(config.model)
         self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
 
     def run(self, resume: Optional[Path], from_scratch: bool) -> TrainResult:
+        self.open_data()  # (a fine-tune settles its schedule here, from the number of examples)
         config, runtime = self.config, self.runtime
-        self.open_data()
         checkpoint = None if from_scratch else self.checkpoint_to_resume(resume)
         torch.manual_seed(config.train.seed)
-        runtime.build_model(self.architecture)
+        runtime.build_model(self.architecture, self.adapt_model)
         runtime.build_optimizer()
         if from_scratch and runtime.is_main:  # only now that the run is checked and built
             self.archive_checkpoints()
-        step, consumed, skipped = 0, 0, 0
-        run_name = config.train.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_name = config.train.run_name or self.run_prefix + datetime.now().strftime("%Y%m%d-%H%M%S")
         if checkpoint is not None:
             step, consumed, skipped = self.restore(checkpoint)
             run_name = config.train.run_name or checkpoint.state.get("run_name") or run_name
+        else:
+            step, consumed, skipped = self.start()
         # pruning may delete what this run saves and what it started from or before, never a newer checkpoint
         # that another run left (a run resumed from an older one with --resume)
         self.start_step, self.saved_steps = step, set()
@@ -149,6 +162,12 @@ class Trainer:
             except MtnlgError as exc:  # a corpus too small to spare a validation document still trains
                 self.report(Notice(f"No validation: {exc}", "warning"))
 
+    adapt_model = None  # a function that changes the whole model before the layout splits it (see Runtime)
+
+    def start(self) -> tuple[int, int, int]:
+        """A run that resumes nothing: (step, consumed samples, skipped steps) to start from."""
+        return 0, 0, 0
+
     def read_batch(self, data, first_sample: int) -> torch.Tensor:
         batch = data.batch(list(self.runtime.local_sample_indices(first_sample)))
         return torch.as_tensor(batch, dtype=torch.long)
@@ -164,6 +183,9 @@ class Trainer:
             if path is None:
                 return None
             checkpoint = load_checkpoint(path)
+        if checkpoint.state.get("finetune"):
+            raise MtnlgError(f"checkpoint {checkpoint.path.name} is a fine-tune (mtnlg finetune), which pretraining "
+                             "does not continue; resume a pretraining checkpoint or start a fresh run")
         self.check_compatible(checkpoint)
         return checkpoint
 
@@ -224,7 +246,7 @@ class Trainer:
 
     def save(self, step: int, consumed: int, loss: float, skipped: int) -> Optional[Path]:
         """Saves a checkpoint of step `step` (every rank calls this; only the main rank writes)."""
-        model = self.runtime.model_state()
+        tensors = self.checkpoint_tensors()
         optimizer, optimizer_scalars = self.runtime.optimizer_state()
         path = None
         if self.runtime.is_main:
@@ -240,16 +262,28 @@ class Trainer:
                 "scheduler": {"lr_decay_style": self.config.train.lr_decay_style,
                               "next_lr": learning_rate(step, self.config.train)},
                 "mtnlg_version": __version__,
+                **self.checkpoint_extra_state(step),
             }
-            self.saved_steps.add(step)
-            path = save_checkpoint(self.workspace.checkpoints_dir, step,
-                                   {"model": model, "optimizer": optimizer, "rng": rng_state()}, state,
+            self.saved_steps.add(self.checkpoint_step(step))
+            path = save_checkpoint(self.workspace.checkpoints_dir, self.checkpoint_step(step),
+                                   {**tensors, "optimizer": optimizer, "rng": rng_state()}, state,
                                    keep_last=self.config.train.keep_last, prunable=self.prunable)
         self.runtime.barrier()
         return path
 
-    def prunable(self, step: int) -> bool:
-        return step <= self.start_step or step in self.saved_steps
+    def prunable(self, checkpoint_step: int) -> bool:
+        return checkpoint_step <= self.checkpoint_step(self.start_step) or checkpoint_step in self.saved_steps
+
+    def checkpoint_tensors(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The model's files of a checkpoint (every rank calls this: a sharded layout gathers)."""
+        return {"model": self.runtime.model_state()}
+
+    def checkpoint_extra_state(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def checkpoint_step(self, step: int) -> int:
+        """The step a checkpoint after this run's step `step` is filed under."""
+        return step
 
     # --- the loop -----------------------------------------------------------------------------------------------------
 
