@@ -53,7 +53,7 @@ def finetune_command(
     for path in paths:
         if not path.is_file():
             raise MtnlgError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
-    from mtnlg_cli.finetune.trainer import check_layout
+    from mtnlg_cli.finetune import check_layout
     from mtnlg_cli.launch import launch, launched_rank, run_as_rank
 
     check_layout(config)

@@ -34,6 +34,7 @@ from mtnlg_cli.checkpoint import Checkpoint, latest_checkpoint, list_checkpoints
 from mtnlg_cli.config import Config
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.events import Notice, Reporter, ignore
+from mtnlg_cli.finetune import check_layout
 from mtnlg_cli.finetune.examples import BadLines, read_examples
 from mtnlg_cli.finetune.lora import LoraSettings, add_adapters, adapter_tensors
 from mtnlg_cli.finetune.render import render_example
@@ -58,17 +59,6 @@ def finetune(workspace: Workspace, config: Config, data: Sequence[Path | str] = 
             raise MtnlgError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
     return run_trainer(workspace, config, report,
                        lambda runtime, report: FineTuner(workspace, config, runtime, report, paths, base))
-
-
-def check_layout(config: Config) -> None:
-    """LoRA runs on one process, with data parallelism or with FSDP; one line refuses the other layouts."""
-    p = config.parallel
-    if config.finetune.method != "lora":
-        return
-    for key, value in (("tensor_parallel", p.tensor_parallel), ("pipeline_parallel", p.pipeline_parallel)):
-        if value > 1:
-            raise MtnlgError(f"finetune.method=lora runs on one process, with data parallelism or with FSDP, not "
-                             f"with parallel.{key}={value}; use finetune.method=full for this layout")
 
 
 class FineTuner(Trainer):
@@ -106,17 +96,17 @@ class FineTuner(Trainer):
                 except MtnlgError as exc:  # the model's chat template refused the conversation
                     bad.problem(example.where, str(exc))
                     continue
-                if len(tokens) > length:
-                    if not settings.truncate:
-                        bad.problem(example.where, f"the example is {len(tokens)} tokens long, longer than "
-                                                   f"model.seq_length={length} (finetune.truncate=true cuts it)")
-                        continue
-                    tokens = tokens.truncated(length)
-                    truncated += 1
+                cut = len(tokens) > length
+                if cut and not settings.truncate:
+                    bad.problem(example.where, f"the example is {len(tokens)} tokens long, longer than "
+                                               f"model.seq_length={length} (finetune.truncate=true cuts it)")
+                    continue
+                tokens = tokens.truncated(length)
                 if not any(tokens.trained[1:]):
                     bad.problem(example.where, f"nothing of the assistant's turns is left in the first {length} "
                                                "tokens (model.seq_length)")
                     continue
+                truncated += cut
                 rendered.append(tokens)
         if bad.summary():
             self.report(Notice(bad.summary(), "warning"))
