@@ -63,11 +63,11 @@ def apply_tensor_parallel(model: GPT, tp_mesh, sequence_parallel: bool) -> None:
         plan["ln_f"] = SequenceParallel()
     parallelize_module(model, tp_mesh, plan)
     if sequence_parallel and model.wpe is not None:
-        # the (small) position table stays whole on every rank; only its output is cut to the local positions:
-        # (length, hidden) for shared positions, (batch, length, hidden) for per-row ones (packed rows)
+        # the (small) position table stays whole on every rank; only its output is cut to this rank's part of the
+        # sequence: (length, hidden) for shared positions, (batch, length, hidden) for per-row ones (packed rows)
         def local_positions(module, inputs, output):
             whole = DTensor.from_local(output, tp_mesh, [Replicate()], run_check=False)
-            return whole.redistribute(placements=[Shard(output.dim() - 2)])
+            return whole.redistribute(placements=[Shard(output.dim() - 2)]).to_local()
 
         model.wpe.register_forward_hook(local_positions)
 
