@@ -205,9 +205,8 @@ class MegatronLM:
         items = list(data) if isinstance(data, Iterable) else []
         if items and all(isinstance(item, dict) for item in items):
             target = self.workspace.resolve(API_FINETUNE_FILE)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            lines = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
-            write_bytes_atomically(target, lines.encode("utf-8"))
+            atomic.make_folders(target.parent)
+            atomic.write_text(target, "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items))
             return [target]
         if not items or not all(isinstance(item, (str, os.PathLike)) for item in items):
             raise MtnlgError("data must be a JSONL file, a list of them, or a non-empty list of example dicts")

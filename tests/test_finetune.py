@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -189,14 +187,28 @@ def test_full_fine_tune_resumes_and_pretraining_does_not_continue_it(ws, tmp_pat
         train(ws, ws.load_config(["train.train_iters=10"]))
 
 
+HOLD_LOCK = """
+import sys, time
+from mtnlg_cli.lock import WorkspaceLock
+with WorkspaceLock(sys.argv[1], "training"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
 def test_lock_and_ctrl_c_work_as_in_train(ws, tmp_path):
     from mtnlg_cli.events import Metrics
-    from mtnlg_cli.lock import TrainLock
 
     data = repeat_examples(tmp_path / "train.jsonl", phrases(200, seed=6))
-    with TrainLock(ws.checkpoints_dir):
-        with pytest.raises(MtnlgError, match="another mtnlg train"):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(ws.root)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(MtnlgError, match=rf"^another mtnlg process \(pid {holder.pid}\) is training"):
             run_finetune(ws, data, "train.train_iters=1")
+    finally:
+        holder.kill()
+        holder.wait()
 
     def ctrl_c_after_step_2(event):
         if isinstance(event, Metrics) and event.record.get("step") == 2:
@@ -223,7 +235,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_is_written(ws, tmp_path, args,
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ""}\n')
 
     def files():  # (the training lock's empty file stays, as after any run)
-        return sorted(p.name for p in ws.root.rglob("*") if p.name != ".train.lock")
+        return sorted(p.name for p in ws.root.rglob("*") if p.name != ".mtnlg.lock")
 
     before = files()
     done = run_cli("finetune", *[a.format(data=data, bad=bad) for a in args], cwd=ws.root)
@@ -242,7 +254,7 @@ def test_bad_settings_and_data_are_refused_before_anything_is_written(ws, tmp_pa
     data = repeat_examples(tmp_path / "train.jsonl", phrases(4, seed=7))
     with pytest.raises(MtnlgError, match=message):
         run_finetune(ws, data, *overrides)
-    assert sorted(p.name for p in ws.checkpoints_dir.iterdir() if p.name != ".train.lock") == ["latest", "step_0000001"]
+    assert sorted(p.name for p in ws.checkpoints_dir.iterdir() if p.name != ".mtnlg.lock") == ["latest", "step_0000001"]
     with pytest.raises(MtnlgError, match="no checkpoint at"):
         run_finetune(ws, data, base=tmp_path / "nowhere")
 
