@@ -319,6 +319,38 @@ def hf_export(checkpoint, out_dir: Path) -> None:
     export_weights(weights_from_checkpoint(checkpoint, None, 0), out_dir, "hf")
 
 
+def test_eval_generate_scores_a_summarization_set_from_the_shared_corpora(ws, tmp_path, shared_data):
+    """`mtnlg eval --task generate` on document/summary pairs made from tests/data (the base model's answers are
+    noise; what is checked is that each answer is scored against its reference and the table and JSON agree)."""
+    from mtnlg_cli.evaluation.generation import exact_match, rouge_l, token_f1
+
+    paragraphs = [" ".join(p.split()) for p in (shared_data / "en_austen_pride_sense.txt").read_text(
+        encoding="utf-8").split("\n\n")]
+    pairs = [{"document": p, "summary": p.split(". ")[0] + "."} for p in paragraphs if 80 < len(p) < 200 and ". " in p]
+    data = tmp_path / "summaries.jsonl"
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in pairs[:6]), encoding="utf-8")
+    out = tmp_path / "scores.json"
+    done = run_cli("eval", "--task", "generate", "--data", str(data), "--max-new-tokens", "6", "-o", str(out),
+                   cwd=ws.root)
+    assert done.returncode == 0, done.stderr
+    results = json.loads(out.read_text())
+    answers = results["answers"][str(data)]
+    assert [a["reference"] for a in answers] == [pair["summary"] for pair in pairs[:6]]
+    assert [a["where"] for a in answers] == [f"{data}:{line}" for line in range(1, 7)]
+    for answer in answers:
+        prediction, reference = answer["prediction"], answer["reference"]
+        assert 0 <= answer["tokens"] <= 6  # (a reply may end at once)
+        assert answer["exact_match"] == exact_match(prediction, reference)
+        assert answer["token_f1"] == token_f1(prediction, reference)
+        assert answer["rouge_l"] == rouge_l(prediction, reference)
+    assert any(answer["prediction"] for answer in answers)
+    metrics = results["results"][str(data)]
+    assert metrics["examples"] == 6
+    for key in ("exact_match", "token_f1", "rouge_l"):
+        assert metrics[key] == pytest.approx(sum(a[key] for a in answers) / 6)
+    assert "summaries.jsonl" in done.stdout and "ROUGE" in done.stdout.upper()
+
+
 def test_python_api_fine_tunes_with_lora_then_chats(ws):
     from mtnlg_cli.api import MegatronLM
     from mtnlg_cli.checkpoint import load_checkpoint

@@ -258,3 +258,31 @@ def test_fused_loss_ignores_targets_as_cross_entropy_does():
     torch.testing.assert_close(ours, reference)
     torch.testing.assert_close(grads, (hidden.grad, weight.grad))
     assert linear_cross_entropy(hidden, weight, torch.full((40,), IGNORE_INDEX)).item() == 0.0
+
+
+@pytest.mark.parametrize("prediction, reference", [
+    ("The cat sat on the mat.", "a cat sat on a mat"),
+    ("Mr. Darcy walked away", "Darcy walked quickly away from Mr. Bingley"),
+    ("it is a truth universally acknowledged", "a truth that is universally acknowledged, it is"),
+    ("nothing in common", "something else entirely"),
+])
+def test_generation_scores_are_squads_and_rouge_scores(prediction, reference):
+    from rouge_score import rouge_scorer
+
+    from mtnlg_cli.evaluation.generation import exact_match, normalize_answer, rouge_l, token_f1
+
+    expected = rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
+    assert rouge_l(prediction, reference) == pytest.approx(expected, abs=1e-12)
+    predicted, wanted = normalize_answer(prediction).split(), normalize_answer(reference).split()
+    shared = sum(min(predicted.count(w), wanted.count(w)) for w in set(predicted))
+    f1 = 0.0 if shared == 0 else 2 * shared / (len(predicted) + len(wanted))
+    assert token_f1(prediction, reference) == pytest.approx(f1)
+    assert exact_match(prediction, reference) == float(predicted == wanted)
+    assert exact_match("The Cat  sat, on the mat!", "cat sat on mat") == 1.0
+
+
+def test_generation_scores_count_each_chinese_character_as_a_word():
+    from mtnlg_cli.evaluation.generation import rouge_l, token_f1
+
+    assert rouge_l("床前明月光", "明月光") == pytest.approx(2 * 1.0 * 0.6 / 1.6)  # LCS 3 of 5 and of 3 characters
+    assert token_f1("疑是地上霜", "地上霜") == pytest.approx(0.75)
