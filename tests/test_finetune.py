@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -228,20 +229,32 @@ def test_lock_and_ctrl_c_work_as_in_train(ws, tmp_path):
      "finetune.method=lora runs on one process, with data parallelism or with FSDP, not with "
      "parallel.pipeline_parallel=2"),
     (["{bad}"], "bad.jsonl:2: empty assistant turn"),
+    (["{text}"], "text.jsonl:1: no known example format (keys: text)"),
 ])
 def test_bad_input_is_one_line_exit_2_and_nothing_is_written(ws, tmp_path, args, message):
     data = repeat_examples(tmp_path / "train.jsonl", phrases(4, seed=7))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": ""}\n')
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "pretraining data, not examples"}\n')
 
     def files():  # (the training lock's empty file stays, as after any run)
         return sorted(p.name for p in ws.root.rglob("*") if p.name != ".mtnlg.lock")
 
     before = files()
-    done = run_cli("finetune", *[a.format(data=data, bad=bad) for a in args], cwd=ws.root)
+    done = run_cli("finetune", *[a.format(data=data, bad=bad, text=text) for a in args], cwd=ws.root)
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: ") and message in done.stderr
     assert files() == before
+
+
+def test_a_workspace_without_a_checkpoint_is_refused_in_one_line(ws, tmp_path):
+    shutil.rmtree(ws.checkpoints_dir)
+    data = repeat_examples(tmp_path / "train.jsonl", phrases(4, seed=7))
+    done = run_cli("finetune", str(data), cwd=ws.root)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.startswith("error: no checkpoint to fine-tune in ") and done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr and not list(ws.checkpoints_dir.glob("step_*"))
 
 
 @pytest.mark.parametrize("overrides, message", [
