@@ -286,3 +286,19 @@ def test_generation_scores_count_each_chinese_character_as_a_word():
 
     assert rouge_l("床前明月光", "明月光") == pytest.approx(2 * 1.0 * 0.6 / 1.6)  # LCS 3 of 5 and of 3 characters
     assert token_f1("疑是地上霜", "地上霜") == pytest.approx(0.75)
+
+
+def test_the_memory_check_leaves_out_the_frozen_weights_gradients_and_optimizer_state(monkeypatch):
+    from mtnlg_cli.config import load_config
+    from mtnlg_cli.planning.planner import layout_from_config, memory_per_gpu
+    from mtnlg_cli.training import memory
+
+    config = load_config({"model": {"num_layers": 24, "hidden_size": 1024, "num_heads": 16, "seq_length": 64,
+                                    "max_position_embeddings": 64, "vocab_size": 1000},
+                          "train": {"micro_batch_size": 1, "global_batch_size": 1}})
+    full = memory_per_gpu(config, layout_from_config(config, 1))
+    frozen = full.total - full.gradients - full.optimizer
+    monkeypatch.setattr(memory, "available_memory", lambda device: (int(frozen * 1.1), "of RAM available"))
+    memory.check_memory(config, 1, 1, torch.device("cpu"), frozen_weights=True)  # LoRA fits
+    with pytest.raises(memory.DoesNotFit, match="the largest part is the optimizer state"):
+        memory.check_memory(config, 1, 1, torch.device("cpu"))  # training every weight does not

@@ -58,7 +58,8 @@ def finetune(workspace: Workspace, config: Config, data: Sequence[Path | str] = 
         if not path.is_file():
             raise MtnlgError(f"no such file: {path}" if not path.exists() else f"{path} is not a file")
     return run_trainer(workspace, config, report,
-                       lambda runtime, report: FineTuner(workspace, config, runtime, report, paths, base))
+                       lambda runtime, report: FineTuner(workspace, config, runtime, report, paths, base),
+                       frozen_weights=config.finetune.method == "lora")
 
 
 class FineTuner(Trainer):

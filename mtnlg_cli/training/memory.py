@@ -5,6 +5,7 @@ machine that overcommits, growing until the machine runs out).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -28,10 +29,14 @@ class DoesNotFit(MtnlgError):
     """A config whose training needs more memory than the device has."""
 
 
-def check_memory(config: Config, world_size: int, local_processes: int, device: torch.device) -> None:
+def check_memory(config: Config, world_size: int, local_processes: int, device: torch.device,
+                 frozen_weights: bool = False) -> None:
     """Refuses a run whose estimated memory (per device; on CPU, the processes on this machine together) is
-    more than the device has available."""
+    more than the device has available. `frozen_weights`: the model's weights are not trained (LoRA), so they
+    have no gradients or optimizer state (the adapters' own are a few percent of those, left out)."""
     memory = memory_per_gpu(config, layout_from_config(config, world_size))
+    if frozen_weights:
+        memory = dataclasses.replace(memory, gradients=0.0, optimizer=0.0)
     sharing = local_processes if device.type == "cpu" else 1  # CPU processes share the machine's RAM
     needed = memory.total * sharing
     available, where = available_memory(device)

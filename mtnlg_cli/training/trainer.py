@@ -72,7 +72,7 @@ def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None
 
 
 def run_trainer(workspace: Workspace, config: Config, report: Reporter, make, resume: Optional[Path] = None,
-                from_scratch: bool = False, check_memory: bool = True) -> TrainResult:
+                from_scratch: bool = False, check_memory: bool = True, frozen_weights: bool = False) -> TrainResult:
     """Runs `make(runtime, report)`'s trainer on this process's runtime, holding the workspace's training lock on
     the main rank. Only the main rank reports."""
     runtime = make_runtime(config)
@@ -82,7 +82,7 @@ def run_trainer(workspace: Workspace, config: Config, report: Reporter, make, re
             local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
             # auto: the existing tokenizer's size (the trainer resolves it again after preprocess has run)
             memory.check_memory(config.with_tokenizer_vocab(workspace.tokenizer_vocab_size()), runtime.world_size,
-                                local_processes, runtime.device)
+                                local_processes, runtime.device, frozen_weights)
         if runtime.is_main:
             with WorkspaceLock(workspace.root, "training"):
                 return make(runtime, report).run(resume, from_scratch)
