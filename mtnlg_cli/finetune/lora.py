@@ -106,7 +106,8 @@ def _add_adapter_output(linear: nn.Linear, inputs: tuple, output: torch.Tensor) 
     x = inputs[0]
     if linear.lora_dropout and linear.training:
         x = F.dropout(x, linear.lora_dropout)
-    return output + F.linear(F.linear(x, linear.lora_A), linear.lora_B) * linear.lora_scale
+    # the scale goes on B (out x rank), not on the product (tokens x out): one activation-sized tensor less
+    return output + F.linear(F.linear(x, linear.lora_A), linear.lora_B * linear.lora_scale)
 
 
 def adapter_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
