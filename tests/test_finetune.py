@@ -381,3 +381,53 @@ def test_python_api_fine_tunes_with_lora_then_chats(ws):
     assert json.loads((ws.root / "data/api/finetune.jsonl").read_text().splitlines()[0]) == examples[0]
     with pytest.raises(MtnlgError, match="data must be a JSONL file"):
         model.finetune([1, 2])
+
+
+def test_peft_reads_adapters_on_a_llama_models_split_projections(tmp_path):
+    """A Llama-family model's fused qkv adapter becomes PEFT adapters on q_proj, k_proj and v_proj (grouped
+    queries), and the SwiGLU gate's on gate_proj; PEFT on the LlamaForCausalLM export computes mtnlg's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mtnlg_cli.checkpoint import load_checkpoint, load_model, save_checkpoint
+    from mtnlg_cli.config import load_config
+    from mtnlg_cli.finetune.lora import LoraSettings, add_adapters, adapter_tensors
+    from mtnlg_cli.finetune.peft_export import export_peft_adapter
+    from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.model.gpt import GPT
+
+    config = load_config({"model": {
+        "num_layers": 2, "hidden_size": 64, "num_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 96,
+        "seq_length": 32, "max_position_embeddings": 32, "vocab_size": 256, "position_embedding_type": "rope",
+        "normalization": "RMSNorm", "swiglu": True, "untie_embeddings_and_output_weights": True,
+        "add_bias_linear": False}, "finetune": {"method": "lora", "lora_rank": 4}})
+    architecture = Architecture.from_model_config(config.model)
+    torch.manual_seed(0)
+    model = GPT(architecture)
+    state = {"model_config": architecture.to_dict(), "consumed_samples": 0}
+    root = tmp_path / "checkpoints"
+    base = save_checkpoint(root, 1, {"model": model.state_dict()}, state)
+    settings = LoraSettings.from_config(config.finetune, architecture)
+    add_adapters(model, settings)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("lora_B"):
+                parameter.normal_(0, 0.05)
+    adapted = save_checkpoint(root, 2, {"adapter": adapter_tensors(model.state_dict())},
+                              {**state, "finetune": {"method": "lora", "base": base.name,
+                                                     "lora": settings.to_dict()}})
+    hf_export(load_checkpoint(base), tmp_path / "hf")
+    export_peft_adapter(load_checkpoint(adapted), tmp_path / "adapter", torch.float32)
+    config_json = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config_json["target_modules"] == ["mlp.down_proj", "mlp.gate_proj", "mlp.up_proj", "self_attn.k_proj",
+                                             "self_attn.o_proj", "self_attn.q_proj", "self_attn.v_proj"]
+    assert config_json["fan_in_fan_out"] is False
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                                       tmp_path / "adapter").eval()
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = load_model(load_checkpoint(adapted))(tokens), theirs(tokens).logits
+        with theirs.disable_adapter():
+            base_logits = theirs(tokens).logits
+    assert (base_logits - expected).abs().max() > 1e-2
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
