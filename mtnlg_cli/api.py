@@ -143,12 +143,11 @@ class MegatronLM:
 
     def _reporter(self):
         """Progress on stderr through the CLI's renderer, or no events at all when quiet."""
-        from rich.console import Console
-
+        from mtnlg_cli.commands.common import make_console
         from mtnlg_cli.commands.render import ConsoleReporter
         from mtnlg_cli.events import ignore
 
-        return contextlib.nullcontext(ignore) if self._quiet else ConsoleReporter(Console(stderr=True))
+        return contextlib.nullcontext(ignore) if self._quiet else ConsoleReporter(make_console(stderr=True))
 
     # --- training -------------------------------------------------------------------------------------------------
 

@@ -21,6 +21,3 @@ class ConfigError(MtnlgError):
 class WorkspaceError(MtnlgError):
     """No workspace, or a workspace that is not in the state a command needs."""
 
-
-class NotImplementedYet(MtnlgError):
-    """A subcommand whose issue has not landed yet."""

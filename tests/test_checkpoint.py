@@ -144,3 +144,30 @@ def test_optimizer_state_is_saved_by_parameter_name_and_restored_exactly():
     reshaped = {**saved, "wpe.weight.exp_avg": torch.zeros(3, 3)}
     with pytest.raises(MtnlgError, match=r"wpe.weight.exp_avg has shape \(3, 3\), the model expects \(8, 16\)"):
         fresh.load_optimizer_state(reshaped, scalars, "ckpt")
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_workspaces_checkpoints_and_exports_land_with_the_umask_permissions(tmp_path, umask, folder_mode,
+                                                                            file_mode):
+    import os
+    import stat
+
+    from mtnlg_cli.convert.common import staged_output
+    from mtnlg_cli.workspace import init_workspace
+
+    def mode(path) -> int:
+        return stat.S_IMODE(os.stat(path).st_mode)
+
+    previous = os.umask(umask)
+    try:
+        workspace = init_workspace(tmp_path / "ws")
+        checkpoint = save_checkpoint(workspace.checkpoints_dir, 1, tensors(1.0), {"loss": 1.0})
+        with staged_output(tmp_path / "export") as staging:
+            safetensors.torch.save_file({"w": torch.ones(2)}, str(staging / "model.safetensors"))
+    finally:
+        os.umask(previous)
+    assert mode(workspace.root) == mode(workspace.root / "data" / "raw") == folder_mode
+    assert mode(workspace.config_path) == file_mode
+    assert mode(checkpoint) == mode(tmp_path / "export") == folder_mode
+    assert {mode(path) for path in checkpoint.iterdir()} == {file_mode}  # safetensors files and state.json
+    assert mode(tmp_path / "export" / "model.safetensors") == file_mode

@@ -121,3 +121,96 @@ def test_invalid_yaml_names_the_line(workspace):
     (workspace.root / "mtnlg.yaml").write_text("model:\n  num_layrs: 4\n")
     result = run_cli("info", "-w", str(workspace.root))
     assert result.returncode == 2 and "did you mean model.num_layers" in result.stderr
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """`mtnlg ARGS` in this process (for checks that end before a command's work begins): (exit code, out, err)."""
+    from mtnlg_cli.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("args, wrong, right", [
+    (["init", "ws", "--templat", "tiny"], "--templat", "--template"),
+    (["preprocess", "--worker", "2"], "--worker", "--workers"),
+    (["train", "--from-scrach"], "--from-scrach", "--from-scratch"),
+    (["eval", "--strid", "8"], "--strid", "--stride"),
+    (["generate", "--max-new-token", "5", "x"], "--max-new-token", "--max-new-tokens"),
+    (["chat", "--sytem", "Be brief."], "--sytem", "--system"),
+    (["convert", "export", "out", "--dtyp", "bf16"], "--dtyp", "--dtype"),
+    (["plan", "--gpu-memry", "80"], "--gpu-memry", "--gpu-memory"),
+    (["info", "--jsn"], "--jsn", "--json"),
+])
+def test_every_command_refuses_a_misspelled_option_with_a_suggestion(capsys, args, wrong, right):
+    code, out, err = run_main(capsys, *args)
+    assert code == 2 and out == ""
+    assert err == f"error: no option {wrong}; did you mean {right}?\n"
+
+
+def test_an_option_with_no_close_match_points_to_help(capsys):
+    code, _, err = run_main(capsys, "train", "--zzzz")
+    assert code == 2 and err == "error: no option --zzzz; see mtnlg train --help\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--num-samples", "0", "x"], "error: --num-samples 0: input should be greater than or equal to 1"),
+    (["generate", "-n", "abc", "x"], "error: --max-new-tokens abc: input should be a valid integer"),
+    (["convert", "export", "out", "--to", "onnx"], "error: --to onnx: 'onnx' is not one of 'safetensors', 'hf'"),
+    (["convert", "export", "out", "--to", "megatron", "-t", "0"], "error: --tensor-parallel 0: input should be"),
+    (["convert", "export", "out", "--to", "megatron", "-p", "0"], "error: --pipeline-parallel 0: input should be"),
+    (["plan", "--gpus", "0"], "error: --gpus 0: input should be greater than or equal to 1"),
+    (["preprocess", "--workers", "-1"], "error: --workers -1: input should be greater than or equal to 0"),
+    (["train", "extra"], "error: got unexpected extra argument"),
+])
+def test_usage_errors_are_one_line_without_a_box(capsys, args, message):
+    code, out, err = run_main(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.startswith(message) and len(err.splitlines()) == 1 and "╭" not in err
+
+
+def test_workers_zero_means_every_core(workspace, monkeypatch):
+    import mtnlg_cli.data.preprocess as preprocess_module
+    from mtnlg_cli.cli import main
+
+    seen = {}
+
+    def fake_preprocess(found, config, sources, workers, model_file, force, report):
+        seen["config"], seen["workers"] = config.data.workers, workers
+        return []
+
+    monkeypatch.setattr(preprocess_module, "preprocess", fake_preprocess)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["preprocess", "-w", str(workspace.root), "--set", "data.workers=3", "--workers", "0"])
+    assert exit_info.value.code == 0
+    assert seen == {"config": 0, "workers": None}  # data.workers=0: one per core, as the config documents
+
+
+def test_init_where_a_workspace_cannot_be_made_is_one_line(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    code, _, err = run_main(capsys, "init", str(tmp_path / "a_file" / "ws"))
+    assert code == 2 and err.startswith(f"error: cannot create {tmp_path / 'a_file' / 'ws'}: ")
+    assert len(err.splitlines()) == 1
+    code, _, err = run_main(capsys, "init", "/proc/mtnlg-ws")  # a place no one may create a folder in
+    assert code == 2 and err.startswith("error: cannot create /proc/mtnlg-ws: ") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_shows_no_type_for_flags(capsys, command):
+    code, out, _ = run_main(capsys, *([command] if command else []), "--help")
+    assert code == 0 and "--help" in out and "<bool>" not in out
+
+
+def test_piped_output_is_neither_wrapped_nor_truncated(capsys, monkeypatch):
+    monkeypatch.delenv("COLUMNS", raising=False)  # a pipe: rich would lay out to 80 columns
+    code, out, _ = run_main(capsys, "plan", "-t", "gpt-1.3b", "--gpu", "a100-80g", "--gpus", "64", "--search",
+                            "--top", "3")
+    assert code == 0
+    assert "micro-batch" in out and "memory/GPU" in out and "…" not in out
+    title = next(line for line in out.splitlines() if line.startswith("layouts for"))
+    assert title.endswith("fastest first")  # one line, however long
+    code, out, _ = run_main(capsys, "init", "--list")
+    assert code == 0 and "…" not in out
+    assert any("Megatron-Turing NLG 530B" in line and "mt-nlg-530b" in line for line in out.splitlines())

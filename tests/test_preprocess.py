@@ -53,6 +53,8 @@ def test_quick_start_preprocess_then_up_to_date(tmp_path):
     first = run_cli("preprocess", cwd=demo)
     assert first.returncode == 0, first.stderr
     assert "Tokenizer: trained" in first.stderr and "documents" in first.stderr
+    tokenized = demo.resolve() / "data" / "tokenized"
+    assert f"-> {tokenized / 'raw.bin'}, {tokenized / 'raw.idx'}\n" in first.stderr  # the two files, named in full
     manifest = json.loads((demo / "data/tokenized/raw.json").read_text())
     tokenizer = Tokenizer.load(demo / "tokenizer")
     assert manifest["tokenizer_hash"] == tokenizer.hash and tokenizer.vocab_size == 4000

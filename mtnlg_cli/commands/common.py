@@ -6,10 +6,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 
 from mtnlg_cli.config import Config
-from mtnlg_cli.errors import NotImplementedYet
 from mtnlg_cli.workspace import Workspace, find_workspace
+
+# the width a console that is not a terminal lays out to: wider than any line or table the commands print, so
+# piped output (a file, a pipe, a CI log) is never wrapped or cut
+UNWRAPPED_WIDTH = 10_000
 
 WorkspaceOption = Annotated[
     Optional[Path],
@@ -23,12 +27,17 @@ SetOption = Annotated[
 ]
 
 
-
 def open_workspace(workspace: Optional[Path], overrides: Optional[list[str]]) -> tuple[Workspace, Config]:
     """The workspace a command works on and its validated config with `--set` overrides applied."""
     found = find_workspace(workspace)
     return found, found.load_config(overrides or [])
 
 
-def not_implemented(command: str, issue: int) -> None:
-    raise NotImplementedYet(f"mtnlg {command} is not implemented yet (issue #{issue})")
+def make_console(stderr: bool = False, quiet: bool = False) -> Console:
+    """The rich console a command prints through. On a terminal it wraps to the terminal's width; otherwise it
+    neither wraps lines nor truncates table cells, so the output reads the same in a log as on a wide terminal."""
+    console = Console(stderr=stderr, quiet=quiet)
+    if not console.is_terminal:
+        console.soft_wrap = True
+        console.width = UNWRAPPED_WIDTH
+    return console

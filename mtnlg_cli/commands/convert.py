@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from rich.console import Console
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
 from mtnlg_cli.errors import MtnlgError
 
 
@@ -36,12 +36,11 @@ def convert_command(
         "--max-shard-size", help="export to safetensors or hf: split into files of at most this size "
         "(e.g. 500MB, 2GB) with an index json.", show_default=False)] = None,
     tensor_parallel: Annotated[Optional[int], typer.Option(
-        "--tensor-parallel", "-t", help="export to megatron(-core): split over this many tensor-parallel ranks "
-        "(default 1).",
-        show_default=False)] = None,
+        "--tensor-parallel", "-t", min=1, help="export to megatron(-core): split over this many tensor-parallel "
+        "ranks (default 1).", show_default=False)] = None,
     pipeline_parallel: Annotated[Optional[int], typer.Option(
-        "--pipeline-parallel", "-p", help="export to megatron(-core): split the layers over this many pipeline "
-        "stages (default 1).", show_default=False)] = None,
+        "--pipeline-parallel", "-p", min=1, help="export to megatron(-core): split the layers over this many "
+        "pipeline stages (default 1).", show_default=False)] = None,
     step: Annotated[Optional[int], typer.Option(
         "--step", help="import: the step to file the checkpoint under (default: the source's iteration, else 0).",
         show_default=False)] = None,
@@ -71,7 +70,7 @@ def convert_command(
                  if value is not None]
     if misplaced:
         raise MtnlgError(f"{misplaced[0]} does not apply to mtnlg convert {action}")
-    console = Console()
+    console = make_console()
     ws, config = open_workspace(workspace, overrides)
     if action == "export" and adapter:
         _export_adapter(console, ws, path, to, checkpoint, dtype, max_shard_size, tensor_parallel, pipeline_parallel,

@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from mtnlg_cli.commands.common import SetOption
+from mtnlg_cli.commands.common import SetOption, make_console
 from mtnlg_cli.errors import MtnlgError, WorkspaceError
 from mtnlg_cli.workspace import DEFAULT_TEMPLATE, init_workspace, template_config, template_description, template_names
 
@@ -39,7 +38,7 @@ def init_command(
 
     mtnlg init DIR --from org/name (or org/name@revision, or a local model folder)
     """
-    console = Console()
+    console = make_console()
     if list_templates:
         console.print(templates_table())
         return

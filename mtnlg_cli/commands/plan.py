@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.planning import planner
 from mtnlg_cli.model.architecture import human_count
@@ -22,7 +22,7 @@ def plan_command(
     overrides: SetOption = None,
     template: Annotated[Optional[str], typer.Option("--template", "-t", help="Plan a preset (see mtnlg init "
                         "--list) instead of the workspace config.", show_default=False)] = None,
-    gpus: Annotated[Optional[int], typer.Option("--gpus", help="GPUs in the cluster (default: TP x PP x the "
+    gpus: Annotated[Optional[int], typer.Option("--gpus", min=1, help="GPUs in the cluster (default: TP x PP x the "
                     "config's data_parallel or 1).", show_default=False)] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help=f"GPU model: {', '.join(planner.GPUS)} (default "
                    f"{planner.DEFAULT_GPU}).", show_default=False)] = None,
@@ -89,13 +89,13 @@ def plan_command(
         if as_json:
             typer.echo(json.dumps([plan.to_dict() for plan in plans[:top]], indent=2))
             return
-        print_search(Console(), source, cluster, plans, top)
+        print_search(make_console(), source, cluster, plans, top)
         return
     plan = planner.make_plan(config, layout, cluster, mfu, tflops, budget)
     if as_json:
         typer.echo(json.dumps({"source": source, **plan.to_dict()}, indent=2))
         return
-    print_plan(Console(), source, plan, tflops is not None)
+    print_plan(make_console(), source, plan, tflops is not None)
 
 
 def parse_token_count(text: str) -> int:

@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
-from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
 
 
 def preprocess_command(
@@ -16,7 +15,7 @@ def preprocess_command(
         help="Files, directories or globs to tokenize instead of data.sources (each becomes a dataset named "
              "after it).", show_default=False)] = None,
     workers: Annotated[Optional[int], typer.Option(
-        "--workers", "-j", min=1, help="Encoding processes (default: data.workers, 0 there = all cores).",
+        "--workers", "-j", min=0, help="Encoding processes; 0 is one per core (config: data.workers).",
         show_default=False)] = None,
     errors: Annotated[Optional[str], typer.Option(
         "--errors", help="Invalid UTF-8: strict (stop, naming file and byte) or replace (default: data.errors).",
@@ -33,32 +32,29 @@ def preprocess_command(
     overrides: SetOption = None,
 ) -> None:
     """Train the tokenizer and tokenize the corpus into Megatron .bin/.idx datasets."""
-    from rich.console import Console
-
     from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.config import DataSource
     from mtnlg_cli.data.preprocess import preprocess
 
-    unknown = [p for p in paths or [] if p.startswith("-")]
-    if unknown:  # the command passes unknown options through as arguments; do not read them as file names
-        raise MtnlgError(f"unknown option {unknown[0]}; see mtnlg preprocess --help")
     settings = list(overrides or [])
+    if workers is not None:
+        settings.append(f"data.workers={workers}")
     if errors is not None:
         settings.append(f"data.errors={errors}")
     if skip_bad_lines:
         settings.append("data.skip_bad_lines=true")
     found, config = open_workspace(workspace, settings)
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     sources = [DataSource(path=str(Path(p).expanduser().absolute())) for p in paths] if paths else None
     with ConsoleReporter(console) as report:
-        results = preprocess(found, config, sources, workers, str(tokenizer_model) if tokenizer_model else None,
+        results = preprocess(found, config, sources, None, str(tokenizer_model) if tokenizer_model else None,
                              force, report)
     for result in results:
         if result.status == "built":
             skipped = f", {result.bad_lines:,} malformed lines skipped" if result.bad_lines else ""
             console.print(f"{result.name}: {result.documents:,} documents, {result.tokens:,} tokens in "
                           f"{result.seconds:.1f}s ({result.tokens / max(result.seconds, 1e-9) / 1e6:.2f} M tokens/s)"
-                          f"{skipped} -> {found.tokenized_dir / result.name}.bin/.idx")
+                          f"{skipped} -> {dataset_files(found.tokenized_dir / result.name)}")
         elif result.status == "up to date":
             console.print(f"{result.name}: up to date ({result.documents:,} documents, {result.tokens:,} tokens)")
         else:
@@ -68,3 +64,8 @@ def preprocess_command(
     if paths:
         console.print("To train on these datasets, list them under data.sources in mtnlg.yaml, e.g.:\n"
                       + "\n".join(f"  - {{path: {s.path}}}" for s in sources))
+
+
+def dataset_files(prefix: Path) -> str:
+    """A Megatron dataset's two files, named in full."""
+    return f"{prefix}.bin, {prefix}.idx"

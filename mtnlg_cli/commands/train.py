@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
 from mtnlg_cli.errors import MtnlgError
 
 INTERRUPTED_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
@@ -62,13 +62,11 @@ def train_command(
 
 def _train(found, config, resume: Optional[Path], from_scratch: bool, force_memory: bool, show: bool) -> int:
     """Trains; returns the exit code (that of the signal when a signal stopped the run)."""
-    from rich.console import Console
-
     from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.training.memory import DoesNotFit
     from mtnlg_cli.training.trainer import train
 
-    console = Console(quiet=not show)  # only rank 0 of a launched run prints
+    console = make_console(quiet=not show)  # only rank 0 of a launched run prints
     with ConsoleReporter(console) as report:
         try:
             result = train(found, config, resume=resume, from_scratch=from_scratch, check_memory=not force_memory,
