@@ -417,5 +417,106 @@ def test_generate_as_a_user_runs_it(ws):
 def test_unreadable_prompt_file_is_one_line_and_exit_2(ws, capsys, monkeypatch):
     bad = ws.root / "bad.txt"
     bad.write_bytes(b"\xff\xfe not utf-8")
-    code, _, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), str(bad))
+    code, _, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), "--file", str(bad))
     assert code == 2 and err.startswith(f"error: cannot read prompts from {bad}") and err.count("\n") == 1
+
+
+def interrupt_at_sampling_step(monkeypatch, step: int) -> None:
+    """Ctrl-C arrives during the `step`-th sampling step of the run (counting over all batches)."""
+    from mtnlg_cli.inference import engine
+
+    real, calls = engine.Sampler.__call__, []
+
+    def sampling(self, logits, argmaxes=None):
+        calls.append(1)
+        if len(calls) == step:
+            raise KeyboardInterrupt
+        return real(self, logits, argmaxes)
+
+    monkeypatch.setattr(engine.Sampler, "__call__", sampling)
+
+
+@pytest.mark.parametrize("to_file", [True, False])
+def test_ctrl_c_keeps_the_finished_results_and_the_unfinished_continuation(ws, generator, tmp_path, capsys,
+                                                                           monkeypatch, to_file):
+    interrupt_at_sampling_step(monkeypatch, 8)  # the first prompt takes steps 1-5, the second gets 2 tokens
+    out_path = tmp_path / "out.jsonl"
+    code, out, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), ENGLISH, "Mr. Darcy", "-t", "0",
+                           "-n", "5", "--batch-size", "1", *(["--output", str(out_path)] if to_file else []))
+    assert code == 130
+    assert "Stopped by SIGINT: kept 2 result(s), the last one unfinished" in err
+    finished, = generator.generate([ENGLISH], greedy(max_new_tokens=5))
+    partial, = generator.generate(["Mr. Darcy"], greedy(max_new_tokens=2))
+    if not to_file:
+        assert out == finished.text + "\n\n" + partial.text + "\n"
+        return
+    rows = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert [(r["prompt"], r["completion"], r["finish_reason"], r["completion_tokens"]) for r in rows] == [
+        (ENGLISH, finished.text, "length", 5), ("Mr. Darcy", partial.text, "interrupted", 2)]
+
+
+def test_sigterm_keeps_the_results_made_so_far(ws, tmp_path):
+    """A real process stopped by SIGTERM while it decodes far past the context window."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out_path = tmp_path / "out.jsonl"
+    process = subprocess.Popen([sys.executable, "-m", "mtnlg_cli", "generate", "-w", str(ws.root), "-t", "0",
+                                "-n", "1000000", "--output", str(out_path), ENGLISH],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not out_path.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # some tokens
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err
+    assert "generation slides" in err and "Stopped by SIGTERM: kept 1 result(s), the last one unfinished" in err
+    [row] = [json.loads(line) for line in out_path.read_text().splitlines()]
+    assert row["finish_reason"] == "interrupted" and row["completion_tokens"] > 0 and row["completion"]
+    assert os.path.getsize(out_path) > 0
+
+
+def test_on_a_terminal_each_prompt_is_shown_dimmed_and_prompts_are_separated(ws, generator, capsys, monkeypatch):
+    monkeypatch.setenv("TERM", "xterm-256color")
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    first, second = generator.generate([ENGLISH, "Mr. Darcy"], greedy(max_new_tokens=5))
+    code, out, _ = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), ENGLISH, "Mr. Darcy", "-t", "0",
+                         "-n", "5")
+    assert code == 0
+    assert f"\x1b[2m{ENGLISH}\x1b[0m{first.text}\n" in out and f"\x1b[2mMr. Darcy\x1b[0m{second.text}\n" in out
+    between = out[out.index(first.text) + len(first.text):out.index("Mr. Darcy")]
+    assert "─" * 10 in between  # a rule between the prompts
+    code, out, _ = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), ENGLISH, "-t", "0", "-n", "5",
+                         "--no-echo")
+    assert code == 0 and out == first.text + "\n"
+
+
+def test_prompts_are_text_files_come_with_file_and_notes_explain_odd_output(ws, generator, tmp_path, capsys,
+                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Dear").write_text("Mr. Darcy", encoding="utf-8")
+    word, = generator.generate(["Dear"], greedy(max_new_tokens=5))
+    code, out, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), "Dear", "-t", "0", "-n", "5")
+    assert code == 0 and out == word.text + "\n"  # the word, not the file it happens to name
+    assert "'Dear' is taken as the prompt text; to read the file, use --file Dear" in err
+    from_file, = generator.generate(["Mr. Darcy"], greedy(max_new_tokens=5))
+    code, out, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), "-f", "Dear", "-f", "-", "-t", "0",
+                           "-n", "5", stdin="Mr. Darcy")
+    assert code == 0 and out == f"{from_file.text}\n\n{from_file.text}\n" and "note" not in err
+
+    first_character = generator.generate([ENGLISH], greedy(max_new_tokens=1))[0].text[:1]
+    code, out, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), ENGLISH, "-t", "0", "-n", "5",
+                           "--stop", first_character)
+    assert code == 0 and out == "\n"
+    assert "note: continuation 1 is empty: the model produced a stop string at once" in err
+
+    code, _, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), "Dear", "-t", "0", "-n", "5")
+    assert "slides" not in err
+    code, _, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), "Dear", "-t", "0",
+                         "-n", str(CONTEXT))
+    assert code == 0 and (f"note: the prompt and {CONTEXT} new tokens exceed the model's context of {CONTEXT} "
+                          "tokens; past it, generation slides on") in err

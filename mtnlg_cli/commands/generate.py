@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -17,6 +19,8 @@ from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
 from mtnlg_cli.commands.processes import (MachineRankOption, MainProcessIpOption, MainProcessPortOption,
                                           NumMachinesOption, NumProcessesOption, Processes, split_model)
 from mtnlg_cli.errors import MtnlgError
+
+INTERRUPTED_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 CheckpointOption = Annotated[Optional[Path], typer.Option(
     "--checkpoint", "-c", help="Checkpoint folder to use (default: the workspace's latest).", show_default=False)]
@@ -95,13 +99,17 @@ def warnings_as_notes():
 
 def generate_command(
     prompts: Annotated[Optional[list[str]], typer.Argument(
-        help="Prompts; an argument that names an existing file is read as the prompt, - reads standard input. "
-        "No prompt: generate from the start of a document.", show_default=False)] = None,
+        help="Prompts, taken as text (a word that names a file is still text: use --file); - reads standard "
+        "input. No prompt: generate from the start of a document.", show_default=False)] = None,
+    files: Annotated[Optional[list[Path]], typer.Option(
+        "--file", "-f", help="Read a prompt from this file (repeatable; - is standard input).",
+        show_default=False)] = None,
     input_path: Annotated[Optional[Path], typer.Option(
         "--input", "-i", help="JSONL file of prompts, one {\"prompt\": ...} object per line.",
         show_default=False)] = None,
     output_path: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Write results as JSONL here instead of printing text.", show_default=False)] = None,
+        "--output", "-o", help="Write results as JSONL here (a line as each one finishes) instead of printing "
+        "text.", show_default=False)] = None,
     prompt_style: Annotated[Optional[str], typer.Option(
         "--prompt-style", "-p", help="Wrap each prompt in a template of generate.prompt_styles "
         "(plain, summarize, dialogue, or your own).", show_default=False)] = None,
@@ -116,6 +124,8 @@ def generate_command(
     stop: StopOption = None,
     quantize: QuantizeOption = None,
     errors: ErrorsOption = None,
+    echo: Annotated[bool, typer.Option("--echo/--no-echo", help="On a terminal, show each prompt (dimmed) "
+                                       "before its continuation.")] = True,
     stats: Annotated[bool, typer.Option("--stats", help="Print prompt and generated token counts and tokens/s "
                                         "on stderr.")] = False,
     num_processes: NumProcessesOption = 1,
@@ -129,9 +139,12 @@ def generate_command(
 ) -> None:
     """Generate text from prompts with the workspace's latest checkpoint.
 
-    On a terminal the text streams as it is generated; otherwise each continuation is printed once, clean,
-    separated by a blank line when there are several. With --num-processes N the model is split over N
-    processes (parallel.tensor_parallel x parallel.pipeline_parallel = N); rank 0 reads and writes.
+    On a terminal each prompt is shown dimmed and its continuation streams after it, with a rule between
+    prompts. Piped, only the continuations are printed, each as it finishes, separated by a blank line; with
+    --output each result is a JSONL line. Ctrl-C or SIGTERM keeps what was made: the unfinished continuation is
+    printed (or written with finish_reason "interrupted") before the command exits. With --num-processes N the
+    model is split over N processes (parallel.tensor_parallel x parallel.pipeline_parallel = N); rank 0 reads
+    and writes.
     """
     ws, config = open_workspace(workspace, overrides)
     settings = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -140,58 +153,192 @@ def generate_command(
     processes = Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
     split = split_model("generate", ws, config, checkpoint, processes,
                         quantization_asked(config, quantize))
-    records = _read_prompts(prompts or [], input_path)
+    records = _read_prompts(prompts or [], files or [], input_path)
     style = _prompt_style(config, prompt_style)
     records = [dict(record, sample=i) for record in records for i in range(num_samples)]
     texts = [style.replace("{text}", record["prompt"]) for record in records]
 
-    generator = load_generator(ws, checkpoint, config, quantize, split)
-    stream = output_path is None and sys.stdout.isatty()
-    chunk = 1 if stream else batch_size
-    results, prompt_tokens, generated_tokens = [], 0, 0
-    start = time.perf_counter()
-    with warnings_as_notes():
-        for first in range(0, len(texts), chunk):
-            on_text = (lambda _row, piece: (sys.stdout.write(piece), sys.stdout.flush())) if stream else None
-            if stream and first:
-                sys.stdout.write("\n\n")
-            completions = generator.generate(texts[first:first + chunk], settings, on_text=on_text)
-            for completion in completions:
-                prompt_tokens += completion.prompt_tokens
-                generated_tokens += len(completion.tokens)
-            results += completions
-    seconds = time.perf_counter() - start
+    from mtnlg_cli.inference.engine import GenerationInterrupted
 
+    generator = load_generator(ws, checkpoint, config, quantize, split)
+    _note_sliding(generator, texts, settings.max_new_tokens)
+    terminal = output_path is None and sys.stdout.isatty()
+    chunk = 1 if terminal else batch_size
+    results: list = []
+
+    def keep(first: int, completions: list) -> None:
+        sink.write(records[first:first + len(completions)], completions)
+        results.extend(completions)
+        _note_empty(completions, first)
+
+    start = time.perf_counter()
+    with _signals_as_interrupts() as received, warnings_as_notes():
+        sink = (_JsonlSink(output_path, num_samples) if output_path is not None
+                else _TerminalSink(echo) if terminal else _PipeSink())
+        try:
+            for first in range(0, len(texts), chunk):
+                sink.begin(texts[first:first + chunk])
+                try:
+                    completions = generator.generate(texts[first:first + chunk], settings, on_text=sink.on_text)
+                except GenerationInterrupted as interrupted:
+                    keep(first, interrupted.completions)
+                    raise
+                keep(first, completions)
+        except KeyboardInterrupt:
+            sink.close()
+            name = received.get("signal", "SIGINT")
+            unfinished = ", the last one unfinished" if results and results[-1].finish_reason == "interrupted" else ""
+            where = f" in {output_path}" if output_path is not None else ""
+            typer.echo(f"Stopped by {name}: kept {len(results)} result(s){unfinished}{where}", err=True)
+            raise typer.Exit(INTERRUPTED_EXIT_CODES[name]) from None
+    sink.close()
+    seconds = time.perf_counter() - start
     if output_path is not None:
-        rows = []
-        for record, c in zip(records, results):
-            row = {**record, "completion": c.text, "finish_reason": c.finish_reason,
-                   "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens)}
-            if num_samples == 1:
-                del row["sample"]
-            rows.append(row)
-        _write_jsonl(output_path, rows)
         typer.echo(f"wrote {len(results)} results to {output_path}", err=True)
-    elif stream:
-        sys.stdout.write("\n")
-    else:
-        sys.stdout.write("\n\n".join(c.text for c in results) + "\n")
     if stats:
+        prompt_tokens = sum(c.prompt_tokens for c in results)
+        generated_tokens = sum(len(c.tokens) for c in results)
         typer.echo(f"prompt tokens: {prompt_tokens}, generated tokens: {generated_tokens}, "
                    f"time: {seconds:.2f}s, {generated_tokens / max(seconds, 1e-9):.1f} tokens/s", err=True)
 
 
-def _read_prompts(arguments: list[str], input_path: Optional[Path]) -> list[dict]:
-    """Prompt records ({"prompt": text, ...other JSONL keys}) from the arguments and the --input file."""
+class _PipeSink:
+    """Continuations only, each written as its batch finishes, separated by a blank line."""
+
+    on_text = None
+
+    def __init__(self):
+        self.count = 0
+
+    def begin(self, texts: list[str]) -> None:
+        pass
+
+    def write(self, records: list[dict], completions: list) -> None:
+        for completion in completions:
+            sys.stdout.write(("\n" if self.count else "") + completion.text + "\n")
+            self.count += 1
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        sys.stdout.flush()
+
+
+class _TerminalSink:
+    """Each prompt dimmed (unless --no-echo), its continuation streamed after it, a rule between prompts."""
+
+    def __init__(self, echo: bool):
+        from mtnlg_cli.commands.common import make_console
+
+        self.console = make_console()
+        self.echo = echo
+        self.count = 0
+
+    def begin(self, texts: list[str]) -> None:
+        if self.count:
+            self.console.rule(style="dim")
+        if self.echo:
+            self.console.print(texts[0], style="dim", end="", markup=False, highlight=False, soft_wrap=True)
+        self.count += 1
+
+    def on_text(self, _row: int, piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    def write(self, records: list[dict], completions: list) -> None:
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        sys.stdout.flush()
+
+
+class _JsonlSink:
+    """One JSON line per result, written and flushed as it finishes, so an interrupted run keeps its results."""
+
+    def __init__(self, path: Path, num_samples: int):
+        self.path, self.num_samples = path, num_samples
+        try:
+            self.file = open(path, "w", encoding="utf-8")
+        except OSError as exc:
+            raise MtnlgError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+    on_text = None
+
+    def begin(self, texts: list[str]) -> None:
+        pass
+
+    def write(self, records: list[dict], completions: list) -> None:
+        for record, c in zip(records, completions):
+            row = {**record, "completion": c.text, "finish_reason": c.finish_reason,
+                   "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens)}
+            if self.num_samples == 1:
+                del row["sample"]
+            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            self.file.flush()
+        except OSError as exc:
+            raise MtnlgError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@contextmanager
+def _signals_as_interrupts():
+    """SIGTERM stops generation as Ctrl-C does (KeyboardInterrupt), so that what was made is kept; yields a dict
+    that names the signal that came."""
+    received: dict[str, str] = {}
+    previous = {}
+
+    def handle(signum, _frame) -> None:
+        received["signal"] = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():  # signals reach only the main thread
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, handle)
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _note_sliding(generator, texts: list[str], max_new_tokens: int) -> None:
+    """Says so when generation will run past the context window (it then slides instead of stopping)."""
+    context = generator.context_length
+    longest = max(min(len(generator.encode(text)), context) for text in texts)
+    if longest + max_new_tokens > context:
+        typer.echo(f"note: the prompt and {max_new_tokens} new tokens exceed the model's context of {context} "
+                   f"tokens; past it, generation slides on, each new token seeing only the last {context // 2} "
+                   f"to {context} tokens", err=True)
+
+
+def _note_empty(completions: list, first: int) -> None:
+    """A continuation that ended before its first character says so, so that empty output is not a mystery."""
+    for offset, completion in enumerate(completions):
+        if not completion.text and completion.finish_reason in ("eos", "stop"):
+            why = "the end-of-document token" if completion.finish_reason == "eos" else "a stop string"
+            typer.echo(f"note: continuation {first + offset + 1} is empty: the model produced {why} at once",
+                       err=True)
+
+
+def _read_prompts(arguments: list[str], files: list[Path], input_path: Optional[Path]) -> list[dict]:
+    """Prompt records ({"prompt": text, ...other JSONL keys}) from the arguments, the --file files and the --input
+    file."""
     records = []
     for argument in arguments:
         if argument == "-":
             records.append({"prompt": sys.stdin.read()})
-        elif argument and os.path.isfile(argument):
-            records.append({"prompt": _read_text(Path(argument))})
-        else:
-            records.append({"prompt": argument})
+            continue
+        if argument and os.path.isfile(argument):
+            typer.echo(f"note: {argument!r} is taken as the prompt text; to read the file, use --file {argument}",
+                       err=True)
+        records.append({"prompt": argument})
+    for path in files:
+        records.append({"prompt": sys.stdin.read() if str(path) == "-" else _read_text(path)})
     if input_path is not None:
+        count = len(records)
         for number, line in enumerate(_read_text(input_path).splitlines(), 1):
             if not line.strip():
                 continue
@@ -203,7 +350,7 @@ def _read_prompts(arguments: list[str], input_path: Optional[Path]) -> list[dict
                 raise MtnlgError(f"{input_path} line {number} needs a \"prompt\" string, e.g. "
                                  "{\"prompt\": \"Once upon a time\"}")
             records.append(record)
-        if not records:
+        if len(records) == count:
             raise MtnlgError(f"{input_path} has no prompts")
     return records or [{"prompt": ""}]
 
@@ -222,8 +369,3 @@ def _prompt_style(config, name: Optional[str]) -> str:
         raise MtnlgError(f"unknown prompt style {name!r}; generate.prompt_styles has: {', '.join(styles)}")
     return styles[name]
 
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    from mtnlg_cli import atomic
-
-    atomic.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from mtnlg_cli.commands.common import SetOption, make_console
@@ -63,7 +64,7 @@ def _init_from(console: Console, directory: Path, source: str, template: str, fo
     from mtnlg_cli.model.architecture import human_count
 
     try:
-        with ConsoleReporter(Console(stderr=True)) as report:
+        with ConsoleReporter(make_console(stderr=True)) as report:
             workspace, plan = create_from_pretrained(directory, source, template, force, allow_pickle, overrides,
                                                      report)
     except PickledWeightsOnly as exc:

@@ -13,6 +13,9 @@ One engine serves `mtnlg generate`, `mtnlg chat`, eval's generate-until tasks an
     completions[0].tokens         # its token ids (a stop token is left out; a stop string's tokens stay in)
     completions[0].finish_reason  # "eos" (a stop token), "stop" (a stop string) or "length" (max_new_tokens)
 
+- Ctrl-C during `generate` raises `GenerationInterrupted` (a KeyboardInterrupt) whose `completions` hold what each
+  row had made, finish_reason "interrupted" for the rows still going.
+
 - Prompts are strings or lists of token ids, of any lengths: they are left-padded into one batch with per-row
   positions and an attention mask, so each row gets what it would get alone. A string starts as documents did in
   training (after the tokenizer's `prefix_ids`: a pretrained model's beginning-of-sequence token); an empty
@@ -57,11 +60,20 @@ class GenerationWarning(UserWarning):
     """A prompt was cut to fit the context window."""
 
 
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or a signal the caller turns into KeyboardInterrupt) stopped `generate`: `completions` holds what
+    every row had made, with finish_reason "interrupted" for the rows that were still going."""
+
+    def __init__(self, completions: list["Completion"]):
+        super().__init__()
+        self.completions = completions
+
+
 @dataclass
 class Completion:
     text: str
     tokens: list[int]
-    finish_reason: str  # "eos", "stop" or "length"
+    finish_reason: str  # "eos", "stop", "length" or "interrupted"
     prompt_tokens: int  # after any cut to the context window
 
 
@@ -98,33 +110,42 @@ class Generator:
         finish: list[Optional[str]] = [None] * len(histories)
 
         longest = max(prompt_lengths) + settings.max_new_tokens
-        batch = self._batch(len(histories), min(longest, self.context_length))
-        logits = batch.prefill(histories, self.tokenizer.pad_id)
-        for step in range(settings.max_new_tokens):
-            next_tokens = sampler(logits, batch.argmaxes)
-            for row, token in enumerate(next_tokens):
-                if finish[row]:
-                    continue
-                if token in stop_ids:
-                    finish[row] = "eos"
-                    self._emit(on_text, row, streams[row].finish())
-                    continue
-                histories[row].append(token)
-                self._emit(on_text, row, streams[row].push(token))
-                if streams[row].stopped:
-                    finish[row] = "stop"
-            if all(finish) or step == settings.max_new_tokens - 1:
-                break
-            if batch.full:  # past the context window: rebuild the cache from the last half window
-                keep = max(1, self.context_length // 2)
-                logits = batch.prefill([h[-keep:] for h in histories], self.tokenizer.pad_id)
-            else:
-                logits = batch.step(next_tokens)
+        try:
+            batch = self._batch(len(histories), min(longest, self.context_length))
+            logits = batch.prefill(histories, self.tokenizer.pad_id)
+            for step in range(settings.max_new_tokens):
+                next_tokens = sampler(logits, batch.argmaxes)
+                for row, token in enumerate(next_tokens):
+                    if finish[row]:
+                        continue
+                    if token in stop_ids:
+                        finish[row] = "eos"
+                        self._emit(on_text, row, streams[row].finish())
+                        continue
+                    histories[row].append(token)
+                    self._emit(on_text, row, streams[row].push(token))
+                    if streams[row].stopped:
+                        finish[row] = "stop"
+                if all(finish) or step == settings.max_new_tokens - 1:
+                    break
+                if batch.full:  # past the context window: rebuild the cache from the last half window
+                    keep = max(1, self.context_length // 2)
+                    logits = batch.prefill([h[-keep:] for h in histories], self.tokenizer.pad_id)
+                else:
+                    logits = batch.step(next_tokens)
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(self._completions(streams, histories, prompt_lengths, finish,
+                                                          "interrupted", on_text)) from None
+        return self._completions(streams, histories, prompt_lengths, finish, "length", on_text)
 
+    def _completions(self, streams: list["TextStream"], histories: list[list[int]], prompt_lengths: list[int],
+                     finish: list[Optional[str]], unfinished: str,
+                     on_text: Optional[TextCallback]) -> list[Completion]:
+        """Each row's completion; rows still going end with `unfinished` as their finish reason."""
         completions = []
         for row, stream in enumerate(streams):
             if not finish[row]:
-                finish[row] = "length"
+                finish[row] = unfinished
                 self._emit(on_text, row, stream.finish())
             completions.append(Completion(stream.text, histories[row][prompt_lengths[row]:], finish[row],
                                           prompt_lengths[row]))
