@@ -109,7 +109,7 @@ def family_results(family: dict, label: str, peer_name: str, quick: bool) -> lis
         return measure
 
     def round_with_matmul_rate():
-        matmul_rates.append(measure_matmul_rate(shapes, min_seconds=0.5 if quick else 1.0))
+        matmul_rates.append(measure_matmul_rate(shapes, trial_seconds=0.1 if quick else 0.2))
 
     measure_ours, measure_theirs = tokens_per_s(ours, mfu_ours), tokens_per_s(theirs, mfu_theirs)
 

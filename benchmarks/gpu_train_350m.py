@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokens_per_s = args.steps * tokens_per_step / seconds
     model_flops = architecture.training_flops(tokens_per_s, seq)
     shapes_rate = measure_matmul_rate(architecture.matmul_shapes(args.micro_batch * seq), "cuda",
-                                      torch.bfloat16, min_seconds=2.0)
-    square_rate = measure_matmul_rate([(8192, 8192, 8192)], "cuda", torch.bfloat16, min_seconds=2.0)
+                                      torch.bfloat16, trial_seconds=0.4)
+    square_rate = measure_matmul_rate([(8192, 8192, 8192)], "cuda", torch.bfloat16, trial_seconds=0.4)
     result = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

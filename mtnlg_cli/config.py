@@ -117,6 +117,7 @@ class DataConfig:
 class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 16
+    rampup_batch_size: Optional[list[int]] = None  # [start, increment, ramp samples], as Megatron-LM's
     train_iters: int = 300
     train_tokens: Optional[int] = None  # stop at this many tokens if it comes before train_iters
     lr: float = 1e-3
@@ -290,6 +291,8 @@ class Config:
         if t.global_batch_size % t.micro_batch_size:
             raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                               f"train.micro_batch_size={t.micro_batch_size}")
+        if t.rampup_batch_size is not None:
+            _check_rampup(t)
         if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
             raise ConfigError(f"train.min_lr={t.min_lr} and train.lr={t.lr} must satisfy 0 <= min_lr <= lr, lr > 0")
         if t.lr_warmup_iters < 0:
@@ -391,6 +394,20 @@ def _check_finetune(f: FinetuneConfig, m: ModelConfig) -> None:
     for i, path in enumerate(f.data):
         if not path.strip():
             raise ConfigError(f"finetune.data.{i} is empty: name a JSONL file")
+
+
+def _check_rampup(t: TrainConfig) -> None:
+    ramp = t.rampup_batch_size
+    if len(ramp) != 3 or any(x <= 0 for x in ramp):
+        raise ConfigError(f"train.rampup_batch_size={ramp} must be three positive integers: the start batch size, "
+                          "the increment and the samples over which the batch grows to train.global_batch_size")
+    start, increment, _ = ramp
+    if start >= t.global_batch_size or (t.global_batch_size - start) % increment:
+        raise ConfigError(f"train.rampup_batch_size={ramp}: the batch must grow from {start} to "
+                          f"train.global_batch_size={t.global_batch_size} in whole increments of {increment}")
+    if start % t.micro_batch_size or increment % t.micro_batch_size:
+        raise ConfigError(f"train.rampup_batch_size={ramp}: the start and the increment must be multiples of "
+                          f"train.micro_batch_size={t.micro_batch_size}")
 
 
 def _positive(key: str, value: int | float) -> None:

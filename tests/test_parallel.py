@@ -57,9 +57,12 @@ OPTIONS = {
     "llama": LLAMA,
 }
 OPTION_LAYOUTS = ("ddp", "fsdp", "tp", "tp_sp", "pp_1f1b")
+# A global batch that ramps up (4, 4, then 8 samples): each layout must read the samples one process reads
+RAMP = ["train.rampup_batch_size=[4, 4, 8]"]
 TWO_RANK_RUNS = {**{("gpt", layout): TWO_RANKS[layout] for layout in TWO_RANKS},
                  **{(option, layout): OPTIONS[option] + TWO_RANKS[layout]
-                    for option in OPTIONS for layout in OPTION_LAYOUTS}}
+                    for option in OPTIONS for layout in OPTION_LAYOUTS},
+                 **{("ramp", layout): RAMP + TWO_RANKS[layout] for layout in ("ddp", "fsdp")}}
 FOUR_RANK_RUNS = {**{("gpt", layout): FOUR_RANKS[layout] for layout in FOUR_RANKS},
                   **{(option, "tp_fsdp"): OPTIONS[option] + FOUR_RANKS["tp_fsdp"] for option in OPTIONS}}
 
@@ -71,6 +74,7 @@ def train_steps(overrides: list[str]):
     import mtnlg_cli.training.runtime as parallel
     from mtnlg_cli.config import load_config
     from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.training.schedule import global_batch_size_at
 
     config = load_config(BASE, overrides)
     train = config.train
@@ -82,12 +86,12 @@ def train_steps(overrides: list[str]):
                                                                                             momentum=0.9))
         runtime.build_optimizer()
     data = torch.Generator().manual_seed(1)
-    losses, norms = [], []
+    losses, norms, first = [], [], 0
     for step in range(STEPS):
-        batch = torch.randint(0, config.model.vocab_size, (train.global_batch_size, config.model.seq_length + 1),
-                              generator=data)
-        first = step * train.global_batch_size
-        rows = [i - first for i in runtime.local_sample_indices(first)]
+        batch_size = global_batch_size_at(first, train)
+        batch = torch.randint(0, config.model.vocab_size, (batch_size, config.model.seq_length + 1), generator=data)
+        rows = [i - first for i in runtime.local_sample_indices(first, batch_size)]
+        first += batch_size
         losses.append(runtime.forward_backward(batch[rows]))
         norms.append(runtime.clip_grad_norm(train.clip_grad))
         runtime.optimizer_step()
@@ -130,7 +134,7 @@ _ONE_PROCESS: dict = {}
 def one_process(option: str):
     """The single-process run of `option`'s model, computed once."""
     if option not in _ONE_PROCESS:
-        _ONE_PROCESS[option] = train_steps(OPTIONS.get(option, []))
+        _ONE_PROCESS[option] = train_steps({**OPTIONS, "ramp": RAMP}.get(option, []))
     return _ONE_PROCESS[option]
 
 

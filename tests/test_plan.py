@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import pytest
@@ -101,6 +102,28 @@ def test_mt_nlg_530b_matches_the_paper():
     assert not small.feasible and "GiB" in small.problems[0]
 
 
+def test_the_mt_nlg_530b_preset_is_the_papers_run():
+    config = mtnlg()
+    t, m = config.train, config.model
+    tokens_per_batch = t.global_batch_size * m.seq_length
+    assert t.train_tokens == 270e9 and t.rampup_batch_size == [32, 32, 12e9 / m.seq_length]
+    assert t.lr == 5e-5 and t.min_lr == 0.1 * t.lr and t.lr_decay_style == "cosine"
+    assert t.lr_warmup_iters * tokens_per_batch == pytest.approx(1e9, rel=0.01)
+    assert t.lr_decay_iters * tokens_per_batch == pytest.approx(340e9, rel=0.001)
+    assert (t.adam_beta1, t.adam_beta2, t.adam_eps, t.weight_decay, t.clip_grad) == (0.9, 0.95, 1e-8, 0.1, 1.0)
+    assert m.init_method_std == 4e-3 and t.activation_checkpointing and t.mixed_precision == "bf16"
+
+    plan = planner.make_plan(config, planner.layout_from_config(config, 2240), planner.Cluster.build(2240),
+                             achieved_tflops=126)
+    assert plan.feasible and plan.step_seconds == pytest.approx(60.1, rel=0.01)
+    assert plan.iterations == t.train_iters  # the preset's iterations are what 270B tokens take with the ramp
+    assert any("ramps up from 32 to 1,920 over the first 12.0B tokens" in note for note in plan.notes)
+    without_ramp = planner.make_plan(template_config("mt-nlg-530b", ["train.rampup_batch_size=null"]),
+                                     plan.layout, plan.cluster, achieved_tflops=126)
+    assert without_ramp.iterations == math.ceil(270e9 / tokens_per_batch) < plan.iterations
+    assert without_ramp.days < plan.days
+
+
 def test_search_finds_the_papers_layout_first():
     plans = planner.search_layouts(mtnlg(), planner.Cluster.build(2240, "a100-80g"))
     assert plans and all(plan.feasible and plan.layout.gpus == 2240 for plan in plans)
@@ -125,13 +148,16 @@ def test_layouts_that_do_not_divide_are_flagged():
 
 
 def test_plan_cli_json_and_errors(workspace):
-    result = run_cli("plan", "--template", "mt-nlg-530b", "--gpus", "2240", "--tflops", "126", "--tokens", "270B",
-                     "--set", "train.activation_checkpointing=true", "--json")
+    result = run_cli("plan", "--template", "mt-nlg-530b", "--gpus", "2240", "--tflops", "126", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert data["feasible"] and data["step_seconds"] == pytest.approx(60.1, rel=0.05)
-    assert data["token_budget"] == 270_000_000_000
-    assert data["days"] == pytest.approx(270e9 / data["tokens_per_second"] / 86400)
+    assert data["token_budget"] == 270_000_000_000  # the paper's run, from the preset
+    at_full_batch = 270e9 / data["tokens_per_second"] / 86400
+    assert at_full_batch < data["days"] < 1.05 * at_full_batch  # the ramp's small batches run less efficiently
+    result = run_cli("plan", "--template", "mt-nlg-530b", "--gpus", "2240", "--tflops", "126", "--tokens", "1T",
+                     "--json")
+    assert json.loads(result.stdout)["token_budget"] == 10**12
 
     result = run_cli("plan", "--gpu", "h200", "--gpus", "2", "--search", cwd=workspace.root)
     assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -337,3 +338,188 @@ def test_a_metrics_log_cut_mid_line_by_a_crash_loses_only_that_line(ws):
     assert [json.loads(line)["step"] for line in lines[3:]] == [3, 3]  # the resumed run's records, whole
     [run] = run_summaries(ws)
     assert run["step"] == 3 and run["val_loss"] == json.loads(lines[-1])["val_loss"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Starting from weights alone: an imported checkpoint, or --finetune.
+
+
+def batch_loss(ws: Workspace, checkpoint: Path, first: int, count: int) -> float:
+    """The loss of a checkpoint's model on train samples [first, first + count), in micro-batches of 4."""
+    from mtnlg_cli.checkpoint import load_model
+    from mtnlg_cli.data.samples import open_split
+
+    model = load_model(load_checkpoint(checkpoint))
+    batch = torch.as_tensor(open_split(ws, ws.load_config(TINY), "train").batch(range(first, first + count)))
+    with torch.no_grad():
+        return sum(model(micro[:, :-1], micro[:, 1:]).item() for micro in batch.split(4)) / len(batch.split(4))
+
+
+def test_training_starts_from_an_imported_checkpoint_and_keeps_the_earlier_run(ws, tmp_path):
+    from mtnlg_cli.convert import export_weights, import_weights, read_weights, weights_from_checkpoint
+    from mtnlg_cli.data.tokenizer import Tokenizer
+    from mtnlg_cli.events import Notice
+
+    earlier = run_train(ws, "train.train_iters=4", "train.save_interval=2")
+    tokenizer = Tokenizer.load(ws.tokenizer_dir)
+    weights = weights_from_checkpoint(load_checkpoint(earlier.checkpoint), tokenizer.path, tokenizer.vocab_size)
+    export_weights(weights, tmp_path / "exported", "safetensors", "fp32", None, 1, 1, 128, False)
+    imported, _ = import_weights(ws, read_weights(tmp_path / "exported", "auto"), 7, "exported")
+    assert latest_checkpoint(ws.checkpoints_dir) == imported  # weights only: no optimizer or RNG state
+
+    events = []
+    result = run_train(ws, "train.train_iters=3", report=events.append)
+    notices = " ".join(e.message for e in events if isinstance(e, Notice))
+    assert "holds no optimizer state" in notices and "step 0, a fresh optimizer" in notices
+    assert (result.start_step, result.final_step) == (0, 3)
+    archive = next(ws.checkpoints_dir.glob("archive-*"))
+    assert sorted(p.name for p in archive.iterdir()) == ["step_0000002", "step_0000004", "step_0000007"]
+    # the new run began with the imported weights (its own step 0 holds them) and the first samples
+    assert result.losses[1] == pytest.approx(batch_loss(ws, ws.checkpoints_dir / "step_0000000", 0, 8), abs=1e-5)
+    assert result.losses[1] == pytest.approx(batch_loss(ws, archive / "step_0000007", 0, 8), abs=1e-5)
+    assert result.losses[1] < earlier.losses[1] - 0.01  # trained weights, not a fresh initialisation
+    assert load_checkpoint(result.checkpoint).state["consumed_samples"] == 24
+    resumed = run_train(ws, "train.train_iters=5")  # and the next run resumes the new one
+    assert (resumed.start_step, resumed.final_step) == (3, 5)
+
+
+def test_finetune_starts_a_new_run_from_a_full_checkpoint(ws):
+    earlier = run_train(ws, "train.train_iters=2")
+    result = run_train(ws, "train.train_iters=2", finetune=True)
+    assert (result.start_step, result.final_step) == (0, 2)
+    archived = list(ws.checkpoints_dir.glob("archive-*/step_0000002"))
+    assert len(archived) == 1 and load_file(archived[0] / "model.safetensors").keys()
+    assert result.losses[1] == pytest.approx(batch_loss(ws, archived[0], 0, 8), abs=1e-5)
+    assert result.losses[1] != earlier.losses[1]
+    with pytest.raises(MtnlgError, match="from a checkpoint or from scratch, not both"):
+        run_train(ws, "train.train_iters=2", finetune=True, from_scratch=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MFU and validation records.
+
+
+def test_mfu_stays_at_most_100_percent_when_the_matmul_rate_was_measured_on_a_busy_machine(ws, tmp_path,
+                                                                                           monkeypatch):
+    from mtnlg_cli.commands.render import metrics_line
+    from mtnlg_cli.training import metrics
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real, measured = metrics.measure_matmul_rate, []
+
+    def busy_at_start(*args, **kwargs):  # a start-up measurement while other work had the cores: far too low
+        measured.append(1e3 if not measured else real(*args, **kwargs))
+        return measured[-1]
+
+    monkeypatch.setattr(metrics, "measure_matmul_rate", busy_at_start)
+    overrides = ("train.peak_tflops=null", "train.train_iters=4", "train.log_interval=2", "train.eval_interval=100")
+    result = run_train(ws, *overrides)
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    mfus = [r["mfu"] for r in records if "mfu" in r]
+    assert len(mfus) == 2 and all(0 < mfu <= 1.0 for mfu in mfus) and len(measured) == 2  # measured again once
+    assert all(float(metrics_line(r).split("MFU ")[1].rstrip("%")) <= 100.0 for r in records if "mfu" in r)
+    rates = json.loads((tmp_path / "cache" / "mtnlg" / "matmul_rates.json").read_text())
+    assert len(rates) == 1 and list(rates.values())[0] >= max(measured[1], 1e6)  # the cache was raised
+
+    measured.clear()  # another run that starts on a busy machine keeps the remembered rate
+    again = run_train(ws, *overrides, "train.train_iters=6")
+    records = [json.loads(line) for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["mfu"] <= 1.0 for r in records if "mfu" in r and r["step"] > 4) and len(measured) == 1
+
+
+def test_the_validation_record_says_what_it_measured(ws):
+    from mtnlg_cli.commands.render import metrics_line
+
+    result = run_train(ws, "train.train_iters=2", "train.eval_iters=3")
+    [record] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+                if "val_loss" in line]
+    assert record["val_samples"] == 24 and record["val_tokens"] == 24 * 32  # 3 global batches of 8 windows
+    assert "val loss" in metrics_line(record) and "over 24 samples" in metrics_line(record)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch-size ramp-up.
+
+
+def megatron_rampup(global_batch_size: int, ramp: list[int], data_parallel: int = 1):
+    """Megatron-core's own ramp-up calculator, loaded from its file (the package's import costs seconds)."""
+    import importlib.util
+
+    location = importlib.util.find_spec("megatron").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location("megatron_microbatches",
+                                                  Path(location) / "core" / "num_microbatches_calculator.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.RampupBatchsizeNumMicroBatchesCalculator(
+        global_batch_size=global_batch_size, micro_batch_size=1, data_parallel_size=data_parallel,
+        decrease_batch_size_if_needed=False, rank=0, start_global_batch_size=ramp[0], batch_size_increment=ramp[1],
+        ramup_samples=ramp[2])
+
+
+@pytest.mark.parametrize("global_batch_size, ramp", [(16, [4, 4, 40]), (1920, [32, 32, 5_859_375]), (12, [3, 9, 7])])
+def test_the_batch_ramp_is_megatron_cores(global_batch_size, ramp):
+    from mtnlg_cli.training.schedule import batch_phases, global_batch_size_at, samples_after_steps, steps_to_consume
+
+    train = TrainConfig(micro_batch_size=1, global_batch_size=global_batch_size, rampup_batch_size=ramp)
+    calculator = megatron_rampup(global_batch_size, ramp)
+    consumed, steps, checked = 0, 0, {}
+    while consumed <= ramp[2] + 2 * global_batch_size:  # the whole ramp, step by step, and past it
+        calculator.update(consumed, False)
+        assert global_batch_size_at(consumed, train) == calculator.get_current_global_batch_size(), consumed
+        if steps % 997 in (0, 1):
+            checked[steps] = consumed
+        consumed += calculator.get_current_global_batch_size()
+        steps += 1
+    assert all(samples_after_steps(count, train) == samples for count, samples in checked.items())
+    assert steps_to_consume(0, consumed, train) == steps
+    assert sum(batch * count for batch, count in batch_phases(0, consumed, train)) == consumed
+
+
+def test_the_learning_rate_follows_samples_through_the_ramp():
+    from mtnlg_cli.training.optim import learning_rate_at
+
+    train = TrainConfig(lr=1.0, min_lr=0.0, lr_warmup_iters=2, lr_decay_iters=10, global_batch_size=16,
+                        micro_batch_size=4, rampup_batch_size=[4, 4, 40])
+    assert learning_rate_at(0, 4, train) == pytest.approx(4 / 32)  # 4 of the 32 warmup samples
+    assert learning_rate_at(28, 8, train) == 1.0 and learning_rate_at(32, 8, train) == 1.0
+    assert learning_rate_at(96, 16, train) == pytest.approx(0.5)  # half-way down the cosine, in samples
+    assert learning_rate_at(160, 16, train) == 0.0
+
+
+def test_training_resumes_exactly_across_the_batch_ramp(ws, prepared, tmp_path):
+    ramp = ["train.global_batch_size=16", "train.rampup_batch_size=[4, 4, 24]", "train.lr_decay_iters=6",
+            "train.log_interval=1", "train.eval_interval=100", "train.save_interval=100"]
+    straight = run_train(ws, *ramp, "train.train_iters=6")
+    other = tmp_path / "other"
+    shutil.copytree(prepared, other, symlinks=True)
+    first = run_train(Workspace(other), *ramp, "train.train_iters=3")
+    second = run_train(Workspace(other), *ramp, "train.train_iters=6")
+    assert {**first.losses, **second.losses} == straight.losses  # exact float equality
+    records = [json.loads(line) for line in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["global_batch_size"] for r in records if "loss" in r] == [4, 4, 8, 12, 16, 16]
+    assert load_checkpoint(first.checkpoint).state["consumed_samples"] == 16
+    assert load_checkpoint(straight.checkpoint).state["consumed_samples"] == 60
+
+
+@pytest.mark.parametrize("ramp, message", [
+    ("[4, 4]", "must be three positive integers"),
+    ("[4, 5, 100]", "in whole increments of 5"),
+    ("[16, 4, 100]", "must grow from 16"),
+    ("[2, 2, 100]", "multiples of train.micro_batch_size=4"),
+])
+def test_a_batch_ramp_that_does_not_fit_is_refused(ws, ramp, message):
+    from mtnlg_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ws.load_config([*TINY, f"train.rampup_batch_size={ramp}"])
+
+
+def test_a_batch_ramp_under_pipeline_parallelism_is_refused_before_any_process_starts():
+    from mtnlg_cli.training.layout import resolve_layout
+    from mtnlg_cli.workspace import template_config
+
+    ramp = "train.rampup_batch_size=[8, 8, 100]"  # the tiny template: micro-batch 8, global batch 16
+    with pytest.raises(MtnlgError, match="rampup_batch_size with parallel.pipeline_parallel > 1 is not supported"):
+        resolve_layout(template_config("tiny", [ramp, "parallel.pipeline_parallel=2"]), 2)
+    with pytest.raises(MtnlgError, match=r"multiples of train.micro_batch_size=8 x 2 data-parallel ranks"):
+        resolve_layout(template_config("tiny", [ramp]), 2)

@@ -20,6 +20,11 @@ def train_command(
                                                    "of the workspace's latest.", show_default=False)] = None,
     from_scratch: Annotated[bool, typer.Option("--from-scratch", help="Start over at step 1; earlier checkpoints "
                                                "are moved to checkpoints/archive-<time>/.")] = False,
+    finetune: Annotated[bool, typer.Option("--finetune", help="Start a new run from the checkpoint's weights "
+                                           "alone: step 0, a fresh optimizer and schedule, the data from its first "
+                                           "sample (Megatron-LM's --finetune). A checkpoint without optimizer state "
+                                           "(an imported one) is always used this way. The other checkpoints are "
+                                           "moved to checkpoints/archive-<time>/.")] = False,
     force_memory: Annotated[bool, typer.Option("--force-memory", help="Train even when the estimated memory "
                                                "exceeds what the device has.")] = False,
     num_processes: Annotated[int, typer.Option("--num-processes", min=1, help="Processes in all (over all "
@@ -51,16 +56,17 @@ def train_command(
         resolve_layout(config, num_processes)  # a layout that does not fit fails before any process starts
         args = ["train", "--workspace", str(found.root), *[f"--set={o}" for o in overrides or []],
                 *(["--resume", str(resume)] if resume else []), *(["--from-scratch"] if from_scratch else []),
-                *(["--force-memory"] if force_memory else [])]
+                *(["--finetune"] if finetune else []), *(["--force-memory"] if force_memory else [])]
         raise typer.Exit(launch(args, num_processes, num_machines, machine_rank, main_process_ip, main_process_port,
                                 config.train.mixed_precision))
     # a launched rank runs inside cli.main's launch.run_as_rank, which ends the process with this exit code
-    code = _train(found, config, resume, from_scratch, force_memory, show=rank in (None, 0))
+    code = _train(found, config, resume, from_scratch, finetune, force_memory, show=rank in (None, 0))
     if code:
         raise typer.Exit(code)
 
 
-def _train(found, config, resume: Optional[Path], from_scratch: bool, force_memory: bool, show: bool) -> int:
+def _train(found, config, resume: Optional[Path], from_scratch: bool, finetune: bool, force_memory: bool,
+           show: bool) -> int:
     """Trains; returns the exit code (that of the signal when a signal stopped the run)."""
     from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.training.memory import DoesNotFit
@@ -69,8 +75,8 @@ def _train(found, config, resume: Optional[Path], from_scratch: bool, force_memo
     console = make_console(quiet=not show)  # only rank 0 of a launched run prints
     with ConsoleReporter(console) as report:
         try:
-            result = train(found, config, resume=resume, from_scratch=from_scratch, check_memory=not force_memory,
-                           report=report)
+            result = train(found, config, resume=resume, from_scratch=from_scratch, finetune=finetune,
+                           check_memory=not force_memory, report=report)
         except DoesNotFit as exc:
             raise MtnlgError(f"{exc}; or pass --force-memory to try anyway") from None
     where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""

@@ -142,9 +142,9 @@ class FineTuner(Trainer):
         digest.update(json.dumps(settings, sort_keys=True).encode())
         return "sha256:" + digest.hexdigest()
 
-    def read_batch(self, data: ExampleRows, first_sample: int):
-        counted = data.counted_targets(range(first_sample, first_sample + self.config.train.global_batch_size))
-        return data.batch(list(self.runtime.local_sample_indices(first_sample)), counted)
+    def read_batch(self, data: ExampleRows, first_sample: int, batch_size: int):
+        counted = data.counted_targets(range(first_sample, first_sample + batch_size))
+        return data.batch(list(self.runtime.local_sample_indices(first_sample, batch_size)), counted)
 
     # --- start, resume, checkpoints ------------------------------------------------------------------------------
 
@@ -172,7 +172,7 @@ class FineTuner(Trainer):
             state = base.state.get("finetune")
             if isinstance(state, dict) and state.get("fingerprint") == self.fingerprint:
                 return self.resumed(base, state)
-        self.check_compatible(base)
+        self.check_model(base)
         self.base = base
         self.base_name = self.relative_name(base.path)
         steps = [load_checkpoint(path).step for path in list_checkpoints(root)]
@@ -180,7 +180,8 @@ class FineTuner(Trainer):
         return None
 
     def resumed(self, checkpoint: Checkpoint, state: dict[str, Any]) -> Checkpoint:
-        self.check_compatible(checkpoint)
+        self.check_model(checkpoint)
+        self.check_training_state(checkpoint)
         damaged = f"{checkpoint.path / 'state.json'} is damaged"
         if not isinstance(state.get("base"), str) or type(state.get("step_offset")) is not int:
             raise MtnlgError(f"{damaged}: its finetune section lacks base or step_offset")

@@ -23,13 +23,15 @@ as papers report it: recomputation and bubble included) gives the step time of t
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
-from mtnlg_cli.config import Config, ModelConfig
+from mtnlg_cli.config import Config, ModelConfig, TrainConfig
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.model.architecture import Architecture
+from mtnlg_cli.model.architecture import Architecture, human_count
+from mtnlg_cli.training.schedule import batch_phases, samples_after_steps
 
 GIB = 2**30
 USABLE_MEMORY = 0.9  # of a GPU's memory: the rest goes to the CUDA context, allocator fragmentation, buffers
@@ -292,6 +294,9 @@ def layout_problems(config: Config, layout: Layout, cluster: Cluster) -> list[st
     if t.global_batch_size % (layout.micro_batch * layout.data):
         problems.append(f"global batch {t.global_batch_size} is not a multiple of micro-batch x DP = "
                         f"{layout.micro_batch * layout.data}")
+    elif t.rampup_batch_size and any(size % (layout.micro_batch * layout.data) for size in t.rampup_batch_size[:2]):
+        problems.append(f"the batch ramp's start and increment {t.rampup_batch_size[:2]} are not multiples of "
+                        f"micro-batch x DP = {layout.micro_batch * layout.data}")
     elif layout.pipeline > 1 and layout.schedule == "1f1b" and \
             microbatches_per_pipeline(t.global_batch_size, layout) < layout.pipeline:
         problems.append(f"1F1B needs at least PP={layout.pipeline} micro-batches per pipeline, the batch gives "
@@ -319,7 +324,11 @@ def make_plan(config: Config, layout: Layout, cluster: Cluster, mfu: float = DEF
     else:
         step = flops_iteration * (1 + bubble) / (cluster.gpus * cluster.peak_tflops * 1e12 * mfu)
     cluster_peak = cluster.gpus * cluster.peak_tflops * 1e12
-    budget = token_budget or t.train_tokens or t.train_iters * tokens_per_iteration
+    budget = token_budget or t.train_tokens or samples_after_steps(t.train_iters, t) * m.seq_length
+    # every step at its own batch size: the ramp's small batches cost their FLOPs and a larger pipeline bubble
+    phases = _batch_phases(math.ceil(budget / m.seq_length), t.global_batch_size, _ramp(t))
+    run_seconds = sum(steps * step * _relative_step_time(config, layout, batch, flops_iteration)
+                      for batch, steps in phases)
     memory = memory_per_gpu(config, layout)
     modes = {}
     for recompute in (False, True):
@@ -345,6 +354,12 @@ def make_plan(config: Config, layout: Layout, cluster: Cluster, mfu: float = DEF
     if bubble > 0.25:
         notes.append(f"the pipeline bubble is {bubble:.0%} of compute: more micro-batches per pipeline "
                      "(a larger global batch or a smaller micro-batch) shrink it")
+    if t.rampup_batch_size:
+        start, _, ramp_samples = t.rampup_batch_size
+        ramp_steps = sum(steps for batch, steps in phases if batch < t.global_batch_size)
+        notes.append(f"the batch ramps up from {start:,} to {t.global_batch_size:,} over the first "
+                     f"{human_count(ramp_samples * m.seq_length)} tokens ({ramp_steps:,} iterations); the days count "
+                     "each iteration at its own batch size and pipeline bubble")
     return Plan(
         layout=layout, cluster=cluster,
         parameters=Architecture.from_model_config(m).parameter_count(),
@@ -358,10 +373,33 @@ def make_plan(config: Config, layout: Layout, cluster: Cluster, mfu: float = DEF
         tokens_per_second=tokens_per_iteration / step,
         hardware_utilization=flops_iteration / (step * cluster_peak),
         model_utilization=model_flops_iteration / (step * cluster_peak),
-        token_budget=budget, iterations=math.ceil(budget / tokens_per_iteration),
-        days=budget / (tokens_per_iteration / step) / 86400,
+        token_budget=budget, iterations=sum(steps for _, steps in phases),
+        days=run_seconds / 86400,
         problems=problems, notes=notes,
     )
+
+
+def _ramp(train) -> Optional[tuple[int, ...]]:
+    return tuple(train.rampup_batch_size) if train.rampup_batch_size else None
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_phases(samples: int, global_batch_size: int, ramp: Optional[tuple[int, ...]]) -> list[tuple[int, int]]:
+    """(batch size, iterations) to `samples` samples; cached, because a layout search plans the same run often."""
+    train = TrainConfig(global_batch_size=global_batch_size, rampup_batch_size=list(ramp) if ramp else None)
+    return batch_phases(0, samples, train)
+
+
+def _relative_step_time(config: Config, layout: Layout, batch: int, full_flops: float) -> float:
+    """The time of a step of `batch` samples relative to a step of the full global batch: its FLOPs, and the
+    bubble of a pipeline with fewer micro-batches."""
+    m, t = config.model, config.train
+    if batch == t.global_batch_size:
+        return 1.0
+    flops = training_flops(m, batch * m.seq_length, layout.recompute)
+    bubble = (layout.pipeline - 1) / microbatches_per_pipeline(batch, layout)
+    full_bubble = (layout.pipeline - 1) / microbatches_per_pipeline(t.global_batch_size, layout)
+    return flops / full_flops * (1 + bubble) / (1 + full_bubble)
 
 
 def search_layouts(config: Config, cluster: Cluster, mfu: float = DEFAULT_MFU,

@@ -80,6 +80,14 @@ def resolve_layout(config: Config, world_size: int) -> Layout:
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise MtnlgError(f"train.global_batch_size={t.global_batch_size} must be divisible by "
                          f"train.micro_batch_size={t.micro_batch_size} x {dp} data-parallel ranks")
+    if t.rampup_batch_size:
+        start, increment, _ = t.rampup_batch_size
+        if start % (t.micro_batch_size * dp) or increment % (t.micro_batch_size * dp):
+            raise MtnlgError(f"train.rampup_batch_size={t.rampup_batch_size}: the start and the increment must be "
+                             f"multiples of train.micro_batch_size={t.micro_batch_size} x {dp} data-parallel ranks")
+        if pp > 1:
+            raise MtnlgError("train.rampup_batch_size with parallel.pipeline_parallel > 1 is not supported yet "
+                             "(the pipeline schedule has a fixed number of micro-batches)")
     if not (tp == pp == 1 and not p.fsdp):
         if t.mixed_precision == "fp16":
             raise MtnlgError("train.mixed_precision=fp16 needs a gradient scaler, which fully sharded, tensor and "

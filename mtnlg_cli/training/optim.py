@@ -1,7 +1,7 @@
 """AdamW with weight decay on matrices only, and the learning-rate schedule (warmup, then cosine/linear/constant).
 
-The schedule is a pure function of the step, so resuming needs no scheduler object: the learning rate of step
-`s` is `learning_rate(s, train)` whatever happened before.
+The schedule is a pure function of the samples consumed, so resuming needs no scheduler object: the learning rate
+of a step is `learning_rate_at(consumed, batch, train)` whatever happened before.
 """
 
 from __future__ import annotations
@@ -38,16 +38,24 @@ def build_adamw(groups: list[dict], train: TrainConfig, fused: bool) -> torch.op
 
 
 def learning_rate(step: int, train: TrainConfig) -> float:
-    """The learning rate of (0-based) optimizer step `step`: linear warmup, then decay to `min_lr`."""
-    warmup = train.lr_warmup_iters
-    if warmup and step < warmup:
-        return train.lr * (step + 1) / warmup
+    """The learning rate of (0-based) optimizer step `step` of a run whose batch is always train.global_batch_size."""
+    return learning_rate_at(step * train.global_batch_size, train.global_batch_size, train)
+
+
+def learning_rate_at(consumed: int, batch: int, train: TrainConfig) -> float:
+    """The learning rate of the step that takes samples [consumed, consumed + batch): linear warmup, then decay to
+    `min_lr`. The schedule counts samples, as Megatron-LM's does, so that it follows the data when the batch size
+    ramps up: `lr_warmup_iters` and `lr_decay_iters` are iterations of train.global_batch_size samples."""
+    full = train.global_batch_size
+    warmup = train.lr_warmup_iters * full
+    if warmup and consumed < warmup:
+        return train.lr * min(consumed + batch, warmup) / warmup
     if train.lr_decay_style == "constant":
         return train.lr
-    decay_iters = train.lr_decay_iters or train.train_iters
-    if step >= decay_iters:
+    decay = (train.lr_decay_iters or train.train_iters) * full
+    if consumed >= decay:
         return train.min_lr
-    progress = (step - warmup) / max(1, decay_iters - warmup)
+    progress = (consumed - warmup) / max(full, decay - warmup)
     if train.lr_decay_style == "linear":
         coefficient = 1.0 - progress
     else:

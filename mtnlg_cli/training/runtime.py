@@ -13,8 +13,8 @@ by `mtnlg train --num-processes`, `torchrun` or `accelerate launch`: gloo on CPU
 - precision: `train.mixed_precision` bf16 or fp16 runs forward passes under autocast (fp16 with a loss scaler);
 - the optimizer: `build_optimizer()` (AdamW groups), `set_lr(lr)`, `clip_grad_norm(max_norm)` (the global norm,
   before clipping), `optimizer_step()`, `skip_step()` (a step whose loss or gradient was not finite);
-- the data each rank reads: `local_sample_indices(first_sample)`. Global batch `step` is samples
-  [step * global_batch_size, (step + 1) * global_batch_size), so sample order never depends on the layout;
+- the data each rank reads: `local_sample_indices(first_sample, batch_size)`. A global batch is the samples
+  [first_sample, first_sample + batch_size), so sample order never depends on the layout;
 - one global batch's work: `forward_backward(batch)` runs this rank's micro-batches (a pipeline schedule owns
   this) and returns the mean loss of the whole global batch, the same on every rank; `eval_loss(batches)` likewise.
   A batch is [n, seq+1] tokens (pretraining), or an `ExampleBatch` (fine-tuning: ignored targets, packed rows);
@@ -170,9 +170,10 @@ class Runtime:
         # the mesh's dimensions are (pp, dp, tp), tensor-parallel innermost (plans.build_mesh)
         return self.rank // self.layout.tensor_parallel % self.layout.data_parallel
 
-    def local_sample_indices(self, first_sample: int) -> range:
-        """The global sample indices this rank reads of the global batch that starts at `first_sample`."""
-        per_rank = self.config.train.global_batch_size // self.layout.data_parallel
+    def local_sample_indices(self, first_sample: int, batch_size: int | None = None) -> range:
+        """The global sample indices this rank reads of the global batch of `batch_size` samples (default:
+        train.global_batch_size) that starts at `first_sample`."""
+        per_rank = (batch_size or self.config.train.global_batch_size) // self.layout.data_parallel
         start = first_sample + self.data_rank * per_rank
         return range(start, start + per_rank)
 

@@ -9,9 +9,12 @@ saved every `train.save_interval` steps, at the end, and at the step boundary af
 that depends on the parallel layout goes through the `Runtime` (see `mtnlg_cli/training/runtime.py`); this loop is
 the same for every layout.
 
-Step `s` (1-based) is the optimizer update that consumes global samples [c, c + global_batch_size), where `c` is
-the number of samples consumed before it. A checkpoint after step `s` holds everything the update `s + 1` needs,
-model, optimizer moments, RNG, consumed samples, so a resumed run computes bit for bit what an uninterrupted one does.
+Step `s` (1-based) is the optimizer update that consumes global samples [c, c + b), where `c` is the number of
+samples consumed before it and `b` the global batch size at `c` (`train.global_batch_size`, or less while
+`train.rampup_batch_size` ramps it up); the learning rate is a function of `c` too. A checkpoint after step `s`
+holds everything the update `s + 1` needs, model, optimizer moments, RNG, consumed samples, so a resumed run
+computes bit for bit what an uninterrupted one does. A checkpoint with weights alone (an imported one), or any
+checkpoint when `finetune` is asked, starts a new run from its weights at step 0.
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ from mtnlg_cli.checkpoint import (LATEST, Checkpoint, check_tokenizer, latest_ch
 from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.lock import WorkspaceLock
 from mtnlg_cli.training import memory
-from mtnlg_cli.training.metrics import MetricsLog, peak_matmul_rate
-from mtnlg_cli.training.optim import learning_rate
+from mtnlg_cli.training.metrics import MetricsLog, peak_matmul_rate, raise_matmul_rate
+from mtnlg_cli.training.optim import learning_rate_at
 from mtnlg_cli.training.runtime import PRECISION_DTYPES, Runtime, make_runtime
+from mtnlg_cli.training.schedule import global_batch_size_at, steps_to_consume
 from mtnlg_cli.workspace import Workspace
 
 # architecture keys that may change between the runs of one model
@@ -59,20 +63,25 @@ class TrainResult:
 
 
 def train(workspace: Workspace, config: Config, *, resume: Optional[Path] = None, from_scratch: bool = False,
-          check_memory: bool = True, report: Reporter = ignore) -> TrainResult:
+          finetune: bool = False, check_memory: bool = True, report: Reporter = ignore) -> TrainResult:
     """Trains the workspace's model with `config`; see the module docstring. Only the main rank reports.
+
+    `finetune`: start a new run from the checkpoint's weights alone (step 0, a fresh optimizer and schedule, the
+    data from its first sample), as Megatron-LM's --finetune does; a checkpoint without optimizer state (an
+    imported one) is always used this way.
 
     A config whose estimated memory exceeds what the device has is refused (`DoesNotFit`) before anything is
     built, unless `check_memory` is False.
     """
-    if resume is not None and from_scratch:
-        raise MtnlgError("a run either resumes from a checkpoint or starts from scratch, not both")
+    if from_scratch and (resume is not None or finetune):
+        raise MtnlgError("a run either starts from a checkpoint or from scratch, not both")
     return run_trainer(workspace, config, report, lambda runtime, report: Trainer(workspace, config, runtime, report),
-                       resume, from_scratch, check_memory)
+                       resume, from_scratch, check_memory, finetune=finetune)
 
 
 def run_trainer(workspace: Workspace, config: Config, report: Reporter, make, resume: Optional[Path] = None,
-                from_scratch: bool = False, check_memory: bool = True, frozen_weights: bool = False) -> TrainResult:
+                from_scratch: bool = False, check_memory: bool = True, frozen_weights: bool = False,
+                finetune: bool = False) -> TrainResult:
     """Runs `make(runtime, report)`'s trainer on this process's runtime, holding the workspace's training lock on
     the main rank. Only the main rank reports."""
     runtime = make_runtime(config)
@@ -85,8 +94,8 @@ def run_trainer(workspace: Workspace, config: Config, report: Reporter, make, re
                                 local_processes, runtime.device, frozen_weights)
         if runtime.is_main:
             with WorkspaceLock(workspace.root, "training"):
-                return make(runtime, report).run(resume, from_scratch)
-        return make(runtime, report).run(resume, from_scratch)
+                return make(runtime, report).run(resume, from_scratch, finetune)
+        return make(runtime, report).run(resume, from_scratch, finetune)
     finally:
         runtime.shutdown()
 
@@ -99,9 +108,8 @@ class Trainer:
     def __init__(self, workspace: Workspace, config: Config, runtime: Runtime, report: Reporter):
         self.workspace, self.config, self.runtime, self.report = workspace, config, runtime, report
         self.architecture = Architecture.from_model_config(config.model)
-        self.tokens_per_step = config.train.global_batch_size * config.model.seq_length
 
-    def run(self, resume: Optional[Path], from_scratch: bool) -> TrainResult:
+    def run(self, resume: Optional[Path], from_scratch: bool, finetune: bool = False) -> TrainResult:
         self.open_data()  # (a fine-tune settles its schedule here, from the number of examples)
         config, runtime = self.config, self.runtime
         checkpoint = None if from_scratch else self.checkpoint_to_resume(resume)
@@ -110,17 +118,20 @@ class Trainer:
         runtime.build_optimizer()
         if from_scratch and runtime.is_main:  # only now that the run is checked and built
             self.archive_checkpoints()
-        run_name = config.train.run_name or self.run_prefix + datetime.now().strftime("%Y%m%d-%H%M%S")
-        if checkpoint is not None:
+        self.run_name = config.train.run_name or self.run_prefix + datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.saved_steps: set[int] = set()
+        if checkpoint is not None and (finetune or not has_optimizer_state(checkpoint)):
+            checkpoint = self.start_from_weights(checkpoint, finetune)
+            step, consumed, skipped = 0, 0, 0
+        elif checkpoint is not None:
             step, consumed, skipped = self.restore(checkpoint)
-            run_name = config.train.run_name or checkpoint.state.get("run_name") or run_name
+            self.run_name = config.train.run_name or checkpoint.state.get("run_name") or self.run_name
         else:
             step, consumed, skipped = self.start()
         # pruning may delete what this run saves and what it started from or before, never a newer checkpoint
         # that another run left (a run resumed from an older one with --resume)
-        self.start_step, self.saved_steps = step, set()
-        self.run_name = run_name
-        result = TrainResult(self.workspace.runs_dir / run_name, start_step=step, final_step=step,
+        self.start_step = step
+        result = TrainResult(self.workspace.runs_dir / self.run_name, start_step=step, final_step=step,
                              skipped_steps=skipped)
         last_step = self.last_step(step, consumed)
         if step >= last_step:
@@ -168,8 +179,8 @@ class Trainer:
         """A run that resumes nothing: (step, consumed samples, skipped steps) to start from."""
         return 0, 0, 0
 
-    def read_batch(self, data, first_sample: int) -> torch.Tensor:
-        batch = data.batch(list(self.runtime.local_sample_indices(first_sample)))
+    def read_batch(self, data, first_sample: int, batch_size: int) -> torch.Tensor:
+        batch = data.batch(list(self.runtime.local_sample_indices(first_sample, batch_size)))
         return torch.as_tensor(batch, dtype=torch.long)
 
     # --- checkpoints ------------------------------------------------------------------------------------------------
@@ -186,23 +197,50 @@ class Trainer:
         if checkpoint.state.get("finetune"):
             raise MtnlgError(f"checkpoint {checkpoint.path.name} is a fine-tune (mtnlg finetune), which pretraining "
                              "does not continue; resume a pretraining checkpoint or start a fresh run")
-        self.check_compatible(checkpoint)
+        self.check_model(checkpoint)
+        if has_optimizer_state(checkpoint):
+            self.check_training_state(checkpoint)
         return checkpoint
 
-    def archive_checkpoints(self) -> None:
-        """Moves existing checkpoints aside (never deletes them) so that a fresh run starts at step 1."""
+    def archive_checkpoints(self, paths: Optional[list[Path]] = None, what: str = "earlier checkpoint(s)") -> None:
+        """Moves checkpoints (default: all) aside, never deleting them, so that a new run's steps cannot replace
+        or prune them."""
         root = self.workspace.checkpoints_dir
-        old = list_checkpoints(root)
+        old = list_checkpoints(root) if paths is None else paths
         if not old:
             return
         archive = root / f"archive-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
         atomic.make_folders(archive)
+        latest = latest_checkpoint(root)
         for path in old:
             atomic.move(path, archive / path.name)
-        atomic.remove_file(root / LATEST)
-        self.report(Notice(f"Moved {len(old)} earlier checkpoint(s) to {archive}"))
+        if latest is not None and not latest.exists():
+            atomic.remove_file(root / LATEST)
+        self.report(Notice(f"Moved {len(old)} {what} to {archive}"))
 
-    def check_compatible(self, checkpoint: Checkpoint) -> None:
+    def start_from_weights(self, checkpoint: Checkpoint, asked: bool) -> Optional[Checkpoint]:
+        """Loads the checkpoint's weights alone for a new run at step 0, and moves the other checkpoints aside.
+        Returns the checkpoint that now stands for the new run's start (None while it has saved none)."""
+        self.runtime.load_model_state(checkpoint.tensors("model"), str(checkpoint.path))
+        why = "fine-tuning" if asked else "it holds no optimizer state"
+        self.report(Notice(f"Starting a new run from the weights of {checkpoint.path} ({why}): step 0, a fresh "
+                           "optimizer and learning-rate schedule, the data from its first sample"))
+        if self.runtime.is_main:
+            root = self.workspace.checkpoints_dir
+            others = [path for path in list_checkpoints(root) if path.resolve() != checkpoint.path.resolve()]
+            self.archive_checkpoints(others, "checkpoint(s) of the earlier run")
+        self.runtime.barrier()
+        if checkpoint.step == 0:  # the new run's saves come after it
+            return checkpoint
+        # the new run would reach the source's step: it starts with a checkpoint of its own, then sets it aside
+        path = self.save(0, 0, None, 0)
+        if self.runtime.is_main:
+            self.archive_checkpoints([checkpoint.path], "checkpoint the run started from")
+        self.runtime.barrier()
+        return load_checkpoint(path) if path is not None else None
+
+    def check_model(self, checkpoint: Checkpoint) -> None:
+        """Refuses a checkpoint of another model or tokenizer."""
         try:
             stored = Architecture.from_dict(checkpoint.state.get("model_config")).to_dict()
         except ValueError as exc:
@@ -215,6 +253,9 @@ class Trainer:
                                  f"but the config gives {key}={value}; use a matching model section or start a "
                                  "fresh run")
         check_tokenizer(checkpoint, self.tokenizer_hash)
+
+    def check_training_state(self, checkpoint: Checkpoint) -> None:
+        """Refuses a checkpoint whose counts a resumed run cannot go on from."""
         if "consumed_samples" not in checkpoint.state:
             raise MtnlgError(f"{checkpoint.path} has no consumed_samples; it is not a training checkpoint")
         state, damaged = checkpoint.state, f"{checkpoint.path / 'state.json'} is damaged"
@@ -244,7 +285,7 @@ class Trainer:
                            f"{checkpoint.state['consumed_samples']:,} samples consumed)"))
         return checkpoint.step, int(checkpoint.state["consumed_samples"]), int(checkpoint.state.get("skipped_steps", 0))
 
-    def save(self, step: int, consumed: int, loss: float, skipped: int) -> Optional[Path]:
+    def save(self, step: int, consumed: int, loss: Optional[float], skipped: int) -> Optional[Path]:
         """Saves a checkpoint of step `step` (every rank calls this; only the main rank writes)."""
         tensors = self.checkpoint_tensors()
         optimizer, optimizer_scalars = self.runtime.optimizer_state()
@@ -260,7 +301,8 @@ class Trainer:
                 "run_name": self.run_name,
                 "optimizer": optimizer_scalars,
                 "scheduler": {"lr_decay_style": self.config.train.lr_decay_style,
-                              "next_lr": learning_rate(step, self.config.train)},
+                              "next_lr": learning_rate_at(consumed, global_batch_size_at(consumed, self.config.train),
+                                                          self.config.train)},
                 "mtnlg_version": __version__,
                 **self.checkpoint_extra_state(step),
             }
@@ -291,13 +333,13 @@ class Trainer:
         train = self.config.train
         if train.train_tokens is None:
             return train.train_iters
-        tokens_left = train.train_tokens - consumed * self.config.model.seq_length
-        return min(train.train_iters, step + max(0, math.ceil(tokens_left / self.tokens_per_step)))
+        samples = math.ceil(train.train_tokens / self.config.model.seq_length)
+        return min(train.train_iters, step + steps_to_consume(consumed, samples, train))
 
     def loop(self, result: TrainResult, step: int, consumed: int, last_step: int) -> None:
         config, runtime, train = self.config, self.runtime, self.config.train
-        peak = self.peak_flops()
-        flops_per_step = self.architecture.training_flops(self.tokens_per_step, config.model.seq_length)
+        peak, measured = self.peak_flops()
+        flops_per_token = self.architecture.training_flops(1, config.model.seq_length)
         nonfinite_in_a_row = 0
         window = Window()
         started = time.perf_counter()
@@ -305,9 +347,10 @@ class Trainer:
         with GracefulStop(self.report) as stop:
             while step < last_step:
                 step_started = time.perf_counter()
-                lr = learning_rate(step, train)
+                batch_size = global_batch_size_at(consumed, train)
+                lr = learning_rate_at(consumed, batch_size, train)
                 runtime.set_lr(lr)
-                loss = runtime.forward_backward(self.read_batch(self.train_data, consumed))
+                loss = runtime.forward_backward(self.read_batch(self.train_data, consumed, batch_size))
                 grad_norm = runtime.clip_grad_norm(train.clip_grad)
                 if math.isfinite(loss) and math.isfinite(grad_norm):
                     runtime.optimizer_step()
@@ -317,21 +360,25 @@ class Trainer:
                     result.skipped_steps += 1
                     nonfinite_in_a_row += 1
                     if nonfinite_in_a_row >= train.max_nonfinite_steps:
-                        raise MtnlgError(self.nonfinite_message(step + 1, nonfinite_in_a_row, consumed))
+                        raise MtnlgError(self.nonfinite_message(step + 1, nonfinite_in_a_row, consumed, batch_size))
                 step += 1
-                consumed += train.global_batch_size
+                consumed += batch_size
                 result.losses[step] = loss
                 result.final_step = step
-                window.add(loss, grad_norm, time.perf_counter() - step_started)
+                window.add(loss, grad_norm, time.perf_counter() - step_started, batch_size * config.model.seq_length)
                 self.report(Progress("train", step, last_step, unit="step", fields=f"loss {loss:.4f}  lr {lr:.2e}"))
 
                 if step % train.log_interval == 0 or step == last_step:
-                    tokens_per_s = window.steps * self.tokens_per_step / window.seconds
+                    tokens_per_s = window.tokens / window.seconds
+                    flops_per_s = flops_per_token * tokens_per_s / runtime.world_size  # per process
+                    if flops_per_s > peak and measured:  # the rate was measured while the machine was busy
+                        peak = self.raise_peak(flops_per_s)
                     record = {"step": step, "loss": window.mean_loss, "lr": lr, "grad_norm": window.last_grad_norm,
-                              "tokens_per_s": tokens_per_s,
-                              "mfu": flops_per_step * window.steps / window.seconds / (peak * runtime.world_size),
+                              "tokens_per_s": tokens_per_s, "mfu": flops_per_s / peak,
                               "consumed_samples": consumed, "skipped_steps": result.skipped_steps,
                               "elapsed_s": round(time.perf_counter() - started, 3)}
+                    if train.rampup_batch_size:
+                        record["global_batch_size"] = batch_size
                     self.log(record)
                     window = Window()
                 stopping = runtime.any_across_ranks(stop.requested is not None)
@@ -345,20 +392,35 @@ class Trainer:
                     break
         self.report(Progress("train", step, last_step, unit="step", done=True))
 
-    def peak_flops(self) -> float:
+    def peak_flops(self) -> tuple[float, bool]:
+        """(FLOP/s per process that MFU is measured against, whether it was measured rather than configured)."""
         if self.config.train.peak_tflops:
-            return self.config.train.peak_tflops * 1e12
+            return self.config.train.peak_tflops * 1e12, False
+        return peak_matmul_rate(self.matmul_shapes(), self.runtime.device, self.precision()), True
+
+    def raise_peak(self, seen: float) -> float:
+        """A training window beat the measured matmul rate: measure again, and never report more than 100%."""
+        return raise_matmul_rate(self.matmul_shapes(), self.runtime.device, self.precision(), seen)
+
+    def matmul_shapes(self) -> list[tuple[int, int, int]]:
         tokens = self.config.train.micro_batch_size * self.config.model.seq_length
-        dtype = PRECISION_DTYPES[self.config.train.mixed_precision]
-        return peak_matmul_rate(self.architecture.matmul_shapes(tokens), self.runtime.device, dtype)
+        return self.architecture.matmul_shapes(tokens)
+
+    def precision(self) -> torch.dtype:
+        return PRECISION_DTYPES[self.config.train.mixed_precision]
 
     def evaluate(self, step: int) -> Optional[float]:
+        """The loss over the first train.eval_iters global batches of the validation split's samples (packed
+        windows of seq_length tokens); the record says how many samples that is."""
         if self.valid_data is None:
             return None
         train = self.config.train
-        batches = (self.read_batch(self.valid_data, i * train.global_batch_size) for i in range(train.eval_iters))
+        batches = (self.read_batch(self.valid_data, i * train.global_batch_size, train.global_batch_size)
+                   for i in range(train.eval_iters))
         loss = self.runtime.eval_loss(batches)
-        record = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        samples = train.eval_iters * train.global_batch_size
+        record = {"step": step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_samples": samples,
+                  "val_tokens": samples * self.config.model.seq_length}
         self.log(record)
         return loss
 
@@ -373,9 +435,9 @@ class Trainer:
         atomic.write_text(run_dir / "config.yaml", self.config.to_yaml())
         return MetricsLog(run_dir / "metrics.jsonl", tracker=tensorboard_tracker(run_dir))
 
-    def nonfinite_message(self, step: int, count: int, consumed: int) -> str:
+    def nonfinite_message(self, step: int, count: int, consumed: int, batch_size: int) -> str:
         return (f"the loss or gradient was not finite for {count} steps in a row (steps {step - count + 1}-{step}, "
-                f"samples up to {consumed + self.config.train.global_batch_size}); nothing was saved for them. "
+                f"samples up to {consumed + batch_size}); nothing was saved for them. "
                 "Check train.lr (try lower), train.mixed_precision (fp16 overflows; try bf16 or no), "
                 "train.clip_grad, and the data")
 
@@ -384,10 +446,11 @@ class Window:
     """Figures of the steps since the last log line."""
 
     def __init__(self):
-        self.steps, self.seconds, self.loss_sum, self.last_grad_norm = 0, 0.0, 0.0, 0.0
+        self.steps, self.tokens, self.seconds, self.loss_sum, self.last_grad_norm = 0, 0, 0.0, 0.0, 0.0
 
-    def add(self, loss: float, grad_norm: float, seconds: float) -> None:
+    def add(self, loss: float, grad_norm: float, seconds: float, tokens: int) -> None:
         self.steps += 1
+        self.tokens += tokens
         self.seconds += seconds
         self.loss_sum += loss
         self.last_grad_norm = grad_norm
@@ -421,6 +484,11 @@ class GracefulStop:
     def __exit__(self, *exc) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+def has_optimizer_state(checkpoint: Checkpoint) -> bool:
+    """Whether a run can resume from the checkpoint exactly; one without (an imported one) gives weights only."""
+    return (checkpoint.path / "optimizer.safetensors").is_file()
 
 
 def rng_state() -> dict[str, torch.Tensor]:
