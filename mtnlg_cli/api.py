@@ -298,17 +298,21 @@ class MegatronLM:
         """Perplexity of `text` (or of a list of documents), scored as `mtnlg eval --data` scores a file: each
         document on its own after the token that starts documents in training, with windows of `context` tokens
         (default: the training sequence length) sliding by half a window."""
-        from mtnlg_cli.evaluation.scoring import Document, evaluate_perplexity
+        from mtnlg_cli.evaluation.scoring import evaluate_perplexity
+        from mtnlg_cli.evaluation.tasks import documents, window
 
         model, tokenizer, checkpoint = self._inference()
+        context, stride = window(checkpoint, model, context)
         texts = [text] if isinstance(text, str) else list(text)
-        documents = [Document(ids, len(t.encode("utf-8"))) for t, ids in zip(texts, tokenizer.encode_batch(texts))]
-        context = context or checkpoint.config_int("model", "seq_length", self.config.model.seq_length)
-        if not 1 <= context <= model.config.max_position_embeddings:
-            raise MtnlgError(f"context={context} must be between 1 and the model's "
-                             f"max_position_embeddings={model.config.max_position_embeddings}")
-        return evaluate_perplexity(model, documents, tokenizer.document_start_id, context,
-                                   max(1, context // 2)).perplexity
+        return evaluate_perplexity(model, documents(texts, tokenizer), tokenizer.document_start_id, context,
+                                   stride).perplexity
+
+    def summary(self) -> dict[str, Any]:
+        """What the workspace holds, as `mtnlg info --json` shows it: the model's size, the tokenizer, the
+        tokenized datasets, the checkpoints and the training runs."""
+        from mtnlg_cli.workspace_summary import workspace_summary
+
+        return workspace_summary(self.workspace, self.config)
 
     def chat(self, message: Optional[str] = None, system_prompt: Optional[str] = None, **settings: Any):
         """With a `message`: the assistant's reply, keeping the conversation on this object for the next call.

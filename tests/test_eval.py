@@ -314,8 +314,8 @@ def test_eval_command_bad_input_is_a_one_line_error(trained, tmp_path):
         (["--data", str(bad), "--run", "nope"], "no run 'nope'"),
         (["--data", str(tmp_path / "missing.txt")], "no such file"),
         (["--context", "999", "--data", str(bad)], "context 999 must be between 1 and"),
-        (["--stride", "0", "--data", str(bad)], "--stride 0 must be between 1"),
-        (["--stride", "33", "--data", str(bad)], "--stride 33 must be between 1 and the context length 32"),
+        (["--stride", "0", "--data", str(bad)], "stride 0 must be between 1"),
+        (["--stride", "33", "--data", str(bad)], "stride 33 must be between 1 and the context length 32"),
         (["--data", str(bad), "-o", str(tmp_path / "no" / "out.json")], "no folder"),
     ]
     for args, message in cases:

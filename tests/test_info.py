@@ -76,3 +76,18 @@ def test_info_text_on_an_empty_workspace_and_config_only(workspace):
     assert "vocab auto: chosen from the corpus" in " ".join(result.stdout.split())
     result = run_cli("info", "--config", "--set", "train.lr=0.5", cwd=workspace.root)
     assert result.returncode == 0 and "lr: 0.5" in result.stdout
+
+
+def test_the_python_api_gives_the_summary_that_info_shows(workspace, capsys):
+    import pytest
+
+    from mtnlg_cli import MegatronLM
+    from mtnlg_cli.cli import main
+
+    fill_workspace(workspace)
+    summary = MegatronLM.from_workspace(workspace.root).summary()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["info", "--json", "-w", str(workspace.root)])
+    shown = json.loads(capsys.readouterr().out)
+    assert exit_info.value.code == 0 and {**summary, "config": shown["config"]} == shown
+    assert [c["step"] for c in summary["checkpoints"]] == [100, 200]

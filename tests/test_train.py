@@ -326,7 +326,7 @@ def test_a_run_stopped_before_its_first_record_leaves_no_run_folder(ws, monkeypa
 
 
 def test_a_metrics_log_cut_mid_line_by_a_crash_loses_only_that_line(ws):
-    from mtnlg_cli.commands.info import run_summaries
+    from mtnlg_cli.workspace_summary import run_summaries
 
     run_train(ws, "train.train_iters=2", "train.log_interval=1", "train.run_name=cut")
     log = ws.runs_dir / "cut" / "metrics.jsonl"

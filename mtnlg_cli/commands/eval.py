@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import enum
 import os
-import warnings
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
 from mtnlg_cli.commands.generate import quantization_asked
 from mtnlg_cli.commands.processes import (MachineRankOption, MainProcessIpOption, MainProcessPortOption,
                                           NumMachinesOption, Processes, forwarded_args, model_parallel, split_model)
@@ -56,7 +55,7 @@ def eval_command(
                                                   "consecutive windows; each token after the first window keeps "
                                                   "at least context - stride tokens of context (default: half "
                                                   "the context).", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Sequences per forward pass.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Sequences per forward pass.")] = 8,
     max_new_tokens: Annotated[Optional[int], typer.Option(
         "--max-new-tokens", help="generate: tokens per answer at most (default: generate.max_new_tokens).",
         show_default=False)] = None,
@@ -73,7 +72,7 @@ def eval_command(
                                                "(at the checkpoint's step).", show_default=False)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, ... (default: cuda when "
                                                   "available).", show_default=False)] = None,
-    num_processes: Annotated[int, typer.Option("--num-processes", "-n", help="Run as N processes through "
+    num_processes: Annotated[int, typer.Option("--num-processes", "-n", min=1, help="Run as N processes through "
                                                "Accelerate (CPU processes over gloo where there is no GPU): they "
                                                "share the batches, or with parallel.tensor_parallel x "
                                                "parallel.pipeline_parallel = N they split the model; either way "
@@ -89,38 +88,38 @@ def eval_command(
 
     `accelerate launch -m mtnlg_cli eval ...` and `torchrun -m mtnlg_cli eval ...` work as --num-processes does.
     """
-    options = dict(locals())  # every option, for the evaluation itself
-    processes = Processes(*(options.pop(key) for key in ("num_processes", "num_machines", "machine_rank",
-                                                          "main_process_ip", "main_process_port")))
     from mtnlg_cli.launch import launched_rank
 
-    if num_processes < 1:
-        raise MtnlgError(f"--num-processes {num_processes} must be positive")
+    processes = Processes(num_processes, num_machines, machine_rank, main_process_ip, main_process_port)
     ws, config = open_workspace(workspace, overrides)  # config errors before any process starts
+    split_run = None
     if model_parallel(config):  # the processes split the model, not the batches
-        options["split_run"] = split_model("eval", ws, config, checkpoint, processes,
-                                           {**quantization_asked(config, quantize), "--device": device is not None},
-                                           short_options=("-n",))
+        split_run = split_model("eval", ws, config, checkpoint, processes,
+                                {**quantization_asked(config, quantize), "--device": device is not None},
+                                short_options=("-n",))
     elif processes.starts_run and launched_rank() is None:
         raise typer.Exit(processes.launch(["eval", *forwarded_args("eval", short_options=("-n",))]))
-    _evaluate(**options)  # (a launched process runs as its rank: cli.main)
+    # a launched process gets here too, as its rank (cli.main)
+    _evaluate(task, data or [], split or [], build_from, min_words, target_chars, text_key, delimiter, context,
+              stride, batch_size, max_new_tokens, temperature, quantize, checkpoint, output, run, device, workspace,
+              overrides, split_run)
 
 
-def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]], build_from: Optional[Path],
-              min_words: int, target_chars: Optional[int], text_key: str, delimiter: str, context: Optional[int],
+def _evaluate(task: Task, data: list[Path], split: list[str], build_from: Optional[Path], min_words: int,
+              target_chars: Optional[int], text_key: str, delimiter: str, context: Optional[int],
               stride: Optional[int], batch_size: int, max_new_tokens: Optional[int], temperature: float,
-              quantize: Optional[str], checkpoint: Optional[Path], output: Optional[Path], run: Optional[str],
-              device: Optional[str], workspace: Optional[Path], overrides: Optional[list[str]],
-              split_run: Optional[tuple] = None) -> None:
+              quantize: Optional[str], checkpoint: Optional[Path],
+              output: Optional[Path], run: Optional[str], device: Optional[str], workspace: Optional[Path],
+              overrides: Optional[list[str]], split_run: Optional[tuple] = None) -> None:
     import torch
-    from rich.console import Console
 
-    from mtnlg_cli.evaluation import scoring as ev
     from mtnlg_cli.checkpoint import load_for_inference
+    from mtnlg_cli.commands.generate import quantized
+    from mtnlg_cli.commands.render import ConsoleReporter
+    from mtnlg_cli.evaluation import tasks
+    from mtnlg_cli.inference.quantize import Quantization
 
     ws, config = open_workspace(workspace, overrides)
-    rank, process_device = (0, None) if split_run else _start_processes()  # (a split model's rank 0 drives alone)
-    console = Console(quiet=rank != 0)
     if task is not Task.perplexity and (stride is not None or split):
         raise MtnlgError(f"--{'stride' if stride is not None else 'split'} applies to --task perplexity only")
     if build_from is not None and task is not Task.cloze:
@@ -128,8 +127,8 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
     if task is not Task.perplexity and not data and build_from is None:
         raise MtnlgError(f"--task {task.value} needs a task file: --data FILE.jsonl"
                          + (" (or --from FILE.txt to build one from text)" if task is Task.cloze else ""))
-    if batch_size < 1:
-        raise MtnlgError(f"--batch-size {batch_size} must be positive")
+    if data and split:
+        raise MtnlgError("give either --data or --split, not both")
     if target_chars is not None and (task is not Task.cloze or target_chars < 1):
         raise MtnlgError(f"--target-chars {target_chars} must be positive" if task is Task.cloze
                          else "--target-chars applies to --task cloze only")
@@ -138,65 +137,44 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
                          "--task generate only")
     if task is Task.generate and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise MtnlgError("--task generate runs in one process; leave out --num-processes")
+    generation = None
     if task is Task.generate:
         from mtnlg_cli.commands.generate import sampling_settings
 
         generation = sampling_settings(config, max_new_tokens=max_new_tokens, temperature=temperature)
-    run_log = _run_metrics_path(ws, run) if run is not None else None
+    run_log = tasks.run_metrics_path(ws, run) if run is not None else None
     if output is not None and not Path(output).parent.is_dir():
         raise MtnlgError(f"cannot write {output}: no folder {Path(output).parent}")
-    target = torch.device(device) if device else process_device
+    rank, process_device = (0, None) if split_run else tasks.join_processes()  # (a split model's rank 0 drives alone)
 
-    model, tokenizer, ckpt = split_run or load_for_inference(ws, checkpoint, target)
-    context = ev.context_length(ckpt, model, context)
-    stride = max(1, context // 2) if stride is None else stride
-    if not 1 <= stride <= context:
-        raise MtnlgError(f"--stride {stride} must be between 1 and the context length {context}")
-
-    from mtnlg_cli.commands.generate import quantized
-    from mtnlg_cli.inference.quantize import Quantization
-
+    model, tokenizer, ckpt = split_run or load_for_inference(ws, checkpoint,
+                                                             torch.device(device) if device else process_device)
+    context, stride = tasks.window(ckpt, model, context, stride)
+    if task is Task.perplexity:
+        sources = tasks.perplexity_sources(ws, config, tokenizer, data, split, text_key, rank,
+                                           data_parallel=split_run is None)
+    elif task is Task.cloze:
+        sources = tasks.cloze_sources(tokenizer, data, build_from, min_words, target_chars)
+    elif task is Task.choice:
+        sources = tasks.choice_sources(data)
+    else:
+        sources = tasks.generation_sources(config, data)
     quantization = Quantization.from_config(config.generate, quantize)
-    models = [("", model)]  # (suffix of the data name, model)
+    models = {"": model}  # by the suffix of the data's name in the results
     if quantization is not None:
-        models.append((f" [{quantization.method}]", quantized(model, config, ws, ckpt, quantize)))
-    rows: list[tuple[str, dict]] = []  # (data name, metrics), each source under every model
-    answers: dict[str, list[dict]] = {}  # generate: each example's answer and scores, by data name
-    with _progress(console) as progress:
-        def scored(name: str, fn):
-            for suffix, scored_model in models:
-                bar = progress.add_task(name + suffix, total=None)
-                rows.append((name + suffix, fn(scored_model, lambda done, total: progress.update(
-                    bar, completed=done, total=total))))
-
-        if task is Task.perplexity:
-            sources = _perplexity_sources(ws, config, data, split, text_key, tokenizer, rank,
-                                          data_parallel=split_run is None)
-            for name, documents in sources:
-                scored(name, lambda m, report: ev.evaluate_perplexity(
-                    m, documents, tokenizer.document_start_id, context, stride, batch_size, report).metrics())
-        elif task is Task.cloze:
-            for name, items in _cloze_sources(data, build_from, min_words, target_chars, tokenizer):
-                scored(name, lambda m, report: ev.evaluate_cloze(m, tokenizer, items, context, batch_size, report))
-        elif task is Task.choice:
-            for name, items in [(str(path), ev.read_choice_items(path)) for path in data]:
-                scored(name, lambda m, report: ev.evaluate_choice(m, tokenizer, items, context, delimiter,
-                                                                  batch_size, report))
-        else:
-            for name, examples in _generation_sources(config, data):
-                scored(name, lambda m, report: _generation_metrics(m, tokenizer, examples, generation, batch_size,
-                                                                   report, answers, name))
-
-    results = {"checkpoint": str(ckpt.path), "step": ckpt.step, "task": task.value, "context": context,
-               **({"stride": stride} if task is Task.perplexity else {}),
-               "results": {name: metrics for name, metrics in rows},
-               **({"answers": answers} if answers else {})}
-    changes = _quantization_changes(rows) if quantization is not None else {}
+        suffix = f" [{quantization.method}]"
+        models[suffix] = quantized(model, config, ws, ckpt, quantize)
+    console = make_console(quiet=rank != 0)
+    with ConsoleReporter(console) as report:
+        results = tasks.evaluate_task(task.value, models, tokenizer, ckpt, sources, context, stride, batch_size,
+                                      delimiter, generation, report)
+    changes = {}
     if quantization is not None:
+        changes = tasks.perplexity_changes(results, suffix)
         results["quantize"] = {"method": quantization.method, "group_size": quantization.group_size,
                                "perplexity_change": changes}
     if rank == 0:
-        console.print(_table(task, ckpt, rows))
+        console.print(_table(results, ckpt))
         for name, change in changes.items():
             console.print(f"{name}: perplexity {change:+.2%} under {quantization.describe()} (vs fp32)")
         if output is not None:
@@ -205,125 +183,16 @@ def _evaluate(task: Task, data: Optional[list[Path]], split: Optional[list[str]]
             atomic.write_json(output, results)
             console.print(f"Wrote {output}")
         if run_log is not None:  # the checkpoint's own (fp32) figures
-            _append_to_run(run_log, ckpt.step, task, rows[::len(models)])
+            tasks.append_to_run(run_log, results, [name for name, _ in sources])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _start_processes():
-    """(rank, device) of this process; joins the others first when a launcher (accelerate, torchrun) started
-    several."""
-    import torch
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    from accelerate import PartialState
-
-    state = PartialState(cpu=not torch.cuda.is_available())
-    return state.process_index, state.device if state.device.type == "cuda" else torch.device("cpu")
-
-
-def _progress(console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("batches"), TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                    transient=True)
-
-
-def _perplexity_sources(ws, config, data, splits, text_key, tokenizer, rank,
-                        data_parallel: bool) -> list[tuple[str, list]]:
-    """(name, documents) of each --data file, or else of each workspace split."""
-    from mtnlg_cli.evaluation import scoring as ev
-
-    if data:
-        if splits:
-            raise MtnlgError("give either --data or --split, not both")
-        sources = []
-        for path in data:
-            texts = ev.read_texts(path, text_key)
-            sources.append((str(path), [ev.Document(ids, len(text.encode("utf-8")))
-                                        for text, ids in zip(texts, tokenizer.encode_batch(texts))]))
-        return sources
-    import torch.distributed as dist
-
-    from mtnlg_cli.data.samples import ensure_datasets, split_documents
-
-    if rank == 0:  # may run preprocess, which one process does while the others wait
-        ensure_datasets(ws, config)
-    if data_parallel and dist.is_initialized():
-        dist.barrier()
-    sources = []
-    for split in splits or ["valid", "test"]:
-        documents = []
-        for ids in split_documents(ws, config, split):
-            tokens = ids.tolist()
-            if tokens and tokens[-1] == tokenizer.eos_id:
-                tokens.pop()  # documents are scored after their start token, as text given with --data is
-            if tokenizer.prefix_ids and tuple(tokens[:len(tokenizer.prefix_ids)]) == tokenizer.prefix_ids:
-                tokens = tokens[len(tokenizer.prefix_ids):]
-            documents.append(ev.Document(tokens, len(tokenizer.decode_bytes(tokens))))
-        sources.append((split, documents))
-    return sources
-
-
-def _cloze_sources(data, build_from, min_words, target_chars, tokenizer) -> list[tuple[str, list]]:
-    from mtnlg_cli.evaluation import scoring as ev
-
-    target_chars = ev.TARGET_CHARS if target_chars is None else target_chars
-    sources = [(str(path), ev.read_cloze_items(path, tokenizer, target_chars)) for path in data or []]
-    if build_from is not None:
-        items = ev.build_cloze_items("\n\n".join(ev.read_texts(build_from)), tokenizer, min_words,
-                                     target_chars=target_chars)
-        if not items:
-            raise MtnlgError(f"{build_from} has no paragraph of at least {min_words} words to build a cloze item "
-                             "from; lower --min-words")
-        sources.append((f"{build_from} (built)", items))
-    return sources
-
-
-def _generation_sources(config, data) -> list[tuple[str, list]]:
-    from mtnlg_cli.finetune.examples import BadLines, prompt_and_reference, read_examples
-    from mtnlg_cli.finetune.trainer import DEFAULT_SUMMARIZE_STYLE
-
-    style = config.generate.prompt_styles.get("summarize", DEFAULT_SUMMARIZE_STYLE)
-    sources = []
-    for path in data:
-        examples = read_examples(path, style, BadLines())
-        for example in examples:
-            prompt_and_reference(example)  # every example ends with a reference answer, before any generation
-        sources.append((str(path), examples))
-    return sources
-
-
-def _generation_metrics(model, tokenizer, examples, settings, batch_size, report, answers, name) -> dict:
-    from dataclasses import asdict
-
-    from mtnlg_cli.evaluation.generation import evaluate_generation
-    from mtnlg_cli.inference.engine import Generator
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a prompt cut to the context window is scored as it was answered
-        metrics, scored = evaluate_generation(Generator(model, tokenizer), examples, settings, batch_size, report)
-    answers.setdefault(name, [asdict(answer) for answer in scored])
-    return metrics
-
-
-def _quantization_changes(rows: list[tuple[str, dict]]) -> dict[str, float]:
-    """The relative change of each source's perplexity under quantization (rows come in fp32, quantized pairs)."""
-    changes = {}
-    for (name, fp32), (_, quantized) in zip(rows[::2], rows[1::2]):
-        if "perplexity" in fp32:
-            changes[name] = quantized["perplexity"] / fp32["perplexity"] - 1
-    return changes
-
-
-def _table(task: Task, ckpt, rows: list[tuple[str, dict]]):
     from rich.table import Table
 
-    table = Table(title=f"mtnlg eval: {task.value}, {ckpt.path.name}")
-    columns = [key for key in rows[0][1]]
+    how = (f"each document on its own, windows of {results['context']} tokens every {results['stride']}"
+           if results["task"] == "perplexity" else f"context {results['context']} tokens")
+    table = Table(title=f"mtnlg eval: {results['task']}, {ckpt.path.name} ({how})")
+    rows = list(results["results"].items())
+    columns = list(rows[0][1])
     table.add_column("data", overflow="fold")
     for column in columns:
         table.add_column(column.replace("_", " "), justify="right")
@@ -338,21 +207,3 @@ def _show(value) -> str:
     return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
 
 
-def _run_metrics_path(ws, run: str) -> Path:
-    folder = ws.runs_dir / run
-    if not folder.is_dir():
-        known = sorted(p.name for p in ws.runs_dir.iterdir() if p.is_dir()) if ws.runs_dir.is_dir() else []
-        raise MtnlgError(f"no run {run!r} in {ws.runs_dir}" + (f"; runs: {', '.join(known[-5:])}" if known else ""))
-    return folder / "metrics.jsonl"
-
-
-def _append_to_run(path: Path, step: int, task: Task, rows: list[tuple[str, dict]]) -> None:
-    from mtnlg_cli.training.metrics import MetricsLog
-
-    log = MetricsLog(path)
-    try:
-        for name, metrics in rows:
-            log.write({"step": step, "event": "eval", "task": task.value, "data": name,
-                       **{f"eval/{Path(name).stem}/{key}": value for key, value in metrics.items()}})
-    finally:
-        log.close()
