@@ -260,6 +260,7 @@ def test_eval_command_prints_a_table_writes_json_and_appends_to_a_run(trained, t
                              "--run", "run1"], env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     assert "bits per byte" in single.stdout and "held_out.txt" in single.stdout
+    assert f"each document on its own, windows of {CONTEXT} tokens every 8" in single.stdout  # what it measured
     one = json.loads((tmp_path / "one.json").read_text())
     metrics = one["results"][str(data)]
     assert (one["step"], one["context"], one["stride"]) == (STEPS, CONTEXT, 8)

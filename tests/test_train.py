@@ -396,7 +396,7 @@ def test_finetune_starts_a_new_run_from_a_full_checkpoint(ws):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# MFU and validation records.
+# MFU.
 
 
 def test_mfu_stays_at_most_100_percent_when_the_matmul_rate_was_measured_on_a_busy_machine(ws, tmp_path,
@@ -425,16 +425,6 @@ def test_mfu_stays_at_most_100_percent_when_the_matmul_rate_was_measured_on_a_bu
     again = run_train(ws, *overrides, "train.train_iters=6")
     records = [json.loads(line) for line in (again.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["mfu"] <= 1.0 for r in records if "mfu" in r and r["step"] > 4) and len(measured) == 1
-
-
-def test_the_validation_record_says_what_it_measured(ws):
-    from mtnlg_cli.commands.render import metrics_line
-
-    result = run_train(ws, "train.train_iters=2", "train.eval_iters=3")
-    [record] = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-                if "val_loss" in line]
-    assert record["val_samples"] == 24 and record["val_tokens"] == 24 * 32  # 3 global batches of 8 windows
-    assert "val loss" in metrics_line(record) and "over 24 samples" in metrics_line(record)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,6 +477,8 @@ def test_the_learning_rate_follows_samples_through_the_ramp():
 
 
 def test_training_resumes_exactly_across_the_batch_ramp(ws, prepared, tmp_path):
+    from mtnlg_cli.commands.render import metrics_line
+
     ramp = ["train.global_batch_size=16", "train.rampup_batch_size=[4, 4, 24]", "train.lr_decay_iters=6",
             "train.log_interval=1", "train.eval_interval=100", "train.save_interval=100"]
     straight = run_train(ws, *ramp, "train.train_iters=6")
@@ -497,6 +489,9 @@ def test_training_resumes_exactly_across_the_batch_ramp(ws, prepared, tmp_path):
     assert {**first.losses, **second.losses} == straight.losses  # exact float equality
     records = [json.loads(line) for line in (straight.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["global_batch_size"] for r in records if "loss" in r] == [4, 4, 8, 12, 16, 16]
+    [validation] = [r for r in records if "val_loss" in r]  # it says what it measured: eval_iters full batches
+    assert validation["val_samples"] == 2 * 16 and validation["val_tokens"] == 2 * 16 * 32
+    assert metrics_line(validation).endswith(f"val ppl {validation['val_ppl']:.2f} over 32 samples[/]")
     assert load_checkpoint(first.checkpoint).state["consumed_samples"] == 16
     assert load_checkpoint(straight.checkpoint).state["consumed_samples"] == 60
 
