@@ -202,16 +202,27 @@ def generate_command(
                    f"time: {seconds:.2f}s, {generated_tokens / max(seconds, 1e-9):.1f} tokens/s", err=True)
 
 
-class _PipeSink:
-    """Continuations only, each written as its batch finishes, separated by a blank line."""
+class _Sink:
+    """Where results go as they finish: `begin` before a batch of prompts, `on_text` with streamed pieces (None:
+    not streamed), `write` with the batch's finished (or interrupted) results."""
 
     on_text = None
 
-    def __init__(self):
-        self.count = 0
-
     def begin(self, texts: list[str]) -> None:
         pass
+
+    def write(self, records: list[dict], completions: list) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        sys.stdout.flush()
+
+
+class _PipeSink(_Sink):
+    """Continuations only, each batch written as it finishes, separated by a blank line."""
+
+    def __init__(self):
+        self.count = 0
 
     def write(self, records: list[dict], completions: list) -> None:
         for completion in completions:
@@ -219,11 +230,8 @@ class _PipeSink:
             self.count += 1
         sys.stdout.flush()
 
-    def close(self) -> None:
-        sys.stdout.flush()
 
-
-class _TerminalSink:
+class _TerminalSink(_Sink):
     """Each prompt dimmed (unless --no-echo), its continuation streamed after it, a rule between prompts."""
 
     def __init__(self, echo: bool):
@@ -248,11 +256,8 @@ class _TerminalSink:
         sys.stdout.write("\n")
         sys.stdout.flush()
 
-    def close(self) -> None:
-        sys.stdout.flush()
 
-
-class _JsonlSink:
+class _JsonlSink(_Sink):
     """One JSON line per result, written and flushed as it finishes, so an interrupted run keeps its results."""
 
     def __init__(self, path: Path, num_samples: int):
@@ -262,21 +267,18 @@ class _JsonlSink:
         except OSError as exc:
             raise MtnlgError(f"cannot write {path}: {exc.strerror or exc}") from None
 
-    on_text = None
-
-    def begin(self, texts: list[str]) -> None:
-        pass
-
     def write(self, records: list[dict], completions: list) -> None:
+        rows = []
         for record, c in zip(records, completions):
             row = {**record, "completion": c.text, "finish_reason": c.finish_reason,
                    "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens)}
             if self.num_samples == 1:
                 del row["sample"]
-            self.file.write(json.dumps(row, ensure_ascii=False) + "\n")
+            rows.append(json.dumps(row, ensure_ascii=False) + "\n")
         try:
+            self.file.write("".join(rows))
             self.file.flush()
-        except OSError as exc:
+        except OSError as exc:  # a full disk
             raise MtnlgError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def close(self) -> None:
