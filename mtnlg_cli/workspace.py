@@ -129,6 +129,10 @@ def template_description(name: str) -> str:
     return str(read_template(name).get("description", ""))
 
 
+# the settings that gave the tiny template's model its best text after `mtnlg train` (Austen's first sentence)
+FIRST_GENERATE = ('mtnlg generate -t 0.7 --top-k 40 --repetition-penalty 1.2 -n 60 '
+                  '"It is a truth universally acknowledged"')
+
 WORKSPACE_README = """\
 # {name}: an mtnlg workspace
 

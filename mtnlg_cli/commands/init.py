@@ -11,7 +11,8 @@ from rich.table import Table
 
 from mtnlg_cli.commands.common import SetOption, make_console
 from mtnlg_cli.errors import MtnlgError, WorkspaceError
-from mtnlg_cli.workspace import DEFAULT_TEMPLATE, init_workspace, template_config, template_description, template_names
+from mtnlg_cli.workspace import (DEFAULT_TEMPLATE, FIRST_GENERATE, init_workspace, template_config,
+                                 template_description, template_names)
 
 
 def init_command(
@@ -51,7 +52,7 @@ def init_command(
         template = template or DEFAULT_TEMPLATE
         workspace = init_workspace(directory, template, force, overrides or [])
         console.print(f"Created workspace [bold]{workspace.root}[/] from template [bold]{template}[/].")
-        console.print(f"Next: cd {directory} && mtnlg preprocess && mtnlg train && mtnlg generate \"Once upon a time\"")
+        console.print(f"Next: cd {directory} && mtnlg preprocess && mtnlg train && {FIRST_GENERATE}")
         return
     _init_from(console, directory, source, template or DEFAULT_TEMPLATE, force, allow_pickle, overrides or [])
 
