@@ -174,7 +174,10 @@ class PendingFile:
         with writing(self.target):
             try:
                 self.file.close()  # flushes what is buffered
-                _fsync_path(self.path)  # by path: a writer given `path` may have replaced the file
+                # by path: a writer given `path` may have replaced the file, with its own (private) permissions, as
+                # safetensors' save_file does
+                os.chmod(self.path, 0o666 & ~current_umask())
+                _fsync_path(self.path)
                 os.replace(self.path, self.target)
             except BaseException:
                 self.discard()

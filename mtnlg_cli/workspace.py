@@ -181,6 +181,9 @@ def check_target(target: Path, force: bool) -> Path:
     target = Path(target).expanduser().absolute()
     if target.exists() and not target.is_dir():
         raise WorkspaceError(f"{target} exists and is not a directory")
+    existing = next(parent for parent in target.parents if parent.exists())
+    if not existing.is_dir():
+        raise WorkspaceError(f"cannot create {target}: {existing} is a file, not a folder")
     if (target / CONFIG_NAME).exists() and not force:
         raise WorkspaceError(f"{target} is already an mtnlg workspace; use --force to rewrite its config")
     if target.is_dir() and any(target.iterdir()) and not (target / CONFIG_NAME).exists() and not force:

@@ -152,7 +152,7 @@ def test_workspaces_checkpoints_and_exports_land_with_the_umask_permissions(tmp_
     import os
     import stat
 
-    from mtnlg_cli.convert.common import staged_output
+    from mtnlg_cli.convert.common import staged_output, write_safetensors
     from mtnlg_cli.workspace import init_workspace
 
     def mode(path) -> int:
@@ -163,7 +163,7 @@ def test_workspaces_checkpoints_and_exports_land_with_the_umask_permissions(tmp_
         workspace = init_workspace(tmp_path / "ws")
         checkpoint = save_checkpoint(workspace.checkpoints_dir, 1, tensors(1.0), {"loss": 1.0})
         with staged_output(tmp_path / "export") as staging:
-            safetensors.torch.save_file({"w": torch.ones(2)}, str(staging / "model.safetensors"))
+            write_safetensors({"w": torch.ones(2)}, staging, {})
     finally:
         os.umask(previous)
     assert mode(workspace.root) == mode(workspace.root / "data" / "raw") == folder_mode

@@ -286,6 +286,23 @@ def test_streamed_pieces_add_up_to_the_text_that_decoding_gives(generator):
         assert full == tokenizer.decode(generator.encode(prompt)) + completion.text
 
 
+def test_a_character_split_over_byte_tokens_streams_whole(generator):
+    """A character outside the vocabulary is byte tokens (SentencePiece's byte fallback): the stream holds its
+    first bytes back and hands out the whole character with the last one, never U+FFFD."""
+    from mtnlg_cli.inference.engine import TextStream
+
+    tokenizer = generator.tokenizer
+    rare = "\u9f98\u9f98"  # not in the test tokenizer's 600 pieces: three byte tokens each
+    prompt = tokenizer.encode(CHINESE)
+    ids = tokenizer.encode(CHINESE + rare)[len(prompt):]
+    assert tokenizer.encode(CHINESE + rare)[:len(prompt)] == prompt
+    assert len(ids) == 6 and tokenizer.decode(ids[:1]) == "\ufffd"  # bytes, as the model would generate them
+    stream = TextStream(tokenizer, prompt)
+    pieces = [stream.push(token) for token in ids] + [stream.finish()]
+    assert "".join(pieces) == rare and all("\ufffd" not in piece for piece in pieces)
+    assert [piece for piece in pieces if piece] == ["\u9f98", "\u9f98"]
+
+
 def test_same_seed_same_sample_and_sampling_options_behave(generator):
     from mtnlg_cli.config import SamplingSettings
 
