@@ -409,6 +409,13 @@ def test_generate_bad_input_is_one_line_and_exit_2(ws, args, message, capsys, mo
     assert code == 2 and err.startswith(message) and err.count("\n") == 1, err
 
 
+def test_an_output_that_cannot_be_written_is_one_line_before_generating(ws, capsys, monkeypatch):
+    out_path = ws.config_path / "out.jsonl"  # under a file
+    code, out, err = mtnlg(capsys, monkeypatch, "generate", "-w", str(ws.root), "hello", "-n", "5",
+                           "--output", str(out_path))
+    assert code == 2 and out == "" and err == f"error: cannot write {out_path}: not a directory\n"
+
+
 def test_generate_refuses_missing_checkpoint_and_other_tokenizer(ws, tmp_path, capsys, monkeypatch):
     from mtnlg_cli.workspace import init_workspace
 
@@ -483,14 +490,14 @@ def test_sigterm_keeps_the_results_made_so_far(ws, tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "mtnlg_cli", "generate", "-w", str(ws.root), "-t", "0",
                                 "-n", "1000000", "--output", str(out_path), ENGLISH],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not out_path.exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(1.0)  # some tokens
+    note = process.stderr.readline()  # said just before decoding starts
+    assert "generation slides" in note, note + process.communicate(timeout=60)[1]
+    assert not out_path.exists()  # nothing finished yet
+    time.sleep(3.0)  # some tokens, even on a busy machine
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 143, err
-    assert "generation slides" in err and "Stopped by SIGTERM: kept 1 result(s), the last one unfinished" in err
+    assert "Stopped by SIGTERM: kept 1 result(s), the last one unfinished" in err
     [row] = [json.loads(line) for line in out_path.read_text().splitlines()]
     assert row["finish_reason"] == "interrupted" and row["completion_tokens"] > 0 and row["completion"]
     assert os.path.getsize(out_path) > 0

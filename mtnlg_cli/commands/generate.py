@@ -75,16 +75,14 @@ def quantization_asked(config, quantize: Optional[str]) -> dict[str, bool]:
 def quantized(model, config, workspace, checkpoint, quantize: Optional[str] = None):
     """`model` (the weights of `checkpoint`) quantized as `--quantize` (else the config's generate.quantize) says,
     through the workspace's cache of quantized copies; as it is for neither."""
-    from mtnlg_cli.inference.quantize import Quantization, quantize_cached
-
-    from rich.console import Console
-
+    from mtnlg_cli.commands.common import make_console
     from mtnlg_cli.commands.render import ConsoleReporter
+    from mtnlg_cli.inference.quantize import Quantization, quantize_cached
 
     quantization = Quantization.from_config(config.generate, quantize)
     if quantization is None:
         return model
-    with ConsoleReporter(Console(stderr=True)) as report:
+    with ConsoleReporter(make_console(stderr=True)) as report:
         return quantize_cached(model, quantization, checkpoint.path, workspace.quantized_dir, report)
 
 
@@ -258,31 +256,26 @@ class _TerminalSink(_Sink):
 
 
 class _JsonlSink(_Sink):
-    """One JSON line per result, written and flushed as it finishes, so an interrupted run keeps its results."""
+    """One JSON line per result, written and flushed as it finishes, so an interrupted run keeps its results. The
+    file replaces an earlier one of that name and appears with the first result."""
 
     def __init__(self, path: Path, num_samples: int):
-        self.path, self.num_samples = path, num_samples
-        try:
-            self.file = open(path, "w", encoding="utf-8")
-        except OSError as exc:
-            raise MtnlgError(f"cannot write {path}: {exc.strerror or exc}") from None
+        from mtnlg_cli import atomic
+
+        self.num_samples = num_samples
+        atomic.remove_file(path)
+        self.log = atomic.AppendLog(path)
 
     def write(self, records: list[dict], completions: list) -> None:
-        rows = []
         for record, c in zip(records, completions):
             row = {**record, "completion": c.text, "finish_reason": c.finish_reason,
                    "prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens)}
             if self.num_samples == 1:
                 del row["sample"]
-            rows.append(json.dumps(row, ensure_ascii=False) + "\n")
-        try:
-            self.file.write("".join(rows))
-            self.file.flush()
-        except OSError as exc:  # a full disk
-            raise MtnlgError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+            self.log.write_line(json.dumps(row, ensure_ascii=False))
 
     def close(self) -> None:
-        self.file.close()
+        self.log.close()
 
 
 @contextmanager
