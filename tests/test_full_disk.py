@@ -153,3 +153,14 @@ def test_eval_writing_its_results(trained, tmp_path):
     result = on_full_disk(tmp_path, ["eval", "-w", str(trained.root), "--data", str(text), "-o",
                                      "{disk}/results.json"])
     assert_refused(result, "results.json")
+
+
+def test_generate_writing_its_output(trained, tmp_path):
+    """The results stream into --output as they finish, so a full disk stops at the first one; the file it began
+    is left (empty), as any streamed output is."""
+    result = on_full_disk(tmp_path, ["generate", "-w", str(trained.root), "-n", "3", "--output",
+                                     "{disk}/out.jsonl", "hello"])
+    output = result["stdout"] + result["stderr"]
+    assert result["code"] == 2, output
+    assert result["stderr"] == f"error: cannot write {result['disk']}/out.jsonl: {reason()}\n", output
+    assert set(result["after"]) - set(result["before"]) <= {"out.jsonl"}
