@@ -215,3 +215,16 @@ def test_piped_output_is_neither_wrapped_nor_truncated(capsys, monkeypatch):
     code, out, _ = run_main(capsys, "init", "--list")
     assert code == 0 and "…" not in out
     assert any("Megatron-Turing NLG 530B" in line and "mt-nlg-530b" in line for line in out.splitlines())
+
+
+def test_the_readmes_first_line_is_what_init_suggests(tmp_path, capsys):
+    """The README's first line and init's `Next:` line run the same commands with the same generate settings."""
+    from conftest import REPO
+    from mtnlg_cli.workspace import FIRST_GENERATE
+
+    first_line = (REPO / "README.md").read_text(encoding="utf-8").splitlines()[2].strip()
+    assert first_line.endswith(" && mtnlg init demo && cd demo && mtnlg preprocess && mtnlg train && "
+                               + FIRST_GENERATE)
+    code, out, _ = run_main(capsys, "init", str(tmp_path / "demo"))
+    assert code == 0
+    assert out.splitlines()[-1] == f"Next: cd {tmp_path / 'demo'} && mtnlg preprocess && mtnlg train && {FIRST_GENERATE}"

@@ -316,7 +316,7 @@ def test_force_memory_trains_a_config_the_estimate_refuses(ws, monkeypatch):
 def test_a_run_stopped_before_its_first_record_leaves_no_run_folder(ws, monkeypatch):
     from mtnlg_cli.training.trainer import Trainer
 
-    def killed(self, data, first_sample):
+    def killed(self, data, first_sample, batch_size):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Trainer, "read_batch", killed)
