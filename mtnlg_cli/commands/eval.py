@@ -186,6 +186,8 @@ def _evaluate(task: Task, data: list[Path], split: list[str], build_from: Option
             tasks.append_to_run(run_log, results, [name for name, _ in sources])
 
 
+def _table(results: dict, ckpt):
+    """The results, one row per data source; the title says how the text was scored."""
     from rich.table import Table
 
     how = (f"each document on its own, windows of {results['context']} tokens every {results['stride']}"
