@@ -18,11 +18,20 @@ from mtnlg_cli.reading import read_json
 from mtnlg_cli.workspace import Workspace
 
 
+def resolved_config(workspace: Workspace, config: Config) -> Config:
+    """`config` with `model.vocab_size: auto` as the workspace's tokenizer fixed it; unchanged before there is a
+    tokenizer, or when it cannot be read (the tokenizer part of the summary says so)."""
+    try:
+        return config.with_tokenizer_vocab(workspace.tokenizer_vocab_size())
+    except MtnlgError:
+        return config
+
+
 def workspace_summary(workspace: Workspace, config: Config) -> dict[str, Any]:
     """Every part of the summary, keyed: workspace, model, tokenizer, datasets, checkpoints, runs."""
     return {
         "workspace": str(workspace.root),
-        "model": model_summary(config),
+        "model": model_summary(resolved_config(workspace, config)),
         "tokenizer": tokenizer_summary(workspace),
         "datasets": dataset_summaries(workspace, config),
         "checkpoints": checkpoint_summaries(workspace),

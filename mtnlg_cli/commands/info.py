@@ -12,8 +12,7 @@ from rich.table import Table
 
 from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
 from mtnlg_cli.config import AUTO_VOCAB_SIZE, Config
-from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.workspace_summary import workspace_summary
+from mtnlg_cli.workspace_summary import resolved_config, workspace_summary
 
 
 def info_command(
@@ -25,10 +24,7 @@ def info_command(
     """Show the workspace: its resolved config (with --set overrides applied), the model's size and FLOPs, the
     tokenizer, the tokenized datasets, the checkpoints and the training runs."""
     found, config = open_workspace(workspace, overrides)
-    try:
-        config = config.with_tokenizer_vocab(found.tokenizer_vocab_size())
-    except MtnlgError:
-        pass  # an unreadable tokenizer: the tokenizer part of the summary says so
+    config = resolved_config(found, config)
     if config_only:
         typer.echo(config.to_yaml(), nl=False)
         return
