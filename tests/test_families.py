@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import run_cli
+from id_tokenizer import IdTokenizer
 from mtnlg_cli.config import load_config
 from mtnlg_cli.errors import ConfigError
 from mtnlg_cli.model.architecture import Architecture
@@ -146,19 +147,9 @@ def test_generation_of_left_padded_rows_equals_each_row_alone(monkeypatch):
     from mtnlg_cli.inference import native
     from mtnlg_cli.inference.engine import Generator
 
-    class Ids:  # a tokenizer whose text is the token ids, enough for the engine
-        vocab_size, eos_id, pad_id = 250, 0, 1
-        eos_ids, never_sampled = (0,), (1,)
-
-        def prompt_ids(self, text):
-            return [int(t) for t in text.split()]
-
-        def decode_bytes(self, ids):
-            return "".join(f" {i}" for i in ids).encode()
-
     torch.manual_seed(2)
     model = GPT(architecture(**OPTIONS["llama"])).eval()
-    generator = Generator(model, Ids())
+    generator = Generator(model, IdTokenizer())
     prompts = ["5 6 7 8 9 10 11", "12 13", "40 41 42 43"]
     settings = SamplingSettings(max_new_tokens=8, temperature=0.0)
     batched = generator.generate(prompts, settings, stop_token_ids=())

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from id_tokenizer import IdTokenizer
+
 FAMILIES = {
     # the tiny template's shape with two layers, and the llama-tiny preset's (RoPE with Llama 3's scaling, RMSNorm, SwiGLU, two
     # query groups, an untied head, no biases) with two layers and a smaller vocabulary
@@ -41,19 +43,6 @@ MEMORY_CASE = f"{MEMORY_FAMILY}-tp"
 FOUR_RANK_CASES = [f"{family}-tp_pp" for family in FAMILIES]
 
 
-class Ids:
-    """A tokenizer whose text is the token ids: all the engine asks of one."""
-
-    vocab_size, eos_id, pad_id = 256, 0, 1
-    eos_ids, never_sampled = (0,), (1,)
-
-    def prompt_ids(self, text):
-        return [int(t) for t in text.split()]
-
-    def decode_bytes(self, ids):
-        return "".join(f" {i}" for i in ids).encode()
-
-
 PROMPTS = [" ".join(str(2 + (7 * row + 3 * i) % 250) for i in range(length))
            for row, length in enumerate((5, 1, 9, 3, 12, 7, 2, 20))]
 
@@ -67,7 +56,7 @@ def answers(model) -> dict:
     from mtnlg_cli.inference.engine import Generator
     from mtnlg_cli.inference.scheduler import Scheduler
 
-    generator = Generator(model, Ids())
+    generator = Generator(model, IdTokenizer())
     greedy = SamplingSettings(max_new_tokens=8, temperature=0.0)
     sampled = SamplingSettings(max_new_tokens=8, temperature=1.0, top_k=50, seed=7)
 

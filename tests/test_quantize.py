@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from id_tokenizer import IdTokenizer
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.inference.quantize import (Quantization, QuantizedLinear, dequantize_int4, quantize_model)
 from mtnlg_cli.model.architecture import Architecture
@@ -94,16 +95,6 @@ def test_greedy_generation_of_a_quantized_llama_style_model_through_the_c_step_e
     if native.load() is None:
         pytest.skip("no C compiler")
 
-    class Ids:  # a tokenizer whose text is the token ids, enough for the engine
-        vocab_size, eos_id, pad_id = 256, 0, 1
-        eos_ids, never_sampled = (0,), (1,)
-
-        def prompt_ids(self, text):
-            return [int(t) for t in text.split()]
-
-        def decode(self, ids):
-            return "".join(f" {i}" for i in ids)
-
     torch.manual_seed(3)
     model = GPT(Architecture(vocab_size=256, max_position_embeddings=64, num_layers=2, hidden_size=64, num_heads=4,
                              ffn_hidden_size=96, init_method_std=0.2, **LLAMA)).eval()
@@ -113,10 +104,10 @@ def test_greedy_generation_of_a_quantized_llama_style_model_through_the_c_step_e
     calls = []
     step = native.NativeStep.__call__
     monkeypatch.setattr(native.NativeStep, "__call__", lambda self, token: calls.append(token) or step(self, token))
-    through_c = Generator(quantized, Ids()).generate([prompt], settings, stop_token_ids=())[0].tokens
+    through_c = Generator(quantized, IdTokenizer()).generate([prompt], settings, stop_token_ids=())[0].tokens
     assert calls == through_c[:-1]  # every new token but the last through the C step
     monkeypatch.setattr(native, "load", lambda: None)
-    through_torch = Generator(quantized, Ids()).generate([prompt], settings, stop_token_ids=())[0].tokens
+    through_torch = Generator(quantized, IdTokenizer()).generate([prompt], settings, stop_token_ids=())[0].tokens
     assert through_c == through_torch
     assert len(set(through_c)) > 2  # not one token repeated: the logits decide
 
