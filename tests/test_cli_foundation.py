@@ -10,7 +10,8 @@ import pytest
 from conftest import run_cli
 from mtnlg_cli.workspace import template_names
 
-COMMANDS = ("init", "preprocess", "train", "eval", "generate", "chat", "convert", "plan", "info")
+COMMANDS = ("init", "preprocess", "train", "finetune", "eval", "generate", "chat", "serve", "convert", "plan",
+            "info")
 
 
 def test_help_lists_every_command_and_imports_no_heavy_module():
@@ -137,6 +138,7 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     (["init", "ws", "--templat", "tiny"], "--templat", "--template"),
     (["preprocess", "--worker", "2"], "--worker", "--workers"),
     (["train", "--from-scrach"], "--from-scrach", "--from-scratch"),
+    (["finetune", "--methd", "lora"], "--methd", "--method"),
     (["eval", "--strid", "8"], "--strid", "--stride"),
     (["generate", "--max-new-token", "5", "x"], "--max-new-token", "--max-new-tokens"),
     (["chat", "--sytem", "Be brief."], "--sytem", "--system"),
