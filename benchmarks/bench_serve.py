@@ -49,8 +49,8 @@ def make_workspace(root: Path) -> Path:
     ws = init_workspace(root / "bench", overrides=[
         *(f"model.{key}={value}" for key, value in SHAPE.items()), f"model.seq_length={SHAPE['max_position_embeddings']}",
         f"model.vocab_size={tokenizer.vocab_size}"])
-    for name in ("tokenizer.model", "tokenizer.json"):
-        (ws.tokenizer_dir / name).write_bytes((root / "tok" / name).read_bytes())
+    for trained in (root / "tok").iterdir():  # the model and its info.json
+        (ws.tokenizer_dir / trained.name).write_bytes(trained.read_bytes())
     cfg = ws.load_config()
     torch.manual_seed(0)
     model = GPT(Architecture.from_model_config(cfg.model)).eval()
