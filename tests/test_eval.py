@@ -19,19 +19,19 @@ CONTEXT = 32
 STEPS = 150
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A workspace with a tokenizer and a checkpoint of a tiny GPT trained for a moment on its sample text."""
-    from mtnlg_cli.data.tokenizer import train_tokenizer
+def train_small_workspace(root, hidden_size: int = 32, num_heads: int = 2):
+    """A workspace in `root` with a tokenizer and a checkpoint of a tiny GPT trained for a moment on its sample
+    text; returns (workspace, model, tokenizer, text)."""
     from mtnlg_cli.checkpoint import save_checkpoint
-    from mtnlg_cli.model.gpt import GPT
+    from mtnlg_cli.data.tokenizer import train_tokenizer
     from mtnlg_cli.model.architecture import Architecture
+    from mtnlg_cli.model.gpt import GPT
     from mtnlg_cli.workspace import init_workspace
 
-    overrides = ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=2", f"model.seq_length={CONTEXT}",
-                 "model.max_position_embeddings=64", "model.vocab_size=512", "model.make_vocab_size_divisible_by=64",
-                 ]
-    workspace = init_workspace(tmp_path_factory.mktemp("eval") / "ws", overrides=overrides)
+    overrides = ["model.num_layers=2", f"model.hidden_size={hidden_size}", f"model.num_heads={num_heads}",
+                 f"model.seq_length={CONTEXT}", "model.max_position_embeddings=64", "model.vocab_size=512",
+                 "model.make_vocab_size_divisible_by=64"]
+    workspace = init_workspace(root / "ws", overrides=overrides)
     config = workspace.load_config()
     text = (workspace.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")[:60_000]
     tokenizer = train_tokenizer(text.splitlines(), workspace.tokenizer_dir, config.model.vocab_size)
@@ -51,6 +51,11 @@ def trained(tmp_path_factory):
                     {"model_config": model_config.to_dict(), "config": config.to_dict(),
                      "tokenizer_hash": tokenizer.hash, "consumed_samples": 0, "loss": None})
     return workspace, model, tokenizer, text
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_small_workspace(tmp_path_factory.mktemp("eval"))
 
 
 def by_hand_nll(model, sequence: list[int]) -> float:

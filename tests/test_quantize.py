@@ -11,13 +11,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from id_tokenizer import IdTokenizer
+from test_eval import STEPS, train_small_workspace
 from mtnlg_cli.errors import MtnlgError
 from mtnlg_cli.inference.quantize import (Quantization, QuantizedLinear, dequantize_int4, quantize_model)
 from mtnlg_cli.model.architecture import Architecture
 from mtnlg_cli.model.gpt import GPT, KVCache
-
-CONTEXT = 32
-STEPS = 150
 
 
 def small_gpt(hidden: int = 64, ffn: int = 256, seed: int = 0) -> GPT:
@@ -139,33 +137,8 @@ def test_bad_quantization_settings_are_refused():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A workspace with a checkpoint of a small GPT trained for a moment on its sample text."""
-    from mtnlg_cli.checkpoint import save_checkpoint
-    from mtnlg_cli.data.tokenizer import train_tokenizer
-    from mtnlg_cli.workspace import init_workspace
-
-    overrides = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4", f"model.seq_length={CONTEXT}",
-                 "model.max_position_embeddings=64", "model.vocab_size=512", "model.make_vocab_size_divisible_by=64"]
-    workspace = init_workspace(tmp_path_factory.mktemp("quantize") / "ws", overrides=overrides)
-    config = workspace.load_config()
-    text = (workspace.raw_dir / "en_austen_pride.txt").read_text(encoding="utf-8")[:60_000]
-    tokenizer = train_tokenizer(text.splitlines(), workspace.tokenizer_dir, config.model.vocab_size)
-    torch.manual_seed(0)
-    model_config = Architecture.from_model_config(config.model)
-    model = GPT(model_config)
-    stream = torch.tensor(tokenizer.encode(text))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    for _ in range(STEPS):
-        starts = torch.randint(0, len(stream) - CONTEXT - 1, (16,))
-        batch = torch.stack([stream[s:s + CONTEXT + 1] for s in starts])
-        model(batch[:, :-1], batch[:, 1:]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval().requires_grad_(False)
-    save_checkpoint(workspace.checkpoints_dir, STEPS, {"model": model.state_dict()},
-                    {"model_config": model_config.to_dict(), "config": config.to_dict(),
-                     "tokenizer_hash": tokenizer.hash, "consumed_samples": 0, "loss": None})
-    return workspace, model, tokenizer, text
+    """A workspace with a checkpoint of a small GPT (hidden 64) trained for a moment on its sample text."""
+    return train_small_workspace(tmp_path_factory.mktemp("quantize"), hidden_size=64, num_heads=4)
 
 
 def invoke(*args: str):
