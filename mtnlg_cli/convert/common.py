@@ -160,32 +160,44 @@ def has_safetensors(directory: Path, name: str = "model") -> bool:
     return (directory / f"{name}.safetensors").is_file() or (directory / f"{name}{INDEX_SUFFIX}").is_file()
 
 
-def read_safetensors(directory: Path, name: str = "model") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors of a folder written by `write_safetensors` (or by Hugging Face), and the first header's metadata."""
+def _safetensors_files(directory: Path, name: str) -> tuple[list[Path], Optional[dict[str, str]]]:
+    """The files of a safetensors folder (one file, or the shards its index lists, each checked to be there) and the
+    index's map of tensor to file (None for one file)."""
     index_path = directory / f"{name}{INDEX_SUFFIX}"
-    if index_path.is_file():
+    if not index_path.is_file():
+        weight_map, files = None, [f"{name}.safetensors"]
+    else:
         weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise MtnlgError(f"{index_path} has no weight_map")
         files = list(dict.fromkeys(weight_map.values()))
-    else:
-        weight_map, files = None, [f"{name}.safetensors"]
-    tensors: dict[str, torch.Tensor] = {}
-    metadata: dict[str, str] = {}
-    for file in files:
-        path = directory / file
+    paths = [directory / file for file in files]
+    for path in paths:
         if not path.is_file():
             raise MtnlgError(f"{path} is missing" + (f" ({index_path.name} names it)" if weight_map else ""))
+    return paths, weight_map
+
+
+def _check_index(weight_map: Optional[dict[str, str]], found, name: str) -> None:
+    """Refuses shards that lack a tensor their index lists."""
+    absent = [key for key in weight_map or {} if key not in found]
+    if absent:
+        raise MtnlgError(f"{weight_map[absent[0]]} lacks tensor {absent[0]} that {name}{INDEX_SUFFIX} lists")
+
+
+def read_safetensors(directory: Path, name: str = "model") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors of a folder written by `write_safetensors` (or by Hugging Face), and the first header's metadata."""
+    paths, weight_map = _safetensors_files(directory, name)
+    tensors: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for path in paths:
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = metadata or dict(f.metadata() or {})
             tensors.update(load_file(str(path)))
         except (SafetensorError, OSError, ValueError) as exc:
             raise MtnlgError(f"{path} is truncated or not a safetensors file ({exc})") from None
-    if weight_map is not None:
-        absent = [key for key in weight_map if key not in tensors]
-        if absent:
-            raise MtnlgError(f"{weight_map[absent[0]]} lacks tensor {absent[0]} that {index_path.name} lists")
+    _check_index(weight_map, tensors, name)
     return tensors, metadata
 
 
@@ -223,24 +235,11 @@ class StoredTensor:
 def safetensors_entries(directory: Path, name: str = "model") -> dict[str, StoredTensor]:
     """Every tensor of a safetensors folder (one file, or shards and an index), from the headers alone; refuses a
     file that is truncated, damaged, or lacks a tensor its index lists."""
-    index_path = directory / f"{name}{INDEX_SUFFIX}"
-    if index_path.is_file():
-        weight_map = read_json(index_path).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise MtnlgError(f"{index_path} has no weight_map")
-        files = list(dict.fromkeys(weight_map.values()))
-    else:
-        weight_map, files = None, [f"{name}.safetensors"]
+    paths, weight_map = _safetensors_files(directory, name)
     entries: dict[str, StoredTensor] = {}
-    for file in files:
-        path = directory / file
-        if not path.is_file():
-            raise MtnlgError(f"{path} is missing" + (f" ({index_path.name} names it)" if weight_map else ""))
+    for path in paths:
         entries.update(_file_entries(path))
-    if weight_map is not None:
-        absent = [key for key in weight_map if key not in entries]
-        if absent:
-            raise MtnlgError(f"{weight_map[absent[0]]} lacks tensor {absent[0]} that {index_path.name} lists")
+    _check_index(weight_map, entries, name)
     return entries
 
 
