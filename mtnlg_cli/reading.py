@@ -11,7 +11,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
 from mtnlg_cli.errors import MtnlgError
 
@@ -63,6 +63,33 @@ def read_json(path: Path | str, what: str = "JSON", limit: int = MAX_WHOLE_FILE_
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; so is a 5,000-digit number
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise MtnlgError(f"cannot read {what} from {path}: it is truncated or not JSON ({reason})") from None
+
+
+def json_object_lines(text: str, path: Path | str) -> Iterator[tuple[str, Optional[dict], Optional[str]]]:
+    """(where, record, problem) for each non-blank line of JSONL `text` read from `path`: `where` is "PATH:LINE";
+    `problem` says why a line is not a JSON object of text (and `record` is then None)."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield where, None, f"not valid JSON ({exc.msg} at column {exc.colno})"
+            continue
+        except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; nesting too deep to parse
+            yield where, None, f"not valid JSON ({type(exc).__name__})"
+            continue
+        if not isinstance(record, dict):
+            yield where, None, f"expected a JSON object, got {type(record).__name__}"
+            continue
+        if "\\u" in line:  # only a \u escape can make a lone surrogate, which is not text
+            try:
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                yield where, None, "holds a lone surrogate escape (\\ud800-\\udfff), which is not text"
+                continue
+        yield where, record, None
 
 
 def _size(limit: int) -> str:

@@ -284,7 +284,7 @@ def test_skip_bad_lines_and_truncate_count_what_they_did(ws, tmp_path):
     result = run_finetune(ws, data, "train.train_iters=1", "finetune.skip_bad_lines=true",
                           report=lambda e: notices.append(e.message) if isinstance(e, Notice) else None)
     assert result.final_step == 1
-    assert any(n.startswith("skipped 3 bad examples (first: ") and "mixed.jsonl:2: not JSON" in n for n in notices)
+    assert any(n.startswith("skipped 3 bad examples (first: ") and "mixed.jsonl:2: not valid JSON" in n for n in notices)
     notices.clear()
     run_finetune(ws, data, "train.train_iters=1", "finetune.skip_bad_lines=true", "finetune.truncate=true",
                  report=lambda e: notices.append(e.message) if isinstance(e, Notice) else None)

@@ -43,8 +43,10 @@ def test_each_format_is_detected_per_file_and_read_as_a_conversation(tmp_path):
 
 
 @pytest.mark.parametrize("line, problem", [
-    ("{not json", "not JSON"),
-    ('["a list"]', "not a JSON object"),
+    ("{not json", "not valid JSON"),
+    ('{"prompt": 1' + "0" * 5000 + ', "completion": "x"}', "not valid JSON (ValueError)"),
+    ('{"prompt": "\\ud800", "completion": "x"}', "lone surrogate"),
+    ('["a list"]', "expected a JSON object, got list"),
     ({"text": "pretraining text"}, "this conversations file's lines need a list 'messages'; 'messages' is missing"),
     ({"messages": [{"role": "tool", "content": "x"}, {"role": "assistant", "content": "y"}]},
      "role 'tool', which is not allowed"),

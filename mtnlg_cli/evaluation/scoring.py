@@ -27,7 +27,6 @@ scores (`token_scores`) so that only they travel, not the logits.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import unicodedata
@@ -38,7 +37,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.reading import read_text
+from mtnlg_cli.reading import json_object_lines, read_text
 
 ProgressFn = Callable[[int, int], None]  # (batches done, batches in total) on this process
 
@@ -338,24 +337,9 @@ def _read_text(path: Path) -> str:
 def read_jsonl(path: Path) -> list[tuple[str, dict]]:
     """(where, record) for each non-blank line; `where` is "FILE:LINE" for messages."""
     records = []
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MtnlgError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        except (ValueError, RecursionError) as exc:  # an integer of over 4,300 digits; nesting too deep to parse
-            raise MtnlgError(f"{where}: not valid JSON ({type(exc).__name__})") from None
-        if not isinstance(record, dict):
-            raise MtnlgError(f"{where}: expected a JSON object, got {type(record).__name__}")
-        if "\\u" in line:  # only a \u escape can make a lone surrogate, which is not text
-            try:
-                json.dumps(record, ensure_ascii=False).encode("utf-8")
-            except UnicodeEncodeError:
-                raise MtnlgError(f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not "
-                                 "text") from None
+    for where, record, problem in json_object_lines(_read_text(path), path):
+        if problem:
+            raise MtnlgError(f"{where}: {problem}")
         records.append((where, record))
     if not records:
         raise MtnlgError(f"{path} is empty")

@@ -14,12 +14,12 @@ empty assistant turn); with `skip_bad_lines` they are skipped and counted instea
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from mtnlg_cli.errors import MtnlgError
+from mtnlg_cli.reading import json_object_lines
 
 ROLES = ("system", "user", "assistant")
 FORMATS = {  # name -> the keys that identify it (all strings)
@@ -74,17 +74,9 @@ def read_examples(path: Path, summarize_style: str, bad: BadLines) -> list[Examp
         raise MtnlgError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
     examples: list[Example] = []
     kind: Optional[str] = None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            bad.problem(where, f"not JSON ({exc.msg})")
-            continue
-        if not isinstance(record, dict):
-            bad.problem(where, f"not a JSON object; expected {FORMAT_HINT}")
+    for where, record, problem in json_object_lines(text, path):
+        if problem:
+            bad.problem(where, problem)
             continue
         if kind is None:
             kind = detect_format(record)
