@@ -16,11 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from conftest import copy_workspace
-from mtnlg_cli.cli import app
 from mtnlg_cli.errors import MtnlgError
+from test_init_from import ok, refused
 from test_pretrained_tokenizer import CHAT_TEMPLATE, CONVERSATIONS, byte_level_bpe, save_hf_tokenizer
 
 CONTEXT = 64
@@ -40,22 +39,6 @@ FAMILIES = {
     "qwen2": ("Qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, use_sliding_window=False), False,
               "Qwen2"),
 }
-
-
-def mtnlg(*args):
-    return CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "300"})
-
-
-def ok(*args) -> str:
-    result = mtnlg(*args)
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result.output
-
-
-def refused(*args) -> str:
-    result = mtnlg(*args)
-    assert isinstance(result.exception, MtnlgError), (result.output, result.exception)
-    return str(result.exception)
 
 
 def transformers_model(folder: Path):
