@@ -304,3 +304,8 @@ def test_the_memory_check_leaves_out_the_frozen_weights_gradients_and_optimizer_
     memory.check_memory(config, 1, 1, torch.device("cpu"), frozen_weights=True)  # LoRA fits
     with pytest.raises(memory.DoesNotFit, match="the largest part is the optimizer state"):
         memory.check_memory(config, 1, 1, torch.device("cpu"))  # training every weight does not
+
+
+def test_a_device_given_as_data_is_refused_before_it_is_read():
+    with pytest.raises(MtnlgError, match="cannot read fine-tuning examples from /dev/zero: it is not a regular file"):
+        read_examples(Path("/dev/zero"), STYLE, BadLines())

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Optional
 
 from mtnlg_cli.errors import MtnlgError
-from mtnlg_cli.reading import json_object_lines
+from mtnlg_cli.reading import json_object_lines, read_text
 
 ROLES = ("system", "user", "assistant")
+MAX_EXAMPLES_FILE_BYTES = 16 << 30  # read whole, as a regular file: a device or a FIFO is refused, not read forever
 FORMATS = {  # name -> the keys that identify it (all strings)
     "conversations": ("messages",),
     "prompt/completion": ("prompt", "completion"),
@@ -66,12 +67,7 @@ def detect_format(record: dict) -> Optional[str]:
 def read_examples(path: Path, summarize_style: str, bad: BadLines) -> list[Example]:
     """The examples of one JSONL file (see the module docstring); `summarize_style` contains `{text}`."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as exc:
-        raise MtnlgError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise MtnlgError(f"{path} is not UTF-8 text (invalid byte at offset {exc.start})") from None
+    text = read_text(path, "fine-tuning examples", limit=MAX_EXAMPLES_FILE_BYTES)
     examples: list[Example] = []
     kind: Optional[str] = None
     for where, record, problem in json_object_lines(text, path):
