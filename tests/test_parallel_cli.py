@@ -4,6 +4,8 @@ token, is tested in test_parallel_inference.py.)"""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from conftest import run_cli
@@ -24,6 +26,21 @@ def test_chat_over_pipeline_stages_answers_on_rank_0_and_exit_ends_every_process
     assert result.returncode == 0, result.stderr
     reference = session(generator, ws, temperature=0.0, max_new_tokens=6)
     assert result.stdout == reference.send("Hello").text + "\n"  # one reply: rank 0's, not one per process
+
+
+def test_eval_split_over_two_processes_scores_what_one_process_does(ws, tmp_path):
+    text = tmp_path / "austen.txt"
+    text.write_text("\n\n".join([ENGLISH, ENGLISH.upper(), ENGLISH[::-1]]) + "\n", encoding="utf-8")
+    one = run_cli("eval", "--data", str(text), "-o", str(tmp_path / "one.json"), cwd=ws.root)
+    split = run_cli("eval", "--data", str(text), "-o", str(tmp_path / "split.json"), "--num-processes", "2",
+                    "--set", "parallel.tensor_parallel=2", cwd=ws.root, timeout=300)
+    assert one.returncode == 0 and split.returncode == 0, (one.stderr, split.stderr)
+    expected = json.loads((tmp_path / "one.json").read_text())["results"][str(text)]
+    scored = json.loads((tmp_path / "split.json").read_text())["results"][str(text)]
+    assert scored.keys() == expected.keys()
+    for key, value in expected.items():
+        assert scored[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert split.stdout.count("mtnlg eval: perplexity") == 1  # rank 0's table alone
 
 
 @pytest.fixture
