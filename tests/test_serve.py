@@ -223,6 +223,20 @@ def test_quantized_serving_gives_quantized_generate_greedy_text(workspace):
     assert result.stdout == text + "\n"
 
 
+def test_a_model_split_over_two_processes_serves_one_process_greedy_text(server, workspace):
+    split = Server(workspace, "--num-processes", "2", "--set", "parallel.tensor_parallel=2")
+    try:
+        assert "split over parallel.tensor_parallel=2 x parallel.pipeline_parallel=1" in split.lines[0]
+        text = split.client().completions.create(model=split.model, prompt=ENGLISH, max_tokens=16,
+                                                  temperature=0).choices[0].text
+    finally:
+        split.stop()
+    assert text == server.client().completions.create(model=server.model, prompt=ENGLISH, max_tokens=16,
+                                                       temperature=0).choices[0].text
+    # every rank stopped in order: the launched run ends as signalled runs do (128 + SIGTERM), without an error line
+    assert split.process.returncode == 128 + signal.SIGTERM and split.lines[-1] == "stopped", "\n".join(split.lines)
+
+
 def test_full_queue_gets_429_and_shutdown_ends_running_requests(workspace):
     server = Server(workspace, "--max-batch", "1", "--max-queue", "1", "--shutdown-timeout", "0.3")
     try:

@@ -25,8 +25,8 @@ the last stage turns the logits into the targets' log-probabilities itself, and 
 (`ParallelGPT.token_scores`).
 
 Ending: rank 0 closes the model when its command ends (`launch.run_as_rank` calls `close`), which sends every rank
-an exit. Ctrl-C (SIGINT, which a launcher passes on to every rank) ends the run too: the other ranks ignore it, and
-rank 0 takes it only between two requests (`RunInterrupted`), never half-way through one. A rank that fails or
+an exit. Ctrl-C or SIGTERM (which a launcher passes on to every rank) ends the run too: the other ranks ignore them,
+and rank 0 takes them only between two requests (`RunInterrupted`), never half-way through one. A rank that fails or
 loses contact with the others ends its process at once with a one-line message (`launch.end_run`); the others'
 collectives then fail at once (a closed connection) and they end the same way, so nothing waits for a dead rank.
 The other ranks wait for rank 0's next request on a gloo group of their own with no practical timeout, so a chat
@@ -345,7 +345,8 @@ class Shard:
 
 def follow(shard: Shard, channel: Channel) -> int:
     """Serves rank 0's requests on a rank other than 0 until rank 0 says exit; returns rank 0's exit code."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides what Ctrl-C ends, and ends every rank
+    for signum in (signal.SIGINT, signal.SIGTERM):  # rank 0 decides what a signal ends, and ends every rank
+        signal.signal(signum, signal.SIG_IGN)
     caches: dict[int, KVCache] = {}
     try:
         while True:
