@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
 from mtnlg_cli.commands.train import INTERRUPTED_EXIT_CODES
 from mtnlg_cli.errors import MtnlgError
 
@@ -75,12 +75,10 @@ def finetune_command(
 
 
 def _finetune(found, config, paths: list[Path], base: Optional[Path], show: bool) -> int:
-    from rich.console import Console
-
     from mtnlg_cli.commands.render import ConsoleReporter
     from mtnlg_cli.finetune.trainer import finetune
 
-    console = Console(quiet=not show)
+    console = make_console(quiet=not show)
     with ConsoleReporter(console) as report:
         result = finetune(found, config, paths, base=base, report=report)
     where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""

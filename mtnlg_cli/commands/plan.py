@@ -75,7 +75,7 @@ def plan_command(
                                    "context": context, "smallest_fitting": smallest,
                                    "layouts": [fit.to_dict() for fit in fits]}, indent=2))
             return
-        print_inference(Console(), source, config, cluster, batch, context, fits)
+        print_inference(make_console(), source, config, cluster, batch, context, fits)
         return
     if batch != 1 or context is not None:
         raise MtnlgError(f"{'--batch' if batch != 1 else '--context'} applies to --inference only")
