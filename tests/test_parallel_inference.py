@@ -194,11 +194,13 @@ def test_two_rank_split_generates_like_one_process(name, two_rank_runs):
 
 def test_each_rank_reads_only_its_slices_of_the_checkpoint(two_rank_runs):
     """Under TP=2 each rank's peak memory grows by about half the weights while it loads them, never by all of
-    them, as it did (1.2 times the file) when a rank kept views into the whole mapped file."""
+    them, as it did (1.2 times the file) when a rank kept views into the whole mapped file. The peak also counts
+    the file's pages that slicing a row-parallel weight touches while the file is mapped, which page-cache state
+    makes vary (0.58x-0.77x of the file in repeated full runs), so the bound sits between that and the bug's."""
     stored = (two_rank_runs / MEMORY_FAMILY / "latest" / "model.safetensors").stat().st_size
     for rank in (0, 1):
         grown = json.loads((two_rank_runs / f"{MEMORY_CASE}.rank{rank}.json").read_text())["peak_growth"]
-        assert grown < 0.75 * stored, (rank, grown, stored)
+        assert grown < 0.9 * stored, (rank, grown, stored)
         assert grown > 0.3 * stored, (rank, grown, stored)  # the measurement sees the shard itself
 
 
