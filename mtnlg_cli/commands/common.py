@@ -41,3 +41,19 @@ def make_console(stderr: bool = False, quiet: bool = False) -> Console:
         console.soft_wrap = True
         console.width = UNWRAPPED_WIDTH
     return console
+
+
+INTERRUPTED_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}  # a command a signal stopped exits as the signal would
+
+
+def report_run_end(console: Console, result, done: str, again: str) -> int:
+    """Prints how a training run (`training.trainer.TrainResult`) ended: `done` ("Trained") and the step it reached,
+    or where a signal stopped it and `again`, the command that continues it. Returns the exit code."""
+    where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
+    if result.interrupted:
+        console.print(f"Stopped by {result.interrupted} after step {result.final_step}{where}. {again}")
+        return INTERRUPTED_EXIT_CODES.get(result.interrupted, 130)
+    if result.final_step > result.start_step:
+        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
+        console.print(f"{done} to step {result.final_step}{val}{where}; metrics in {result.run_dir}/metrics.jsonl")
+    return 0

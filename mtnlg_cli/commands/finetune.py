@@ -7,8 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
-from mtnlg_cli.commands.train import INTERRUPTED_EXIT_CODES
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace, report_run_end
 from mtnlg_cli.errors import MtnlgError
 
 
@@ -81,11 +80,4 @@ def _finetune(found, config, paths: list[Path], base: Optional[Path], show: bool
     console = make_console(quiet=not show)
     with ConsoleReporter(console) as report:
         result = finetune(found, config, paths, base=base, report=report)
-    where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
-    if result.interrupted:
-        console.print(f"Stopped by {result.interrupted} after step {result.final_step}{where}. "
-                      "Run the same mtnlg finetune again to continue.")
-        return INTERRUPTED_EXIT_CODES.get(result.interrupted, 130)
-    if result.final_step > result.start_step:
-        console.print(f"Fine-tuned to step {result.final_step}{where}; metrics in {result.run_dir}/metrics.jsonl")
-    return 0
+    return report_run_end(console, result, "Fine-tuned", "Run the same mtnlg finetune again to continue.")

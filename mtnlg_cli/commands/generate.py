@@ -15,12 +15,10 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, open_workspace
+from mtnlg_cli.commands.common import INTERRUPTED_EXIT_CODES, SetOption, WorkspaceOption, open_workspace
 from mtnlg_cli.commands.processes import (MachineRankOption, MainProcessIpOption, MainProcessPortOption,
                                           NumMachinesOption, NumProcessesOption, Processes, split_model)
 from mtnlg_cli.errors import MtnlgError
-
-INTERRUPTED_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 CheckpointOption = Annotated[Optional[Path], typer.Option(
     "--checkpoint", "-c", help="Checkpoint folder to use (default: the workspace's latest).", show_default=False)]

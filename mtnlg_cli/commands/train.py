@@ -7,10 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace
+from mtnlg_cli.commands.common import SetOption, WorkspaceOption, make_console, open_workspace, report_run_end
 from mtnlg_cli.errors import MtnlgError
-
-INTERRUPTED_EXIT_CODES = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def train_command(
@@ -79,12 +77,4 @@ def _train(found, config, resume: Optional[Path], from_scratch: bool, finetune: 
                            check_memory=not force_memory, report=report)
         except DoesNotFit as exc:
             raise MtnlgError(f"{exc}; or pass --force-memory to try anyway") from None
-    where = f"; checkpoint {result.checkpoint}" if result.checkpoint else ""
-    if result.interrupted:
-        console.print(f"Stopped by {result.interrupted} after step {result.final_step}{where}. "
-                      "Run mtnlg train again to continue.")
-        return INTERRUPTED_EXIT_CODES.get(result.interrupted, 130)
-    if result.final_step > result.start_step:
-        val = f", val loss {result.val_loss:.4f}" if result.val_loss is not None else ""
-        console.print(f"Trained to step {result.final_step}{val}{where}; metrics in {result.run_dir}/metrics.jsonl")
-    return 0
+    return report_run_end(console, result, "Trained", "Run mtnlg train again to continue.")
